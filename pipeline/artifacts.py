@@ -1,0 +1,208 @@
+"""The artifact store: one folder per run, one sub-folder per stage, each with a manifest.
+
+Why this shape: a stage is only visible once complete (it writes into ``<stage>.partial`` and
+renames), so a crash never leaves a half artifact that a later stage would trust; the
+manifest's key (config slice + upstream keys) decides whether a stage must re-run; the
+sha256 of every output detects files edited or corrupted after the fact.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
+TRACKED_PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime", "nncf", "tonic", "tensorrt", "numpy")
+
+
+class ArtifactError(RuntimeError):
+    """A problem with stored artifacts (missing upstream, lock held); the message says what to do."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    out["python"] = platform.python_version()
+    return out
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON via a temporary file and rename, so readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+@dataclass
+class Manifest:
+    stage: str
+    key: str
+    status: str  # "done" or "skipped" (e.g. no TensorRT here: the reason says why)
+    outputs: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    upstream: dict[str, str] = field(default_factory=dict)  # stage -> key
+    config_hash: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+    packages: dict[str, str] = field(default_factory=dict)
+    device: str = ""
+    wall_time_s: float = 0.0
+    finished_at: str = ""
+    version: int = MANIFEST_VERSION
+
+    @classmethod
+    def load(cls, path: Path) -> "Manifest":
+        data = json.loads(path.read_text())
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def save(self, folder: Path) -> None:
+        write_json_atomic(folder / MANIFEST, self.__dict__)
+
+
+def hash_outputs(folder: Path) -> dict[str, str]:
+    """sha256 of every file below ``folder`` except the manifest and hidden scratch files."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith("."):
+            out[str(p.relative_to(folder))] = sha256_file(p)
+    return out
+
+
+class RunStore:
+    """``<artifacts_dir>/<run name>/``: stage folders, their manifests and the run lock."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.root = Path(root) / name
+        self.name = name
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def partial_dir(self, stage: str) -> Path:
+        return self.root / f"{stage}{PARTIAL_SUFFIX}"
+
+    def manifest(self, stage: str) -> Manifest | None:
+        path = self.stage_dir(stage) / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            return Manifest.load(path)
+        except (json.JSONDecodeError, TypeError):
+            return None
+
+    def verify(self, stage: str) -> list[str]:
+        """Outputs of a finished stage whose sha256 no longer matches (or that vanished)."""
+        man = self.manifest(stage)
+        if man is None:
+            return ["manifest.json"]
+        folder = self.stage_dir(stage)
+        bad = []
+        for rel, digest in man.outputs.items():
+            p = folder / rel
+            if not p.is_file() or sha256_file(p) != digest:
+                bad.append(rel)
+        return bad
+
+    def state(self, stage: str, key: str) -> str:
+        """``done`` (fresh), ``stale`` (key changed or outputs corrupted) or ``missing``."""
+        man = self.manifest(stage)
+        if man is None:
+            return "missing"
+        if man.key != key or self.verify(stage):
+            return "stale"
+        return "done"
+
+    def open_partial(self, stage: str, key: str) -> Path:
+        """A scratch folder for a stage run; kept across crashes so training can resume.
+
+        It is reused only when it was made for the same key; otherwise it is wiped.
+        """
+        part = self.partial_dir(stage)
+        key_file = part / ".key"
+        if part.exists() and not (key_file.is_file() and key_file.read_text() == key):
+            shutil.rmtree(part)
+        part.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(key)
+        return part
+
+    def commit(self, stage: str, manifest: Manifest) -> Path:
+        """Hash the partial folder's outputs, write its manifest, and swap it in atomically."""
+        part = self.partial_dir(stage)
+        manifest.outputs = hash_outputs(part)
+        manifest.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        manifest.save(part)
+        final = self.stage_dir(stage)
+        if final.exists():
+            trash = self.root / f".{stage}.old-{os.getpid()}"
+            os.replace(final, trash)
+            os.replace(part, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(part, final)
+        return final
+
+    def remove(self, stage: str) -> None:
+        for p in (self.stage_dir(stage), self.partial_dir(stage)):
+            if p.exists():
+                shutil.rmtree(p)
+
+    def lock(self) -> "RunLock":
+        return RunLock(self.root / ".lock", self.name)
+
+
+class RunLock:
+    """An exclusive, non-blocking lock per run folder (flock: released if the process dies)."""
+
+    def __init__(self, path: Path, name: str) -> None:
+        self.path = path
+        self.name = name
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ArtifactError(
+                f"another pipeline run of config '{self.name}' is in progress (pid {holder}); "
+                f"wait for it to finish, or stop it: its lock is {self.path}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def iter_files(folder: Path, pattern: str = "*") -> Iterator[Path]:
+    return (p for p in sorted(folder.glob(pattern)) if p.is_file())

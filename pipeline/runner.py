@@ -1,0 +1,240 @@
+"""Run stages: cache keys, skipping fresh stages, atomic commits, timing and failure handling.
+
+Every stage goes through :func:`run_stage`, so each gets the same logging, timing, manifest,
+lock and error handling (the role of ultralytics' export decorator). Stage modules stay
+small: ``stages/<name>.py`` defines ``run(ctx) -> StageResult`` and nothing else is needed.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from pipeline import __version__
+from pipeline.artifacts import ArtifactError, Manifest, RunStore, package_versions, write_json_atomic
+from pipeline.config import slice_hash
+from pipeline.registry import NAMES, StageSpec, spec
+
+log = logging.getLogger("pipeline")
+
+
+class StageError(RuntimeError):
+    """A stage could not do its job (bad input, failed check); the message says what to do."""
+
+
+class GateFailed(RuntimeError):
+    """A quality gate failed; the stage's outputs (e.g. the report) were still written."""
+
+
+@dataclass
+class StageResult:
+    metrics: dict[str, Any] = field(default_factory=dict)
+    status: str = "done"  # or "skipped" with a reason (e.g. TensorRT absent)
+    reason: str = ""
+    failed_gates: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StageContext:
+    cfg: dict[str, Any]
+    spec: StageSpec
+    out: Path  # the partial folder: write every output here
+    inputs: dict[str, Path]  # finished upstream stage folders
+    store: RunStore
+    device: str
+    log: logging.Logger
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def run_store(cfg: Mapping[str, Any]) -> RunStore:
+    root = Path(cfg["artifacts_dir"])
+    if not root.is_absolute():
+        root = Path.cwd() / root
+    return RunStore(root, cfg["name"])
+
+
+def resolve_device(cfg: Mapping[str, Any]) -> str:
+    import torch
+
+    want = cfg["device"]
+    if want == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise StageError("device: cuda was asked for but CUDA is not available; set device: auto or cpu")
+    return want
+
+
+def stage_key(cfg: Mapping[str, Any], s: StageSpec, store: RunStore) -> str:
+    """Config slice hash + upstream keys: a change anywhere upstream changes every key below it."""
+    parts = [s.name, slice_hash(cfg, s.config_keys)]
+    for up in s.needs:
+        parts.append(f"{up}={stage_key(cfg, spec(up), store)}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def stage_states(cfg: Mapping[str, Any]) -> list[tuple[str, str, str, Manifest | None]]:
+    """(stage, state, key, manifest) for every stage, in order."""
+    store = run_store(cfg)
+    rows = []
+    for name in NAMES:
+        s = spec(name)
+        key = stage_key(cfg, s, store)
+        rows.append((name, store.state(name, key), key, store.manifest(name)))
+    return rows
+
+
+def _dist_info() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def _init_distributed(world_size: int, device: str) -> None:
+    if world_size <= 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+
+
+def _add_file_log(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def run_stage(cfg: dict[str, Any], name: str, force: bool = False, locked: bool = False) -> str:
+    """Run one stage unless it is fresh. Returns ``"cached"``, ``"done"`` or ``"skipped"``.
+
+    Upstream stages must already be done (``python -m pipeline run`` runs them in order).
+    """
+    s = spec(name)
+    store = run_store(cfg)
+    rank, world = _dist_info()
+    key = stage_key(cfg, s, store)
+    state = store.state(name, key)
+    if state == "done" and not force:
+        log.info("[%s] up to date (key %s): nothing to do", name, key)
+        return "cached"
+    if state == "stale" and store.manifest(name) is not None:
+        bad = store.verify(name)
+        why = f"outputs changed on disk: {', '.join(bad)}" if bad else "its inputs or config changed"
+        log.info("[%s] stale (%s): re-running", name, why)
+    inputs = {}
+    for up in s.needs:
+        up_key = stage_key(cfg, spec(up), store)
+        up_state = store.state(up, up_key)
+        if up_state != "done":
+            raise StageError(
+                f"stage '{name}' needs '{up}', which is {up_state} for config '{cfg['name']}'; "
+                f"run it first: python -m pipeline.stage {up} --config {cfg.get('_source', 'F')} "
+                f"(or run everything: python -m pipeline run --config {cfg.get('_source', 'F')})"
+            )
+        inputs[up] = store.stage_dir(up)
+
+    if locked or rank != 0:
+        return _execute(cfg, s, store, key, inputs, rank, world)
+    with store.lock():
+        return _execute(cfg, s, store, key, inputs, rank, world)
+
+
+def _execute(cfg: dict[str, Any], s: StageSpec, store: RunStore, key: str, inputs: dict[str, Path],
+             rank: int, world: int) -> str:
+    device = resolve_device(cfg)
+    _init_distributed(world, device)
+    if rank == 0:
+        part = store.open_partial(s.name, key)
+    _barrier(world)
+    part = store.partial_dir(s.name)
+    handler = _add_file_log(part / (f"stage.log" if rank == 0 else f".stage.rank{rank}.log"))
+    ctx = StageContext(cfg=cfg, spec=s, out=part, inputs=inputs, store=store, device=device,
+                       log=logging.getLogger(f"pipeline.{s.name}"), rank=rank, world_size=world)
+    start = time.perf_counter()
+    log.info("[%s] running (key %s, device %s) -> %s", s.name, key, device, store.stage_dir(s.name))
+    try:
+        module = importlib.import_module(s.module)
+        result: StageResult = module.run(ctx)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    wall = time.perf_counter() - start
+    _barrier(world)
+    if rank != 0:
+        return result.status
+    man = Manifest(
+        stage=s.name, key=key, status=result.status, reason=result.reason,
+        upstream={up: (store.manifest(up).key if store.manifest(up) else "") for up in s.needs},
+        config_hash=slice_hash(cfg, s.config_keys), metrics=result.metrics,
+        packages=package_versions(), device=_device_name(device), wall_time_s=round(wall, 3),
+    )
+    man.metrics.setdefault("pipeline_version", __version__)
+    write_json_atomic(part / "metrics.json", result.metrics)
+    store.commit(s.name, man)
+    if result.status == "skipped":
+        log.warning("[%s] skipped: %s", s.name, result.reason)
+    else:
+        log.info("[%s] done in %.1f s", s.name, wall)
+    if result.failed_gates:
+        raise GateFailed(f"[{s.name}] gates failed: " + "; ".join(result.failed_gates)
+                         + f" (see {store.stage_dir(s.name)})")
+    return result.status
+
+
+def _device_name(device: str) -> str:
+    import platform
+
+    if device == "cuda":
+        import torch
+
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    return f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def run_all(cfg: dict[str, Any], force: Iterable[str] = (), until: str | None = None,
+            progress: Callable[[str, str], None] | None = None) -> dict[str, str]:
+    """Run every stage in order under one lock; fresh stages are skipped."""
+    outcomes: dict[str, str] = {}
+    store = run_store(cfg)
+    force = set(force)
+    with store.lock():
+        for name in NAMES:
+            outcome = run_stage(cfg, name, force=name in force or "all" in force, locked=True)
+            outcomes[name] = outcome
+            if progress:
+                progress(name, outcome)
+            if until and name == until:
+                break
+    return outcomes
+
+
+def clean(cfg: Mapping[str, Any], stages: Iterable[str] | None = None) -> list[str]:
+    store = run_store(cfg)
+    removed = []
+    with store.lock():
+        for name in stages or NAMES:
+            if store.stage_dir(name).exists() or store.partial_dir(name).exists():
+                store.remove(name)
+                removed.append(name)
+    return removed
+
+
+__all__ = ["StageContext", "StageResult", "StageError", "GateFailed", "ArtifactError", "run_stage",
+           "run_all", "stage_states", "stage_key", "clean", "run_store", "resolve_device"]

@@ -1,0 +1,169 @@
+"""The config schema: every key the pipeline reads, its default and its type.
+
+One table so that validation, `--set` parsing, the docs and each stage's cache key all agree.
+A key whose default is ``None`` names its type with :class:`Opt`; a list names its item type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Opt:
+    """A value that may be ``None`` (default) or of ``type``."""
+
+    type: type | tuple[type, ...]
+    default: Any = None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A string restricted to ``options``."""
+
+    options: tuple[str, ...]
+    default: str
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A list whose items are of ``item`` type."""
+
+    item: type | tuple[type, ...]
+    default: tuple = ()
+
+
+@dataclass(frozen=True)
+class FreeMap:
+    """A mapping with arbitrary keys (e.g. per-dataset extras); only its own type is checked."""
+
+    default: tuple = ()
+
+
+SCHEMA: dict[str, Any] = {
+    "name": Opt(str),  # run folder under artifacts/; defaults to the config file's stem
+    "seed": 0,
+    "device": Choice(("auto", "cpu", "cuda"), "auto"),
+    "artifacts_dir": "artifacts",
+    "data": {
+        "dataset": Choice(("digits", "cifar10", "cifar100", "imagenet", "cifar10dvs", "dvsgesture", "nmnist"), "digits"),
+        "root": Opt(str),  # folder (torchvision layout, ImageFolder, tonic layout) or npz folder
+        "format": Choice(("auto", "torchvision", "npz"), "auto"),  # CIFAR only
+        "train_file": Opt(str),  # npz overrides (CIFAR / N-MNIST)
+        "test_file": Opt(str),
+        "download": False,  # torchvision CIFAR only; tonic datasets never download
+        "val_fraction": 0.1,
+        "image_size": Opt(int),  # None: the dataset's native size
+        "limit_train": Opt(int),  # first N training samples (class-balanced where the source is)
+        "limit_test": Opt(int),
+        "batch_size": 128,
+        "eval_batch_size": 256,
+        "workers": 0,
+        "cache_dir": Opt(str),  # event-frame cache; None: <root>/frames_cache
+        "augment": {
+            "crop_padding": 4,
+            "flip": True,
+            "autoaugment": True,
+            "cutout": 0,  # square size in pixels; 0 disables
+            "event_affine": True,  # small random translation of event frames
+        },
+    },
+    "model": {
+        "arch": Choice(("resnet19", "resnet34", "resnet20"), "resnet19"),
+        "width": 1.0,
+        "T": 4,
+        "neuron": {
+            "kind": Choice(("alif", "lif"), "alif"),
+            "v_th": 0.5,
+            "decay": 0.25,  # M init (alif) or fixed decay (lif)
+            "gain": 1.0,  # N init (alif) or fixed gain (lif)
+            "surrogate": Choice(("rect", "tanh", "atan"), "rect"),
+            "surrogate_width": 1.0,  # rect window width
+            "surrogate_k": 3.0,  # tanh/atan sharpness
+        },
+        "staa": {
+            "pe": True,
+            "gc": True,
+            "sa": True,
+            "tsrd": True,
+            "tsrd_p": 0.1,
+            "gc_fusion": Choice(("mul", "add"), "mul"),
+            "gc_ratio": 4,
+            "sa_ratio": 4,
+            "sa_position": Choice(("before", "after"), "before"),
+            "placement": Choice(("all", "last_k"), "all"),
+            "last_k": 1,  # stages (from the end) that get STAA when placement == last_k
+        },
+    },
+    "train": {
+        "epochs": 200,
+        "optimizer": Choice(("sgd", "adamw"), "sgd"),
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "warmup_epochs": 0,
+        "label_smoothing": 0.1,
+        "loss": Choice(("ce", "tet"), "ce"),
+        "grad_clip": Opt(float),
+        "amp": True,  # CUDA mixed precision
+        "cpu_bf16": False,  # bf16 autocast on CPU
+        "max_batches": Opt(int),  # cap batches per epoch (smoke runs)
+        "eval_every": 1,
+        "threads": Opt(int),  # torch CPU threads
+    },
+    "reduce_t": {
+        "steps": ListOf(int, (2, 1)),
+        "epochs": 10,
+        "lr": 0.01,
+        "distill": True,
+        "temperature": 4.0,
+        "alpha": 0.5,  # weight of the distillation term
+        "pe_mode": Choice(("truncate", "interpolate", "mean"), "interpolate"),
+        "max_batches": Opt(int),
+        "choose": Opt(int),  # T handed to qat; None: the smallest T within validate.gates.reduce_t
+    },
+    "qat": {
+        "epochs": 3,
+        "lr": 0.001,
+        "calibration_samples": 512,
+        "keep_float": ListOf(str, ()),  # module name patterns kept in float (e.g. "conv1", "staa")
+        "max_batches": Opt(int),
+    },
+    "unroll": {
+        "parity_images": 256,
+        "max_abs_diff": 1e-4,
+        "min_spike_agreement": 0.9999,
+    },
+    "export": {
+        "opset": 18,
+        "dynamo": False,
+        "parity_images": 256,
+        "max_abs_diff": 1e-4,
+        "min_spike_agreement": 0.9999,
+        "int8_max_abs_diff": 1e-3,
+        "streaming": True,
+    },
+    "build": {
+        "precisions": ListOf(str, ("fp16", "int8")),
+        "min_batch": 1,
+        "opt_batch": 8,
+        "max_batch": 64,
+        "workspace_mb": 1024,
+        "fp32_neurons": True,  # keep spike thresholds in FP32 inside FP16 engines
+    },
+    "validate": {
+        "batch_sizes": ListOf(int, (1, 32)),
+        "warmup": 5,
+        "iterations": 30,
+        "threads": 1,
+        "limit_test": Opt(int),
+        "gates": {
+            "reduce_t": 3.0,  # max top-1 drop (points) vs the float baseline
+            "qat": 1.0,
+            "unroll": 0.0,
+            "onnx_fp32": 0.0,
+            "onnx_int8": 1.0,
+            "engine": 1.0,
+        },
+    },
+}

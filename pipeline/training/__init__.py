@@ -1,0 +1,1 @@
+"""Training building blocks shared by the train, reduce_t and qat stages."""
