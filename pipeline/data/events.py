@@ -1,0 +1,61 @@
+"""Event-camera datasets as frame datasets: DVS128 Gesture, CIFAR10-DVS (tonic) and N-MNIST (npz).
+
+All three go through the same path: an event source, frames counted once into the frame
+cache, then per-item augmentation (training view only) and the log1p encoding.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .bundle import DataBundle, LabelledSubset, limit_indices, train_val_test
+from .frames_cache import EventFrames, FrameCache, default_cache_root
+from .nmnist import NpzEventSource, default_nmnist_file
+from .settings import opt_path
+from .tonic_sources import cifar10dvs_sources, class_names, gesture_sources
+from .transforms import EventFrameAugment
+
+NATIVE_SIZE = {"dvsgesture": 128, "cifar10dvs": 128, "nmnist": 34}
+FLIP_OK = {"dvsgesture": False, "cifar10dvs": True, "nmnist": False}  # gestures and digits are chiral
+
+
+def _sources(name: str, cfg: Mapping[str, Any]):
+    root = opt_path(cfg.get("root"))
+    if name == "dvsgesture":
+        train, test = gesture_sources(root)
+        return train, test, class_names(name), root
+    if name == "cifar10dvs":
+        train, test = cifar10dvs_sources(root)
+        return train, test, class_names(name), root
+    train_path = default_nmnist_file(root, opt_path(cfg.get("train_file")))
+    test_path = opt_path(cfg.get("test_file"))
+    test_path = train_path if test_path is None else default_nmnist_file(None, test_path)
+    train, test = NpzEventSource(train_path, test=False), NpzEventSource(test_path, test=True)
+    return train, test, train.class_names, root if root is not None else train_path.parent
+
+
+def build_events(name: str, cfg: Mapping[str, Any], n_frames: int, seed: int) -> DataBundle:
+    """The bundle for an event dataset: ``x`` is ``[T, 2, H, W]`` float32 (log1p of event counts)."""
+    src_train, src_test, names, cache_hint = _sources(name, cfg)
+    side = int(cfg.get("image_size") or NATIVE_SIZE[name])
+    size = (side, side)
+    cache_root = default_cache_root(cfg.get("cache_dir"), cache_hint)
+    cache = FrameCache(cache_root, src_train, n_frames, size)  # train and test share one folder
+    aug_cfg = cfg["augment"]
+    augment = EventFrameAugment(flip=bool(aug_cfg.get("flip", True)) and FLIP_OK[name],
+                                translate=bool(aug_cfg.get("event_affine", True)))
+    test_full = EventFrames(src_test, cache, n_frames, size)
+    balanced = name != "nmnist"  # folder-ordered sources; the npz rows are in MNIST's shuffled order
+    test_idx = limit_indices(test_full.targets, cfg.get("limit_test"), balanced)
+    test = LabelledSubset(test_full, test_idx, test_full.targets)
+    train, val, test = train_val_test(
+        lambda is_train: EventFrames(src_train, cache, n_frames, size, augment if is_train else None),
+        src_train.targets, test, cfg.get("limit_train"), float(cfg["val_fraction"]), seed, balanced=balanced,
+    )
+    return DataBundle(
+        train=train, val=val, test=test, num_classes=len(names), in_channels=int(src_train.sensor_size[2]),
+        image_size=size, mean=(0.0,) * int(src_train.sensor_size[2]), std=(1.0,) * int(src_train.sensor_size[2]),
+        is_event=True, class_names=names, name=name, frames=int(n_frames),
+        input_encoding=f"event counts in {n_frames} equal time bins, rebinned by area to {side}x{side}, log1p",
+        extras={"cache_dir": str(cache.dir), "augment": repr(augment)},
+    )

@@ -1,0 +1,133 @@
+"""Event frames computed once and kept on disk, and the dataset that serves them.
+
+Decoding a recording and counting its events costs far more than a training step, so each
+sample's count frames are written once as ``<cache>/<key>/<sample_id>.npy``. The folder key
+holds everything the frames depend on (dataset, T, image size, sensor size, the encoding
+version and the source's fingerprint), so a changed T or size never reads stale frames.
+Files are written to a temporary name and renamed, so concurrent loader workers and an
+interrupted run never leave a half-written frame behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .frames import events_to_frames, frames_to_input, rebin
+
+# Bump when the event -> frame encoding changes (frames.py), so old caches are not reused.
+FRAME_VERSION = "v1"
+
+
+class EventSource(Protocol):
+    """Recordings of one dataset split: events by index, labels and stable per-sample ids."""
+
+    name: str
+    sensor_size: tuple[int, int, int]
+    targets: list[int]
+    fingerprint: str
+
+    def __len__(self) -> int: ...
+    def events(self, i: int) -> np.ndarray: ...
+    def sample_id(self, i: int) -> str: ...
+
+
+def default_cache_root(cache_dir: str | Path | None, data_root: Path | None) -> Path:
+    """``data.cache_dir``; else ``<root>/frames_cache`` when writable; else the user cache folder.
+
+    The fallback matters for read-only data folders (e.g. a shared, mounted copy).
+    """
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if data_root is not None:
+        candidate = data_root / "frames_cache"
+        probe = candidate if candidate.exists() else data_root
+        if probe.exists() and os.access(probe, os.W_OK):
+            return candidate
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "staa-snn" / "frames"
+
+
+class FrameCache:
+    """One folder of ``.npy`` count frames for one (source, T, size, encoding) combination."""
+
+    def __init__(self, root: Path, source: EventSource, n_frames: int, size: tuple[int, int]):
+        self.settings = {
+            "dataset": source.name, "T": int(n_frames), "size": [int(size[0]), int(size[1])],
+            "sensor_size": [int(v) for v in source.sensor_size], "version": FRAME_VERSION,
+            "source": source.fingerprint,
+        }
+        digest = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:12]
+        self.dir = Path(root) / f"{source.name}-T{n_frames}-{size[0]}x{size[1]}-{FRAME_VERSION}-{digest}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "settings.json"
+        if not meta.exists():
+            _atomic_write(meta, lambda f: f.write(json.dumps(self.settings, indent=1).encode()))
+
+    def path(self, sample_id: str) -> Path:
+        return self.dir / f"{sample_id}.npy"
+
+    def get(self, sample_id: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """The cached frames of ``sample_id``; computes and stores them on a miss."""
+        path = self.path(sample_id)
+        try:
+            return np.load(path, allow_pickle=False)
+        except (FileNotFoundError, ValueError, EOFError, OSError):
+            pass
+        frames = np.asarray(compute(), dtype=np.float32)
+        half = frames.astype(np.float16)
+        stored = half if np.array_equal(half.astype(np.float32), frames) else frames  # exact only
+        _atomic_write(path, lambda f: np.save(f, stored, allow_pickle=False))
+        return stored
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class EventFrames(Dataset):
+    """Samples of an :class:`EventSource` as ``log1p`` count frames ``[T, P, H, W]`` float32, label int."""
+
+    def __init__(self, source: EventSource, cache: FrameCache, n_frames: int, size: tuple[int, int],
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.source, self.cache, self.n_frames, self.size = source, cache, int(n_frames), tuple(size)
+        self.augment = augment
+        self.targets = list(source.targets)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def counts(self, i: int) -> np.ndarray:
+        """Cached count frames of sample ``i`` (rebinned to the image size, no augmentation)."""
+        return self.cache.get(
+            self.source.sample_id(i),
+            lambda: rebin(events_to_frames(self.source.events(i), self.source.sensor_size, self.n_frames),
+                          self.size).numpy(),
+        )
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = torch.from_numpy(np.asarray(self.counts(i), dtype=np.float32))
+        if self.augment is not None:
+            x = self.augment(x)
+        return frames_to_input(x), self.targets[i]
+
+    def precompute(self) -> int:
+        """Fill the cache for every sample (e.g. before a multi-worker run); returns the count."""
+        for i in range(len(self)):
+            self.counts(i)
+        return len(self)
