@@ -75,8 +75,9 @@ def resolve_device(cfg: Mapping[str, Any]) -> str:
 
 
 def stage_key(cfg: Mapping[str, Any], s: StageSpec, store: RunStore) -> str:
-    """Config slice hash + upstream keys: a change anywhere upstream changes every key below it."""
-    parts = [s.name, slice_hash(cfg, s.config_keys)]
+    """Config slice hash + upstream keys + pipeline version: a change anywhere upstream changes
+    every key below it; bump ``pipeline.__version__`` when a code change alters results."""
+    parts = [s.name, __version__, slice_hash(cfg, s.config_keys)]
     for up in s.needs:
         parts.append(f"{up}={stage_key(cfg, spec(up), store)}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
