@@ -126,13 +126,15 @@ SCHEMA: dict[str, Any] = {
         "epochs": 3,
         "lr": 0.001,
         "calibration_samples": 512,
-        "keep_float": ListOf(str, ()),  # module name patterns kept in float (e.g. "conv1", "staa")
+        "keep_float": ListOf(str, ()),  # kept in float: "stem", "staa", "fc", a module path, or "re:<NNCF op regex>"
+        "fold_bn": True,  # fold BN into the convs before quantising (QAT trains the deployed Conv+bias graph)
         "max_batches": Opt(int),
     },
     "unroll": {
         "parity_images": 256,
-        "max_abs_diff": 1e-4,
-        "min_spike_agreement": 0.9999,
+        "max_abs_diff": 1e-4,  # logits, on images whose spikes all agree
+        "min_spike_agreement": 0.9999,  # per layer, counting the layer's own flips (not cascades)
+        "flip_margin": 1e-4,  # a first flip this close to the threshold is rounding, not a bug
     },
     "export": {
         "opset": 18,
@@ -140,8 +142,14 @@ SCHEMA: dict[str, Any] = {
         "parity_images": 256,
         "max_abs_diff": 1e-4,
         "min_spike_agreement": 0.9999,
+        "flip_margin": 1e-4,
         "int8_max_abs_diff": 1e-3,
-        "streaming": True,
+        "int8_min_spike_agreement": 0.999,
+        # a value on a quantiser's rounding boundary moves by one whole step under a 1-ulp change,
+        # so an INT8 graph's first flips sit up to about one activation step from the threshold
+        "int8_flip_margin": 0.05,
+        "streaming": True,  # one-step graph with explicit membranes; skipped (with reason) for SA models
+        "trt_check_strict": True,  # a TensorRT static-check violation fails the stage (else a warning)
     },
     "build": {
         "precisions": ListOf(str, ("fp16", "int8")),
@@ -156,8 +164,11 @@ SCHEMA: dict[str, Any] = {
         "warmup": 5,
         "iterations": 30,
         "threads": 1,
-        "limit_test": Opt(int),
-        "gates": {
+        "limit_test": Opt(int),  # None: data.limit_test
+        # gates compare each row with the artifact it was made from ("parent": the cost of one
+        # step) or with the float baseline ("baseline": the cumulative cost)
+        "gate_reference": Choice(("parent", "baseline"), "parent"),
+        "gates": {  # max top-1 drop (points) of each row vs its reference (gate_reference)
             "reduce_t": 3.0,  # max top-1 drop (points) vs the float baseline
             "qat": 1.0,
             "unroll": 0.0,

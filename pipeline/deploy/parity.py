@@ -1,0 +1,266 @@
+"""Parity gates: does a transformed model (unrolled, ONNX, engine) still compute the same thing?
+
+Why the gates look past the raw numbers: a spike threshold is discontinuous. Two correct
+implementations differ by float rounding (conv accumulation order, a folded BN) of ~1e-7, and
+once in a few hundred thousand neuron updates a membrane sits closer than that to the threshold:
+one spike flips, and the flip cascades through every later layer and into the logits (measured
+on digits: one flip at the stem ends as 0.2% disagreement in the last layer and a 0.07 logit
+change). Raw agreement and raw max-abs-diff then measure the network's chaos, not the export.
+So each sample is classified by its *first divergence* (the earliest neuron layer, in forward
+order, whose spikes differ; its inputs are still identical, so any flip there comes from the
+layer's own arithmetic):
+
+- clean: identical spikes everywhere;
+- numerical: every flip at the first divergence (that layer's first differing time step: later
+  steps differ through the layer's own membrane state) had a reference membrane within
+  ``flip_margin`` of the threshold (needs the reference's membranes: torch references record
+  them); later differences are its cascade;
+- real: a flip at the first divergence far from the threshold, i.e. a wrong computation.
+
+Gates (:meth:`ParityReport.failures`):
+- top-1 identical on every sample where the reference's top-2 margin exceeds ``tie_tol``;
+- logits max abs diff ``<= max_abs_diff`` on clean samples;
+- per-layer *local* spike agreement ``>= min_spike_agreement``: the differences of a layer counted
+  only in samples whose first divergence is that layer (a layer's own flip rate);
+- no real sample.
+Raw numbers over all samples (agreement with cascades, max abs diff) are reported too.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+
+
+def _np(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+@dataclass
+class ParityReport:
+    """Accumulates one reference-vs-candidate comparison; see the module docstring."""
+
+    tie_tol: float = 0.0
+    flip_margin: float = 1e-4
+    n: int = 0
+    max_abs_diff_all: float = 0.0
+    max_abs_diff_clean: float = 0.0
+    sum_abs_diff: float = 0.0
+    n_values: int = 0
+    top1_mismatches: int = 0
+    top1_mismatches_beyond_tol: int = 0
+    clean: int = 0
+    numerical: int = 0
+    real: int = 0
+    worst_first_flip_margin: float = 0.0  # over numerical and real samples: |h - v_th| at the first divergence
+    first_divergence: dict[str, int] = field(default_factory=dict)  # layer -> samples diverging there first
+    spike_equal: dict[str, int] = field(default_factory=dict)
+    spike_total: dict[str, int] = field(default_factory=dict)
+    local_diff: dict[str, int] = field(default_factory=dict)
+    spikes_compared: bool = False
+
+    def update(self, ref_logits: Any, logits: Any, ref_spikes: Mapping[str, Any] | None = None,
+               spikes: Mapping[str, Any] | None = None, ref_membranes: Mapping[str, Any] | None = None) -> None:
+        """Add one batch. Spikes and membranes (``h - v_th``) are ``{layer: [T, B, ...]}`` in forward order."""
+        ref, out = _np(ref_logits).astype(np.float64), _np(logits).astype(np.float64)
+        if ref.shape != out.shape:
+            raise ValueError(f"logit shapes differ: reference {ref.shape}, candidate {out.shape}")
+        batch = ref.shape[0]
+        diff = np.abs(ref - out)
+        self.n += batch
+        self.max_abs_diff_all = max(self.max_abs_diff_all, float(diff.max(initial=0.0)))
+        self.sum_abs_diff += float(diff.sum())
+        self.n_values += diff.size
+        mismatch = ref.argmax(1) != out.argmax(1)
+        self.top1_mismatches += int(mismatch.sum())
+        if ref.shape[1] > 1:
+            top2 = np.sort(ref, axis=1)[:, -2:]
+            margin = top2[:, 1] - top2[:, 0]
+        else:
+            margin = np.full(batch, np.inf)
+        self.top1_mismatches_beyond_tol += int((mismatch & (margin > self.tie_tol)).sum())
+
+        clean = np.ones(batch, bool)
+        if ref_spikes is not None and spikes is not None:
+            clean = self._spikes(ref_spikes, spikes, ref_membranes, batch)
+        self.clean += int(clean.sum())
+        if clean.any():
+            self.max_abs_diff_clean = max(self.max_abs_diff_clean, float(diff[clean].max()))
+
+    def _spikes(self, ref_spikes: Mapping[str, Any], spikes: Mapping[str, Any],
+                membranes: Mapping[str, Any] | None, batch: int) -> np.ndarray:
+        self.spikes_compared = True
+        names = list(ref_spikes)
+        if set(names) != set(spikes):
+            raise ValueError(f"spike layers differ between reference and candidate: "
+                             f"{sorted(set(names) ^ set(spikes))[:5]}")
+        first = np.full(batch, -1)
+        differs: dict[str, np.ndarray] = {}
+        for i, name in enumerate(names):
+            r, s = _np(ref_spikes[name]), _np(spikes[name])
+            if r.shape != s.shape:
+                raise ValueError(f"spike shapes differ for {name}: {r.shape} vs {s.shape}")
+            d = (r != s).reshape(r.shape[0], r.shape[1], -1)  # [T, B, rest]
+            differs[name] = d
+            self.spike_equal[name] = self.spike_equal.get(name, 0) + int(d.size - d.sum())
+            self.spike_total[name] = self.spike_total.get(name, 0) + d.size
+            self.local_diff.setdefault(name, 0)
+            hit = d.any(axis=(0, 2)) & (first < 0)
+            first[hit] = i
+        for b in np.flatnonzero(first >= 0):
+            name = names[first[b]]
+            self.first_divergence[name] = self.first_divergence.get(name, 0) + 1
+            self.local_diff[name] += int(differs[name][:, b].sum())
+            if membranes is None:
+                self.numerical += 1  # cannot tell without membranes: counted as numerical, margin unknown
+                continue
+            # only the first diverging step: later steps of the same layer differ through its own state
+            d = differs[name][:, b]  # [T, rest]
+            t0 = int(np.flatnonzero(d.any(axis=1))[0])
+            h = _np(membranes[name]).reshape(d.shape[0], batch, -1)[t0, b]
+            worst = float(np.abs(h[d[t0]]).max())
+            self.worst_first_flip_margin = max(self.worst_first_flip_margin, worst)
+            if worst <= self.flip_margin:
+                self.numerical += 1
+            else:
+                self.real += 1
+        return first < 0
+
+    @property
+    def max_abs_diff(self) -> float:
+        """Logits max abs diff on clean samples (all samples when spikes were not compared)."""
+        return self.max_abs_diff_clean if self.spikes_compared else self.max_abs_diff_all
+
+    @property
+    def mean_abs_diff(self) -> float:
+        return self.sum_abs_diff / max(self.n_values, 1)
+
+    @property
+    def spike_agreement(self) -> dict[str, float]:
+        """Raw per-layer agreement over all samples, cascades included."""
+        return {k: self.spike_equal[k] / max(self.spike_total[k], 1) for k in self.spike_equal}
+
+    @property
+    def local_spike_agreement(self) -> dict[str, float]:
+        """Per-layer agreement counting only the layer's own first-divergence flips."""
+        return {k: 1 - self.local_diff.get(k, 0) / max(self.spike_total[k], 1) for k in self.spike_total}
+
+    @property
+    def min_spike_agreement(self) -> float | None:
+        agree = self.spike_agreement
+        return min(agree.values()) if agree else None
+
+    @property
+    def min_local_spike_agreement(self) -> float | None:
+        agree = self.local_spike_agreement
+        return min(agree.values()) if agree else None
+
+    def failures(self, max_abs_diff: float, min_spike_agreement: float | None, what: str) -> list[str]:
+        """Gate messages (empty when every gate passes); see the module docstring."""
+        if self.n == 0:
+            return [f"{what}: no images were compared"]
+        out = []
+        if self.top1_mismatches_beyond_tol:
+            out.append(f"{what}: top-1 differs on {self.top1_mismatches_beyond_tol}/{self.n} images "
+                       f"whose reference margin exceeds {self.tie_tol:g}")
+        if self.spikes_compared and self.clean == 0:
+            out.append(f"{what}: no image kept identical spikes ({self.numerical} diverged numerically, "
+                       f"{self.real} for real)")
+        elif self.max_abs_diff > max_abs_diff:
+            out.append(f"{what}: logits max abs diff {self.max_abs_diff:.3g} > {max_abs_diff:g} on images with "
+                       f"identical spikes")
+        local = self.min_local_spike_agreement
+        if min_spike_agreement is not None and local is not None and local < min_spike_agreement:
+            layer = min(self.local_spike_agreement, key=self.local_spike_agreement.get)
+            out.append(f"{what}: spike agreement of layer {layer} on its own flips {local:.6f} < {min_spike_agreement}")
+        if self.real:
+            layers = ", ".join(sorted(self.first_divergence))
+            out.append(f"{what}: {self.real}/{self.n} images first diverge with a membrane "
+                       f"{self.worst_first_flip_margin:.3g} from the threshold (> flip margin {self.flip_margin:g}): "
+                       f"a real mismatch, not rounding (first diverging layers: {layers})")
+        return out
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "n": self.n, "max_abs_diff": self.max_abs_diff, "max_abs_diff_all": self.max_abs_diff_all,
+            "mean_abs_diff": self.mean_abs_diff, "top1_mismatches": self.top1_mismatches,
+            "top1_mismatches_beyond_tol": self.top1_mismatches_beyond_tol, "tie_tol": self.tie_tol,
+            "samples_clean": self.clean, "samples_numerical_flip": self.numerical, "samples_real_mismatch": self.real,
+            "flip_margin": self.flip_margin, "worst_first_flip_margin": self.worst_first_flip_margin,
+            "first_divergence": dict(self.first_divergence),
+            "min_spike_agreement": self.min_spike_agreement, "min_local_spike_agreement": self.min_local_spike_agreement,
+            "spike_agreement": {k: round(v, 8) for k, v in self.spike_agreement.items()},
+        }
+
+
+SpikeFn = Callable[[Any], tuple]  # x -> (logits, {layer: spikes}[, {layer: h - v_th}])
+
+
+@contextlib.contextmanager
+def record_membranes(model: Any) -> Iterator[dict[str, Any]]:
+    """Yield ``{neuron name: h - v_th [T, B, ...]}`` of the last forward pass (wraps each neuron's ``fire``)."""
+    import torch
+
+    from pipeline.models import neuron_modules
+
+    steps: dict[str, list[Any]] = {}
+    store: dict[str, Any] = {}
+    patched = []
+    for name, m in neuron_modules(model):
+        original = m.fire
+
+        def fire(h: Any, _name: str = name, _m: Any = m, _fire: Any = original) -> Any:
+            steps.setdefault(_name, []).append((h - _m.v_th).detach())
+            return _fire(h)
+
+        m.fire = fire  # instance attribute: shadows the method for this forward only
+        patched.append(m)
+    try:
+        yield store
+    finally:
+        for m in patched:
+            del m.fire
+        store.update({k: torch.stack(v) for k, v in steps.items()})
+
+
+def torch_with_spikes(model: Any, membranes: bool = True) -> SpikeFn:
+    """``x -> (logits, spikes, membranes)`` for a torch model (record_spikes + record_membranes)."""
+    import torch
+
+    from pipeline.models import record_spikes
+
+    @torch.no_grad()
+    def run(x: Any) -> tuple:
+        with record_spikes(model) as store:
+            if membranes:
+                with record_membranes(model) as h:
+                    logits = model(x)
+            else:
+                logits, h = model(x), None
+            spikes = {k: v.clone() for k, v in store.items()}
+        return logits, spikes, h
+
+    return run
+
+
+def compare(reference: SpikeFn, candidate: SpikeFn, batches: Iterable[Any], tie_tol: float,
+            flip_margin: float = 1e-4, spikes: bool = True) -> ParityReport:
+    """Run both on every input batch (``x`` or ``(x, y)``) and accumulate a :class:`ParityReport`.
+
+    The reference's membranes (third element, when it returns one) classify the flips.
+    """
+    report = ParityReport(tie_tol=tie_tol, flip_margin=flip_margin)
+    for batch in batches:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        ref = reference(x)
+        cand = candidate(x)
+        ref_membranes = ref[2] if len(ref) > 2 else None
+        if spikes:
+            report.update(ref[0], cand[0], ref[1], cand[1], ref_membranes)
+        else:
+            report.update(ref[0], cand[0])
+    return report

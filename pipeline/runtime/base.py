@@ -1,0 +1,100 @@
+"""The one runner interface every backend implements, and the benchmark they all share.
+
+A runner owns a loaded model (torch module, ONNX Runtime session, TensorRT engine) and answers
+``predict(x) -> logits`` on numpy arrays, so accuracy, agreement and latency are measured the
+same way for every artifact. ``run(feeds) -> outputs`` is the primitive (graphs with several
+inputs, e.g. the streaming step graph); ``predict`` is its single-input, single-output case.
+
+This package imports nothing from the rest of ``pipeline`` so that it can be copied next to
+the ONNX files onto a device (the build stage bundles it as ``staa_runtime``).
+"""
+from __future__ import annotations
+
+import abc
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+
+class Runner(abc.ABC):
+    """A loaded model behind a numpy interface.
+
+    Attributes: ``name`` (backend: "torch", "onnxruntime", "tensorrt"), ``precision``
+    ("fp32", "fp16", "int8"), ``input_names`` / ``output_names``, ``input_shape`` (of the first
+    input; ``None`` marks the dynamic batch axis).
+    """
+
+    name: str = "runner"
+    precision: str = "fp32"
+    input_names: list[str]
+    output_names: list[str]
+    input_shape: tuple[int | None, ...]
+
+    @abc.abstractmethod
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every output for the given named inputs."""
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Float32 logits ``[B, num_classes]`` for one batch ``x`` (float32, batch first)."""
+        out = self.run({self.input_names[0]: np.ascontiguousarray(x, dtype=np.float32)})
+        return np.asarray(out[self.output_names[0]], dtype=np.float32)
+
+    def predict_all(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """``predict`` over a large array in chunks (keeps memory flat on small devices)."""
+        parts = [self.predict(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+    def set_threads(self, threads: int | None) -> None:
+        """Fix the CPU thread count for timing (no-op where it does not apply)."""
+
+    def benchmark(self, batch: int = 1, warmup: int = 5, iters: int = 30, threads: int | None = None) -> dict[str, Any]:
+        return benchmark(self, batch=batch, warmup=warmup, iters=iters, threads=threads)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "precision": self.precision, "input_shape": list(self.input_shape),
+                "inputs": list(self.input_names), "outputs": list(self.output_names)}
+
+    def close(self) -> None:
+        """Release the model (sessions, CUDA contexts)."""
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def example_input(runner: Runner, batch: int, seed: int = 0) -> np.ndarray:
+    """A deterministic float32 input of the runner's shape with the batch axis set to ``batch``."""
+    shape = tuple(batch if d is None else d for d in runner.input_shape)
+    shape = (batch,) + shape[1:]
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def benchmark(runner: Runner, batch: int = 1, warmup: int = 5, iters: int = 30, threads: int | None = None,
+              x: np.ndarray | None = None) -> dict[str, Any]:
+    """Latency percentiles and throughput of ``runner.predict`` at one batch size.
+
+    Wall-clock per call (host to host: for TensorRT this includes the copies to and from the
+    GPU, as an application sees it), after ``warmup`` untimed calls, with ``threads`` fixed
+    where the backend uses CPU threads.
+    """
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    runner.set_threads(threads)
+    x = example_input(runner, batch) if x is None else x
+    for _ in range(max(warmup, 0)):
+        runner.predict(x)
+    times = np.empty(iters)
+    for i in range(iters):
+        start = time.perf_counter()
+        runner.predict(x)
+        times[i] = time.perf_counter() - start
+    ms = times * 1e3
+    return {
+        "backend": runner.name, "precision": runner.precision, "batch": int(batch), "iters": int(iters),
+        "warmup": int(warmup), "threads": threads, "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)), "mean_ms": float(ms.mean()),
+        "throughput": float(batch * iters / times.sum()),  # samples per second
+    }

@@ -1,0 +1,37 @@
+"""Runner over a torch module (float, QAT or unrolled), for parity and the latency baseline."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from .base import Runner
+
+
+class TorchRunner(Runner):
+    """``module(x) -> logits`` under ``torch.no_grad`` on ``device``."""
+
+    name = "torch"
+
+    def __init__(self, module: Any, precision: str = "fp32", device: str = "cpu",
+                 input_shape: tuple[int | None, ...] | None = None) -> None:
+        import torch
+
+        self._torch = torch
+        self.module = module.eval().to(device)
+        self.device = device
+        self.precision = precision
+        self.input_names, self.output_names = ["input"], ["logits"]
+        self.input_shape = tuple(input_shape) if input_shape is not None else (None,)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in self.input_names]
+        with torch.no_grad():
+            out = self.module(*args)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return {n: o.detach().float().cpu().numpy() for n, o in zip(self.output_names, outs)}
+
+    def set_threads(self, threads: int | None) -> None:
+        if threads:
+            self._torch.set_num_threads(int(threads))

@@ -1,0 +1,77 @@
+"""Runner over a serialized TensorRT 10 engine (``execute_async_v3`` with tensor addresses).
+
+Device buffers and the CUDA stream come from torch (present on Jetson with NVIDIA's wheels),
+which keeps this free of pycuda. TensorRT and torch are imported when a runner is created, so
+importing this module never fails where they are absent.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .base import Runner
+
+
+class TrtRunner(Runner):
+    """Deserialize ``engine_path`` and run it on CUDA device ``device``."""
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: Path | str, precision: str | None = None, device: int = 0) -> None:
+        import tensorrt as trt
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("TrtRunner needs a CUDA device (torch.cuda.is_available() is False)")
+        self._trt, self._torch = trt, torch
+        self.path = Path(engine_path)
+        self.device = torch.device("cuda", device)
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"{self.path} could not be deserialized: engines are tied to the GPU model and "
+                               f"TensorRT version they were built with; rebuild it on this device")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream(device=self.device)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        mode = trt.TensorIOMode.INPUT
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == mode]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) != mode]
+        first = tuple(self.engine.get_tensor_shape(self.input_names[0]))
+        self.input_shape = tuple(None if d < 0 else int(d) for d in first)
+        self.precision = precision or self._guess_precision()
+
+    def _guess_precision(self) -> str:
+        stem = self.path.stem.lower()
+        return next((p for p in ("int8", "fp16", "fp32") if p in stem), "unknown")
+
+    def _np_dtype(self, name: str) -> np.dtype:
+        return np.dtype(self._trt.nptype(self.engine.get_tensor_dtype(name)))
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        keep: list[Any] = []  # device tensors must outlive the launch
+        with torch.cuda.stream(self.stream):
+            for name in self.input_names:
+                host = np.ascontiguousarray(feeds[name], dtype=self._np_dtype(name))
+                dev = torch.from_numpy(host).to(self.device, non_blocking=False)
+                self.context.set_input_shape(name, tuple(host.shape))
+                self.context.set_tensor_address(name, dev.data_ptr())
+                keep.append(dev)
+            outs: dict[str, Any] = {}
+            for name in self.output_names:
+                shape = tuple(self.context.get_tensor_shape(name))
+                dtype = torch.from_numpy(np.empty(0, self._np_dtype(name))).dtype
+                outs[name] = torch.empty(shape, dtype=dtype, device=self.device)
+                self.context.set_tensor_address(name, outs[name].data_ptr())
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError(f"TensorRT execution failed for {self.path.name}")
+        self.stream.synchronize()
+        return {n: t.cpu().numpy() for n, t in outs.items()}
+
+    def close(self) -> None:
+        self.context = None
+        self.engine = None

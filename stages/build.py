@@ -1,0 +1,58 @@
+"""build: TensorRT engines (FP16, INT8) where TensorRT and a GPU exist; a device bundle everywhere.
+
+The bundle (ONNX graphs, sample inputs, ``bundle.json``, ``build_engines.sh``, ``JETSON.md``,
+``staa_runtime/``) is always written, so the target can build its own engines. Where TensorRT
+or CUDA is absent the stage records "skipped" with the reason; where present it builds every
+engine through the TensorRT 10 Python API and runs each once on the sample images.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.deploy.bundle import make_bundle
+from pipeline.runner import StageContext, StageError, StageResult
+from pipeline.runtime import get_backend
+
+
+def _engine_check(folder: Path, engine: str) -> dict[str, Any]:
+    """Top-1 and agreement with the float logits on the bundled sample images (not a gate: validate gates)."""
+    from pipeline.runtime import load_runner
+
+    samples = np.load(folder / "sample_inputs.npz")
+    with load_runner(folder / engine) as runner:
+        logits = runner.predict_all(samples["x"], 32)
+    pred, ref = logits.argmax(1), samples["logits"]
+    return {"top1": float((pred == samples["y"]).mean() * 100),
+            "agreement_with_float": float((pred == ref.argmax(1)).mean() * 100),
+            "max_abs_diff_vs_float": float(np.abs(logits - ref).max())}
+
+
+def run(ctx: StageContext) -> StageResult:
+    b = ctx.cfg["build"]
+    try:
+        specs, facts = make_bundle(ctx.inputs["export"], ctx.out, b)
+    except (FileNotFoundError, ValueError) as exc:
+        raise StageError(f"cannot assemble the device bundle: {exc}") from exc
+    metrics: dict[str, Any] = {**facts, "precisions": list(b["precisions"]),
+                               "batch_profile": [b["min_batch"], b["opt_batch"], b["max_batch"]],
+                               "fp32_neurons": b["fp32_neurons"]}
+    backend = get_backend("tensorrt")
+    ok, why = backend.is_available()
+    metrics["tensorrt"] = backend.check_env()
+    if not ok:
+        reason = (f"TensorRT engines not built on this machine: {why}. The bundle in this folder builds them on "
+                  f"the target: ./build_engines.sh (trtexec) or python3 -m staa_runtime build (see JETSON.md)")
+        return StageResult(metrics=metrics, status="skipped", reason=reason)
+    results = backend.build(specs, ctx.out)
+    errors = {name: r["error"] for name, r in results.items() if "error" in r}
+    if errors:
+        raise StageError("TensorRT build failed: " + "; ".join(f"{n}: {e}" for n, e in errors.items()) +
+                         " (build logs in the build folder; trt_check.json lists static problems)")
+    for spec in specs:  # whole-clip engines only; the step engine needs the StepRunner loop
+        if spec.name.startswith("model"):
+            results[spec.name]["sample_check"] = _engine_check(ctx.out, spec.engine)
+    metrics["engines"] = results
+    return StageResult(metrics=metrics)

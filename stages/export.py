@@ -1,0 +1,111 @@
+"""export: ONNX FP32 and INT8 (QDQ) with a dynamic batch, a streaming one-step graph, checks.
+
+Each graph: onnx.checker (full) + shape inference, deployment metadata, ONNX Runtime parity
+on real test images (logits, top-1, per-layer spikes through a probe graph), and the static
+TensorRT check (``trt_check.json``). Also writes ``sample_inputs.npz`` (the parity images,
+labels and float logits) for the device bundle.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import __version__
+from pipeline.config import slice_hash
+from pipeline.deploy.onnx_export import ExportError, deploy_metadata
+from pipeline.deploy.streaming import stream_blockers
+from pipeline.deploy.trt_check import write_reports
+from pipeline.deploy.unroll import UnrollError, load_unrolled
+from pipeline.deploy.verify import Gates, batches, export_streaming_verified, export_verified
+from pipeline.runner import StageContext, StageError, StageResult
+from pipeline.setup import data_bundle, eval_loader
+
+CONFIG_SECTIONS = ("seed", "data", "model", "train", "reduce_t", "qat", "unroll", "export")
+
+
+def _inputs(cfg: dict[str, Any], T: int, limit: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    bundle = data_bundle(cfg, T=T)
+    xs, ys = [], []
+    for x, y in eval_loader(cfg, bundle.test, limit):
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys), bundle
+
+
+def _gates(e: dict[str, Any]) -> dict[str, Gates]:
+    """The export.* tolerances per graph (ties: a top-1 flip is excused below twice the logit tolerance)."""
+    fp32 = Gates(e["max_abs_diff"], e["min_spike_agreement"], 2 * e["max_abs_diff"], e["flip_margin"])
+    int8 = Gates(e["int8_max_abs_diff"], e["int8_min_spike_agreement"], 2 * e["int8_max_abs_diff"],
+                 e["int8_flip_margin"])
+    step = Gates(e["max_abs_diff"], None, 2 * e["max_abs_diff"], e["flip_margin"])
+    return {"fp32": fp32, "int8": int8, "step": step}
+
+
+def _log_parity(ctx: StageContext, key: str, p: dict[str, Any]) -> None:
+    ctx.log.info("ONNX %s vs torch: %d images, %d with identical spikes (max |diff| %.3g), %d numerical flips, "
+                 "%d real; top-1 mismatches %d; min local spike agreement %s", key, p["n"], p["samples_clean"],
+                 p["max_abs_diff"], p["samples_numerical_flip"], p["samples_real_mismatch"], p["top1_mismatches"],
+                 p["min_local_spike_agreement"])
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, e, out = ctx.cfg, ctx.cfg["export"], ctx.out
+    src = ctx.inputs["unroll"]
+    try:
+        flat, info = load_unrolled(src / "float.pt")
+        q, qinfo = load_unrolled(src / "int8.pt")
+    except UnrollError as exc:
+        raise StageError(str(exc)) from exc
+    x, y, bundle = _inputs(cfg, info.T, e["parity_images"])
+    common = dict(pipeline_version=__version__, config_hash=slice_hash(cfg, CONFIG_SECTIONS),
+                  input_encoding=getattr(bundle, "input_encoding", ""))
+    opts = dict(opset=e["opset"], dynamo=e["dynamo"])
+    gates = _gates(e)
+    metrics: dict[str, Any] = {"T": info.T, "opset": e["opset"], "exporter": "dynamo" if e["dynamo"] else "legacy",
+                               "parity_images": len(x)}
+    failures: list[str] = []
+    reports = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="probe-", dir=out) as work:
+            for key, module, unrolled in (("fp32", flat, info), ("int8", q, qinfo)):
+                m, f, r = export_verified(module, x, out / f"model_{key}.onnx", gates=gates[key],
+                                          metadata=deploy_metadata(unrolled, precision=key, **common),
+                                          what=f"ONNX {key.upper()}", work_dir=Path(work), **opts)
+                metrics[key] = m
+                failures += f
+                reports.append(r)
+                _log_parity(ctx, key, m["parity"])
+        blockers = stream_blockers(flat) if e["streaming"] else ["export.streaming is false"]
+        if blockers:
+            metrics["streaming"] = {"exported": False, "reason": blockers[0]}
+            ctx.log.info("streaming graph skipped: %s", blockers[0])
+        else:
+            m, f, r = export_streaming_verified(flat, x, out / "step_fp32.onnx", gates=gates["step"],
+                                                metadata=deploy_metadata(info, precision="fp32", **common),
+                                                reference=out / "model_fp32.onnx", **opts)
+            metrics["streaming"] = {"exported": True, **m}
+            failures += f
+            reports.append(r)
+    except ExportError as exc:
+        raise StageError(f"{exc}. Try export.dynamo: {not e['dynamo']} or another export.opset") from exc
+
+    trt = write_reports(reports, out / "trt_check.json")
+    metrics["trt_check_ok"] = trt["ok"]
+    if not trt["ok"]:
+        msg = "TensorRT static check: " + "; ".join(r.summary(3) for r in reports if not r.ok)
+        if e["trt_check_strict"]:
+            failures.append(msg + " (export.trt_check_strict: false makes this a warning)")
+        else:
+            ctx.log.warning(msg)
+    with torch.no_grad():
+        ref = torch.cat([flat(xb) for xb in batches(x, 64)]).numpy()
+    np.savez_compressed(out / "sample_inputs.npz", x=x.numpy().astype(np.float32), y=y.numpy().astype(np.int64),
+                        logits=ref.astype(np.float32))
+    if failures:
+        raise StageError("export gates failed: " + "; ".join(failures) + " (details in export/stage.log; "
+                         "tolerances: export.max_abs_diff, export.*min_spike_agreement, export.*flip_margin)")
+    return StageResult(metrics=metrics)

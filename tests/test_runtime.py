@@ -1,0 +1,120 @@
+"""The runner interface: torch and ONNX Runtime agree on real images; benchmark; backend managers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.deploy.onnx_export import export_onnx, write_metadata
+from pipeline.deploy.testing import firing_model, real_images
+from pipeline.deploy.unroll import unroll_float
+from pipeline.runtime import (BACKENDS, OrtRunner, Runner, TorchRunner, benchmark, get_backend, load_runner)
+
+MODEL = {"arch": "resnet19", "width": 0.125, "T": 1, "num_classes": 10, "in_channels": 1, "staa": {"sa": False}}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    x, y, _ = real_images("digits", 24, T=1)
+    flat = unroll_float(firing_model(MODEL, x))
+    path = tmp_path_factory.mktemp("runtime") / "model_fp32.onnx"
+    export_onnx(flat, (x[:2],), path)
+    write_metadata(path, {"precision": "fp32"})
+    return flat, path, x.numpy(), y.numpy()
+
+
+def test_torch_and_onnxruntime_runners_predict_the_same(exported):
+    flat, path, x, _ = exported
+    t = TorchRunner(flat, input_shape=(None, 1, 16, 16))
+    o = OrtRunner(path)
+    lt, lo = t.predict(x), o.predict(x)
+    assert lt.shape == lo.shape == (len(x), 10) and lt.dtype == lo.dtype == np.float32
+    assert np.abs(lt - lo).max() <= 1e-4
+    assert (lt.argmax(1) == lo.argmax(1)).all()
+    assert o.name == "onnxruntime" and t.name == "torch" and o.precision == "fp32"
+    assert o.input_shape == (None, 1, 16, 16) and o.input_names == ["input"] and o.output_names == ["logits"]
+    assert np.array_equal(o.predict_all(x, batch_size=5), lo)
+
+
+def test_benchmark_reports_percentiles_and_throughput(exported):
+    flat, path, x, _ = exported
+    for runner in (TorchRunner(flat, input_shape=(None, 1, 16, 16)), OrtRunner(path)):
+        stats = runner.benchmark(batch=2, warmup=1, iters=5, threads=1)
+        assert set(stats) >= {"p50_ms", "p95_ms", "throughput", "batch", "backend", "precision"}
+        assert 0 < stats["p50_ms"] <= stats["p95_ms"] and stats["throughput"] > 0 and stats["batch"] == 2
+    ort = OrtRunner(path, threads=2)
+    benchmark(ort, batch=1, warmup=0, iters=2, threads=1)
+    assert ort.threads == 1  # the session was rebuilt with the thread count asked for
+
+
+def test_interface_is_small_enough_for_any_backend():
+    """A backend only implements ``run``; predict and benchmark come from the base class."""
+
+    class Doubler(Runner):
+        name, precision = "numpy", "fp32"
+        input_names, output_names, input_shape = ["input"], ["logits"], (None, 3)
+
+        def run(self, feeds):
+            return {"logits": feeds["input"] * 2}
+
+    r = Doubler()
+    assert np.array_equal(r.predict(np.ones((2, 3))), np.full((2, 3), 2.0, np.float32))
+    assert r.benchmark(batch=4, warmup=0, iters=3)["batch"] == 4
+
+
+def test_load_runner_by_suffix(exported, tmp_path):
+    _, path, x, _ = exported
+    assert isinstance(load_runner(path), OrtRunner)
+    (tmp_path / "model.engine").write_bytes(b"\0")
+    ok, _ = get_backend("tensorrt").is_available()
+    if not ok:
+        with pytest.raises(RuntimeError, match="tensorrt|TensorRT|CUDA"):
+            load_runner(tmp_path / "model.engine")
+    with pytest.raises(ValueError, match="expected .onnx or .engine"):
+        load_runner(tmp_path / "model.bin")
+
+
+def test_backend_managers_report_instead_of_crashing():
+    assert set(BACKENDS) == {"torch", "onnxruntime", "tensorrt"}
+    for name, backend in BACKENDS.items():
+        ok, reason = backend.is_available()
+        assert isinstance(ok, bool) and reason
+        env = backend.check_env()
+        assert env["backend"] == name and env["available"] == ok
+    assert BACKENDS["torch"].is_available()[0] and BACKENDS["onnxruntime"].is_available()[0]
+    with pytest.raises(KeyError, match="known"):
+        get_backend("openvino")
+
+
+def test_runtime_package_imports_nothing_else_from_the_pipeline():
+    """It is copied into the device bundle as ``staa_runtime``: only relative imports are allowed."""
+    import ast
+    from pathlib import Path
+
+    import pipeline.runtime as rt
+
+    for f in Path(rt.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert not (node.module or "").startswith("pipeline"), f"{f.name} imports {node.module}"
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("pipeline") for a in node.names), f.name
+
+
+def test_tensorrt_runner_matches_onnxruntime(exported, tmp_path):
+    trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed on this machine")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU; none is visible here")
+    from pipeline.runtime import EngineSpec, build_engine
+    from pipeline.runtime.trt_runner import TrtRunner
+
+    _, path, x, _ = exported
+    (tmp_path / path.name).write_bytes(path.read_bytes())
+    spec = EngineSpec(name="model_fp32", onnx=path.name, precision="fp32", inputs={"input": [-1, 1, 16, 16]},
+                      min_batch=1, opt_batch=4, max_batch=32)
+    info = build_engine(spec, tmp_path)
+    assert info["tensorrt"] == trt.__version__
+    runner = TrtRunner(tmp_path / spec.engine)
+    ref = OrtRunner(path).predict(x)
+    got = runner.predict(x)
+    assert np.abs(got - ref).max() <= 1e-3 and (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
