@@ -1,0 +1,139 @@
+"""Measure one artifact through its runner: accuracy, agreement, latency, throughput, ops.
+
+Why one path for every backend: the report compares rows against each other, so the torch
+baseline, an ONNX Runtime session and a TensorRT engine must be fed the same test images in
+the same order, timed by the same helper (``pipeline.runtime.base.benchmark``: warm-up
+excluded, fixed threads) and scored by the same ``evaluate``. Firing rates and synaptic
+operations are collected with hooks *during* the accuracy pass of torch rows (the whole
+test split, no extra pass), and never while timing.
+"""
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.report.energy import count_ops, summarize
+from pipeline.report.inventory import Artifact
+
+
+@dataclass
+class Settings:
+    """The validate config section, resolved for one run."""
+
+    batch_sizes: tuple[int, ...]
+    warmup: int
+    iterations: int
+    threads: int | None
+    num_classes: int
+    max_engine_batch: int | None = None  # TensorRT optimisation profile maximum
+
+
+def runner_predict(runner: Any, chunk: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A torch-in, torch-out ``predict`` over any runner (what ``evaluate`` consumes)."""
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        arr = x.detach().cpu().numpy().astype(np.float32, copy=False)
+        out = runner.predict_all(arr, chunk) if chunk else runner.predict(arr)
+        return torch.from_numpy(np.ascontiguousarray(out))
+    return predict
+
+
+def tile_batch(sample: np.ndarray, batch: int) -> np.ndarray:
+    """``batch`` real test inputs (repeating ``sample`` when it is shorter): timing inputs."""
+    reps = -(-batch // len(sample))
+    return np.ascontiguousarray(np.concatenate([sample] * reps)[:batch], dtype=np.float32)
+
+
+def measure_speed(runner: Any, sample: np.ndarray, settings: Settings, max_batch: int | None = None) -> dict[str, Any]:
+    """Benchmarks at every batch size: latency at the smallest, throughput at the largest.
+
+    Torch's global thread count is restored afterwards so that later accuracy passes are not
+    pinned to the timing thread count.
+    """
+    from pipeline.runtime.base import benchmark
+
+    sizes = sorted({min(b, max_batch) if max_batch else b for b in settings.batch_sizes})
+    prev = torch.get_num_threads()
+    try:
+        runs = [benchmark(runner, batch=b, warmup=settings.warmup, iters=settings.iterations,
+                          threads=settings.threads, x=tile_batch(sample, b)) for b in sizes]
+    finally:
+        torch.set_num_threads(prev)
+    lat, thr = runs[0], runs[-1]
+    return {
+        "latency": {"batch": lat["batch"], "p50_ms": lat["p50_ms"], "p95_ms": lat["p95_ms"], "mean_ms": lat["mean_ms"]},
+        "throughput": {"batch": thr["batch"], "images_per_s": thr["throughput"]},
+        "benchmarks": runs,
+    }
+
+
+def _accuracy(runner: Any, module: Any, loader: DataLoader, chunk: int | None) -> tuple[dict, dict | None, list | None]:
+    """evaluate() through the runner; for torch rows also firing rates and per-layer ops."""
+    from pipeline.training.evaluate import evaluate
+
+    predict = runner_predict(runner, chunk)
+    if module is None:
+        return evaluate(predict, loader, "cpu", progress=False), None, None
+    from pipeline.models import record_firing_rates
+
+    with record_firing_rates(module) as rates, count_ops(module) as counter:
+        res = evaluate(predict, loader, "cpu", progress=False)
+        layers = counter.layers()
+    return res, dict(rates), layers
+
+
+def measure(art: Artifact, loader: DataLoader, settings: Settings, log: Any = None) -> dict[str, Any]:
+    """One report row (without delta/agreement/gate, which need the baseline): never raises.
+
+    A skipped artifact gives a row with its status; a failure to load or run gives a row with
+    ``status = "error: ..."`` so the report still shows it and the gate can fail it.
+    """
+    row: dict[str, Any] = {
+        "artifact": art.name, "stage": art.stage, "backend": art.backend, "precision": art.precision, "T": art.T,
+        "status": art.status, "size_mb": art.size_mb, "parent": art.parent, "gate_key": art.gate,
+        "notes": list(art.notes),
+        "top1": None, "top5": None, "loss": None, "n": 0, "latency": None, "throughput": None, "benchmarks": [],
+        "firing_rates": None, "mean_firing_rate": None, "energy": None, "preds": None, "layers": None,
+    }
+    if art.status != "ok" or art.opener is None:
+        return row
+    try:
+        loaded = art.opener()
+        if loaded.T is not None:
+            row["T"] = art.T = loaded.T
+        max_batch = settings.max_engine_batch if art.backend == "tensorrt" else None
+        try:
+            res, rates, layers = _accuracy(loaded.runner, loaded.module, loader, max_batch)
+            row.update(top1=res["top1"], top5=res["top5"] if settings.num_classes > 10 else None,
+                       loss=res["loss"], n=res["n"], preds=res["preds"])
+            if rates is not None:
+                row["firing_rates"] = rates
+                row["mean_firing_rate"] = float(np.mean(list(rates.values()))) if rates else None
+            if layers is not None:
+                row["layers"] = [l.as_dict() for l in layers]
+                row["energy"] = dict(summarize(layers), source=art.name)
+            first = next(iter(loader))[0].numpy()
+            row.update(measure_speed(loaded.runner, first, settings, max_batch))
+        finally:
+            loaded.runner.close()
+    except Exception as exc:  # one broken artifact must not hide the others
+        row["status"] = f"error: {type(exc).__name__}: {exc}"
+        if log is not None:
+            log.error("[validate] %s failed: %s\n%s", art.name, exc, traceback.format_exc())
+    return row
+
+
+def inherit_energy(rows: Sequence[dict[str, Any]], sources: dict[str, str | None]) -> None:
+    """Graph rows (ONNX, engines) take the ops of the torch module they were exported from."""
+    by_name = {r["artifact"]: r for r in rows}
+    for r in rows:
+        src = sources.get(r["artifact"])
+        if r["energy"] is None and src and by_name.get(src, {}).get("energy"):
+            r["energy"] = dict(by_name[src]["energy"], source=src)
+
+
+__all__ = ["Settings", "inherit_energy", "measure", "measure_speed", "runner_predict", "tile_batch"]

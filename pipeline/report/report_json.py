@@ -1,0 +1,131 @@
+"""report.json: the machine-readable report, with a versioned schema.
+
+Why versioned: dashboards and CI compare reports across runs and releases; a reader checks
+``schema_version`` and refuses what it does not know instead of misreading a renamed field.
+Bump ``SCHEMA_VERSION`` on any change that removes or renames a field or changes its unit;
+adding an optional field keeps the version.
+
+Schema version 1 (units in the names or stated here)::
+
+    {
+      "schema_version": 1,
+      "run": str, "dataset": str, "num_classes": int, "test_images": int,
+      "created": ISO-8601 str, "pipeline_version": str, "device": str,
+      "settings": {"batch_sizes": [int], "warmup": int, "iterations": int, "threads": int|null,
+                   "gate_reference": "parent"|"baseline", "gates": {key: float points}},
+      "baseline": {"artifact": str, "top1": float|null},
+      "energy_model": {"e_mac_pj": float, "e_ac_pj": float, "convention": str},
+      "rows": [{
+          "artifact": str, "stage": str, "backend": "torch"|"onnxruntime"|"tensorrt",
+          "precision": "fp32"|"fp16"|"int8", "T": int|null,
+          "status": "ok" | "skipped: <reason>" | "error: <message>",
+          "size_mb": float|null, "n": int,                 # test images scored
+          "top1": float|null, "top5": float|null,          # percent; top5 only when classes > 10
+          "loss": float|null,
+          "delta": float|null,                             # top-1 points vs the baseline
+          "agreement": float|null,                         # percent same prediction as the baseline
+          "latency": {"batch": int, "p50_ms": float, "p95_ms": float, "mean_ms": float} | null,
+          "throughput": {"batch": int, "images_per_s": float} | null,
+          "benchmarks": [ {"batch", "p50_ms", "p95_ms", "mean_ms", "throughput", ...} ],
+          "energy": {"energy_uj": float, "energy_pj": float, "macs": float, "sops": float,
+                     "dense_macs": float, "source": str} | null,   # per image; an estimate
+          "firing_rates": {neuron: float} | null, "mean_firing_rate": float|null,
+          "parent": str|null, "notes": [str],
+          "gate": {"name": str, "max_drop": float, "reference": str, "reference_top1": float|null,
+                   "drop": float|null, "passed": bool|null} | null     # passed null: skipped row
+      }],
+      "layers": {artifact: [{"name", "kind", "spike_driven", "macs", "input_rate", "sops", "energy_pj"}]},
+      "parity": {"<stage>/<graph>": {"n", "max_abs_diff", "top1_mismatches", "min_spike_agreement",
+                                     "spike_agreement": {layer: share}, ...}},  # as unroll/export reported
+      "gates": {"passed": bool, "failed": [str]},
+      "plots": [str]                        # PNG file names next to report.json
+    }
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+SCHEMA_VERSION = 1
+
+ROW_FIELDS: dict[str, tuple[type, ...]] = {
+    "artifact": (str,), "stage": (str,), "backend": (str,), "precision": (str,), "T": (int, type(None)),
+    "status": (str,), "size_mb": (float, int, type(None)), "n": (int,), "top1": (float, int, type(None)),
+    "top5": (float, int, type(None)), "loss": (float, int, type(None)), "delta": (float, int, type(None)),
+    "agreement": (float, int, type(None)), "latency": (dict, type(None)), "throughput": (dict, type(None)),
+    "benchmarks": (list,), "energy": (dict, type(None)), "firing_rates": (dict, type(None)),
+    "mean_firing_rate": (float, int, type(None)), "parent": (str, type(None)), "notes": (list,),
+    "gate": (dict, type(None)),
+}
+TOP_FIELDS: dict[str, tuple[type, ...]] = {
+    "schema_version": (int,), "run": (str,), "dataset": (str,), "num_classes": (int,), "test_images": (int,),
+    "created": (str,), "pipeline_version": (str,), "device": (str,), "settings": (dict,), "baseline": (dict,),
+    "energy_model": (dict,), "rows": (list,), "layers": (dict,), "parity": (dict,), "gates": (dict,),
+    "plots": (list,),
+}
+GATE_FIELDS = ("name", "max_drop", "reference", "reference_top1", "drop", "passed")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+STATUS_PREFIXES = ("ok", "skipped", "error")
+
+
+def _clean_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A measured row without the in-memory parts (predictions, per-layer list)."""
+    return {k: row.get(k) for k in ROW_FIELDS}
+
+
+def build_report(rows: Sequence[Mapping[str, Any]], *, run: str, dataset: str, num_classes: int, test_images: int,
+                 created: str, pipeline_version: str, device: str, settings: Mapping[str, Any], baseline: str,
+                 energy_model: Mapping[str, Any], parity: Mapping[str, Any], failed: Sequence[str],
+                 plots: Sequence[str]) -> dict[str, Any]:
+    """The report.json document (schema version 1) from measured, gated rows."""
+    base = next((r for r in rows if r["artifact"] == baseline), None)
+    return {
+        "schema_version": SCHEMA_VERSION, "run": run, "dataset": dataset, "num_classes": int(num_classes),
+        "test_images": int(test_images), "created": created, "pipeline_version": pipeline_version, "device": device,
+        "settings": dict(settings), "baseline": {"artifact": baseline, "top1": base["top1"] if base else None},
+        "energy_model": dict(energy_model), "rows": [_clean_row(r) for r in rows],
+        "layers": {r["artifact"]: r["layers"] for r in rows if r.get("layers")},
+        "parity": dict(parity), "gates": {"passed": not failed, "failed": list(failed)}, "plots": list(plots),
+    }
+
+
+def validate_report(doc: Mapping[str, Any]) -> list[str]:
+    """Structural problems of a report.json document (empty list: valid for schema version 1)."""
+    errs: list[str] = []
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        return [f"schema_version is {doc.get('schema_version')!r}, this reader knows {SCHEMA_VERSION}"]
+    errs += _check_fields(doc, TOP_FIELDS, "report")
+    for i, row in enumerate(doc.get("rows") or []):
+        where = f"rows[{i}] ({row.get('artifact', '?') if isinstance(row, dict) else '?'})"
+        if not isinstance(row, dict):
+            errs.append(f"{where}: not an object")
+            continue
+        errs += _check_fields(row, ROW_FIELDS, where)
+        if row.get("backend") not in BACKENDS:
+            errs.append(f"{where}: backend {row.get('backend')!r} not one of {BACKENDS}")
+        status = row.get("status")
+        if isinstance(status, str) and not status.startswith(STATUS_PREFIXES):
+            errs.append(f"{where}: status {status!r} does not start with one of {STATUS_PREFIXES}")
+        if isinstance(row.get("gate"), dict):
+            missing = [k for k in GATE_FIELDS if k not in row["gate"]]
+            if missing:
+                errs.append(f"{where}: gate lacks {', '.join(missing)}")
+        lat = row.get("latency")
+        if isinstance(lat, dict) and not lat.get("p50_ms", 0) <= lat.get("p95_ms", 0):
+            errs.append(f"{where}: latency p50 > p95")
+    gates = doc.get("gates")
+    if isinstance(gates, dict) and (not isinstance(gates.get("passed"), bool) or not isinstance(gates.get("failed"), list)):
+        errs.append("gates: needs passed (bool) and failed (list)")
+    return errs
+
+
+def _check_fields(obj: Mapping[str, Any], fields: Mapping[str, tuple[type, ...]], where: str) -> list[str]:
+    errs = []
+    for key, types in fields.items():
+        if key not in obj:
+            errs.append(f"{where}: missing '{key}'")
+        elif isinstance(obj[key], bool) and bool not in types or not isinstance(obj[key], types):
+            errs.append(f"{where}: '{key}' is {type(obj[key]).__name__}, expected {'/'.join(t.__name__ for t in types)}")
+    return errs
+
+
+__all__ = ["SCHEMA_VERSION", "build_report", "validate_report"]

@@ -1,0 +1,141 @@
+"""report.md: the human-readable report, rendered from the report.json document only.
+
+Why from the document: the markdown can never say something the JSON does not, and a
+report can be re-rendered from an old report.json. One table per run, one row per artifact,
+in the spirit of ultralytics' benchmark table.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+COLUMNS = ("artifact", "backend", "precision", "T", "status", "size MB", "top-1 %", "top-5 %", "delta",
+           "agreement %", "p50 ms (b{b1})", "p95 ms (b{b1})", "img/s (b{bn})", "energy µJ/img*", "gate")
+
+
+def _f(value: Any, digits: int = 2, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _gate(row: Mapping[str, Any], baseline: str) -> str:
+    g = row.get("gate")
+    if g is None:
+        return "baseline" if row["artifact"] == baseline else "-"
+    if g["passed"] is None:
+        return f"- ({g['name']} ≤ {g['max_drop']:g})"
+    if g["drop"] is None:
+        return f"**FAIL** ({g['name']}: not measured)"
+    mark, op = ("pass", "≤") if g["passed"] else ("**FAIL**", ">")
+    return f"{mark} ({g['name']}: drop {g['drop']:.2f} {op} {g['max_drop']:g} vs {g['reference']})"
+
+
+def _row_cells(row: Mapping[str, Any], baseline: str) -> list[str]:
+    lat, thr, en = row.get("latency") or {}, row.get("throughput") or {}, row.get("energy") or {}
+    status = row["status"] if len(row["status"]) < 90 else row["status"][:87] + "..."
+    energy = _f(en.get("energy_uj"), 3) if en else "-"
+    if en and en.get("source") not in (None, row["artifact"]):
+        energy += "†"
+    name = row["artifact"] + (f" ({', '.join(row['notes'])})" if row.get("notes") else "")
+    return [name, row["backend"], row["precision"], "-" if row["T"] is None else str(row["T"]), status,
+            _f(row.get("size_mb")), _f(row.get("top1")), _f(row.get("top5")), _f(row.get("delta"), signed=True),
+            _f(row.get("agreement"), 1), _f(lat.get("p50_ms"), 3), _f(lat.get("p95_ms"), 3),
+            _f(thr.get("images_per_s"), 1), energy, _gate(row, baseline)]
+
+
+def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+    cells = [[c.replace("|", "\\|") for c in r] for r in body]
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(r) + " |" for r in cells)]
+
+
+def render(doc: Mapping[str, Any]) -> str:
+    """The markdown report for a report.json document (schema version 1)."""
+    s = doc["settings"]
+    sizes = s.get("batch_sizes") or [1]
+    header = [c.format(b1=min(sizes), bn=max(sizes)) for c in COLUMNS]
+    lines = [f"# Validation report: run `{doc['run']}`", "",
+             f"Dataset **{doc['dataset']}** ({doc['num_classes']} classes), {doc['test_images']} test images; "
+             f"device {doc['device']}; pipeline {doc['pipeline_version']}; {doc['created']}.", "",
+             f"Baseline: `{doc['baseline']['artifact']}` top-1 {_f(doc['baseline']['top1'])} %. "
+             f"Timing: warm-up {s['warmup']}, {s['iterations']} timed calls, threads {s['threads']}; latency at batch "
+             f"{min(sizes)}, throughput at batch {max(sizes)}. Gates: max top-1 drop in points vs the "
+             f"{'parent artifact' if s.get('gate_reference') == 'parent' else 'float baseline'}.", ""]
+    lines += _table(header, [_row_cells(r, doc["baseline"]["artifact"]) for r in doc["rows"]])
+    g = doc["gates"]
+    lines += ["", f"**Gates: {'all passed' if g['passed'] else 'FAILED'}**"]
+    lines += [f"- {msg}" for msg in g["failed"]]
+    em = doc["energy_model"]
+    lines += ["", f"\\* Energy per image, an **{em['convention']}**. † inherited from the torch module the "
+              f"graph was exported from (same graph, same spikes)."]
+    lines += _firing_section(doc)
+    lines += _layer_section(doc)
+    lines += _parity_section(doc.get("parity") or {})
+    if doc.get("plots"):
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in doc["plots"]]
+    return "\n".join(lines) + "\n"
+
+
+def _firing_section(doc: Mapping[str, Any]) -> list[str]:
+    """Firing rate per neuron layer (spikes per neuron per step) of every torch artifact."""
+    rows = [r for r in doc["rows"] if r.get("firing_rates")]
+    if not rows:
+        return []
+    names = list(dict.fromkeys(n for r in rows for n in r["firing_rates"]))
+    body = [[n, *(_f(r["firing_rates"].get(n), 4) for r in rows)] for n in names]
+    body.append(["**mean**", *(_f(r.get("mean_firing_rate"), 4) for r in rows)])
+    return ["", "## Firing rate per layer (torch artifacts, whole test split)", ""] + _table(
+        ["neuron layer", *(f"{r['artifact']} (T={r['T']})" for r in rows)], body)
+
+
+def _grouped(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Fold each spiking unit's attention ops (``...staa.*``) into one row; keep the rest as is."""
+    rows: dict[str, dict[str, Any]] = {}
+    for l in layers:
+        if ".staa." in l["name"]:
+            key = l["name"].split(".staa.")[0] + ".staa"
+            g = rows.setdefault(key, {"name": key, "kind": "attention", "input": "real (MAC)", "rate": "-",
+                                      "macs": 0.0, "sops": 0.0, "energy_pj": 0.0})
+        else:
+            g = rows.setdefault(l["name"], {"name": l["name"], "kind": l["kind"], "macs": 0.0, "sops": 0.0,
+                                            "energy_pj": 0.0, "rate": f"{l['input_rate']:.3f}",
+                                            "input": "spikes (AC)" if l["spike_driven"] else "real (MAC)"})
+        for k in ("macs", "sops", "energy_pj"):
+            g[k] += l[k]
+    return list(rows.values())
+
+
+def _layer_section(doc: Mapping[str, Any]) -> list[str]:
+    """Per-layer ops of the baseline: where the energy goes and which layers are spike-driven."""
+    base = doc["baseline"]["artifact"]
+    layers = doc.get("layers", {}).get(base)
+    if not layers:
+        return []
+    body = [[g["name"], g["kind"], g["input"], g["rate"], f"{g['macs'] / 1e6:.4f}", f"{g['sops'] / 1e6:.4f}",
+             f"{g['energy_pj'] / 1e6:.4f}"] for g in _grouped(layers)]
+    return ["", f"## Operations per layer: `{base}` (per image, all T steps; STAA parts summed per unit, "
+                f"every layer in report.json)", ""] + _table(
+        ["layer", "kind", "input", "input rate", "MMACs (dense)", "MSOPs", "energy µJ"], body)
+
+
+def _parity_section(parity: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Upstream parity of each unrolled/exported graph vs its source, and spike agreement per layer."""
+    if not parity:
+        return []
+    body = [[g, str(p.get("n", "-")), _g(p.get("max_abs_diff")), str(p.get("top1_mismatches", "-")),
+             _g(p.get("min_spike_agreement"))] for g, p in parity.items()]
+    lines = ["", "## Parity of unrolled and exported graphs vs their source (from the unroll and export stages)", ""]
+    lines += _table(["graph", "images", "max abs diff (logits)", "top-1 mismatches", "min spike agreement"], body)
+    per_layer = {g: p["spike_agreement"] for g, p in parity.items() if isinstance(p.get("spike_agreement"), dict)}
+    layers = list(dict.fromkeys(k for d in per_layer.values() for k in d))
+    if layers:
+        lines += ["", "Spike agreement per layer (share of identical spikes):", ""]
+        lines += _table(["layer", *per_layer], [[l, *(_g(d.get(l)) for d in per_layer.values())] for l in layers])
+    return lines
+
+
+def _g(value: Any) -> str:
+    return "-" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+__all__ = ["render"]

@@ -1,0 +1,139 @@
+"""qat: NNCF INT8 post-training quantisation of the chosen float model, then QAT fine-tuning.
+
+Outputs: ``qat.pt`` (NNCF config + state dict; ``pipeline.compress.quantize.load_qat_model``
+turns it into a module that exports as ONNX Q/DQ), ``ptq.pt`` (the calibrated start point),
+``nncf_config.json`` (where each quantiser sits, readable), metrics: float, PTQ and QAT
+accuracy side by side. Resumable: ``ptq.pt`` is reused and the fine-tune resumes from
+``qat_fit/last.pt``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from pipeline.checkpoint import CheckpointError, load_model, read_checkpoint, save_atomic
+from pipeline.compress.quantize import (QuantizeError, load_qat_model, nncf_config, qat_payload, quantize_model,
+                                        quantizer_summary, restore_on)
+from pipeline.runner import StageContext, StageError, StageResult
+from pipeline.setup import data_bundle, eval_loader, train_loader
+from pipeline.training.evaluate import agreement, evaluate
+from pipeline.training.loop import FitConfig, NonFiniteLoss, fit, seed_everything, total_steps
+from pipeline.training.losses import classification_loss
+from pipeline.training.optim import build_optimizer, warmup_cosine
+
+
+def calibration_loader(dataset: torch.utils.data.Dataset, samples: int, batch_size: int, seed: int) -> DataLoader:
+    """A fixed, seeded random subset of the training set (augmented as in training), in order."""
+    n = min(int(samples), len(dataset))
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    return DataLoader(Subset(dataset, idx), batch_size=batch_size, shuffle=False)
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, q, t = ctx.cfg, ctx.cfg["qat"], ctx.cfg["train"]
+    if not ctx.is_main:  # one process quantises and fine-tunes; other ranks wait at the runner's barrier
+        return StageResult()
+    if t["threads"]:
+        torch.set_num_threads(t["threads"])
+    seed_everything(cfg["seed"])
+    src = ctx.inputs["reduce_t"] / "chosen.pt"
+    try:
+        model, ckpt = load_model(src)
+    except CheckpointError as exc:
+        raise StageError(str(exc)) from exc
+    model.to(ctx.device)
+    mcfg, meta, T = ckpt["model_cfg"], ckpt["data_meta"], model.T
+    bundle = data_bundle(cfg, T)
+    test = eval_loader(cfg, bundle.test, cfg["data"]["limit_test"])
+    fl = evaluate(model, test, ctx.device, desc="test float")
+    ctx.log.info("float T=%d: test top-1 %.2f%%", T, fl["top1"])
+
+    ptq_file = ctx.out / "ptq.pt"
+    if ptq_file.is_file():  # an interrupted run already calibrated: reuse it (its ranges seed the QAT state)
+        ptq_ck = read_checkpoint(ptq_file)
+        qmodel, ptq = restore_on(ptq_ck, ctx.device), ptq_ck["ptq"]
+    else:
+        calib = calibration_loader(bundle.train, q["calibration_samples"], cfg["data"]["batch_size"], cfg["seed"])
+        try:
+            qmodel = quantize_model(model, calib, len(calib), q["keep_float"], q["fold_bn"], ctx.device,
+                                    bias_correction=q["bias_correction"])
+        except QuantizeError as exc:
+            raise StageError(str(exc)) from exc
+        ev = evaluate(qmodel, test, ctx.device, desc="test PTQ")
+        ptq = {"top1": ev["top1"], "agreement": agreement(ev["preds"], fl["preds"])}
+        save_atomic(qat_payload(qmodel, mcfg, meta, q["fold_bn"], ptq=ptq), ptq_file)
+    ctx.log.info("PTQ INT8: test top-1 %.2f%% (float %.2f%%)", ptq["top1"], fl["top1"])
+
+    history = []
+    if q["epochs"] > 0:
+        qmodel, history = _fine_tune(ctx, qmodel, bundle, mcfg, meta)
+    qat = evaluate(qmodel, test, ctx.device, desc="test QAT")
+    summary = quantizer_summary(qmodel)
+    if summary["neuron_internal_quantizers"]:
+        raise StageError(f"{summary['neuron_internal_quantizers']} quantisers ended up inside neurons; the ignored "
+                         f"scope no longer matches the model's NNCF op names (pipeline/compress/quantize.py)")
+    save_atomic(qat_payload(qmodel, mcfg, meta, q["fold_bn"], float_top1=fl["top1"], ptq_top1=ptq["top1"],
+                            qat_top1=qat["top1"], keep_float=list(q["keep_float"])), ctx.out / "qat.pt")
+    (ctx.out / "nncf_config.json").write_text(json.dumps(nncf_config(qmodel, plain=True), indent=1))
+    # the deployment path: the reloaded, Q/DQ-exportable module must predict what the QAT model predicts
+    exportable, _ = load_qat_model(ctx.out / "qat.pt")
+    exp = evaluate(exportable.to(ctx.device), test, ctx.device, desc="test QAT (Q/DQ module)")
+    same = agreement(exp["preds"], qat["preds"])
+    if same < 99.0:
+        raise StageError(f"the Q/DQ export module agrees with the QAT model on only {same:.2f}% of test images; "
+                         f"see pipeline/compress/qdq.py")
+    for leftover in ("ptq.pt", "qat_fit"):  # the start point and resume state are not deliverables
+        path = ctx.out / leftover
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    ctx.log.info("INT8 QAT: test top-1 %.2f%% vs float %.2f%% (delta %+.2f; PTQ %.2f%%)", qat["top1"], fl["top1"],
+                 qat["top1"] - fl["top1"], ptq["top1"])
+    return StageResult(metrics={
+        "T": T, "float_top1": fl["top1"], "ptq_top1": ptq["top1"], "qat_top1": qat["top1"], "qat_top5": qat["top5"],
+        "delta_vs_float": qat["top1"] - fl["top1"], "agreement_vs_float": agreement(qat["preds"], fl["preds"]),
+        "qdq_module_top1": exp["top1"], "qdq_module_agreement": same, "test_n": qat["n"],
+        "keep_float": list(q["keep_float"]), "fold_bn": q["fold_bn"], "bias_correction": q["bias_correction"],
+        "epochs": q["epochs"], "ptq_agreement_vs_float": ptq["agreement"],
+        "calibration_samples": min(q["calibration_samples"], len(bundle.train)), **summary, "history": history,
+        "table_md": _table(T, fl["top1"], ptq["top1"], qat["top1"]),
+    })
+
+
+def _fine_tune(ctx: StageContext, qmodel: torch.nn.Module, bundle, mcfg: dict, meta: dict):
+    """QAT epochs with the task loss; quantiser scales train with the weights (no weight decay on them)."""
+    cfg, q, t = ctx.cfg, ctx.cfg["qat"], ctx.cfg["train"]
+    loader = train_loader(cfg, bundle)
+    val = eval_loader(cfg, bundle.val) if len(bundle.val) else None
+    decay, no_decay = [], []
+    for name, p in qmodel.named_parameters():
+        if p.requires_grad:
+            (no_decay if "nncf" in name or p.dim() <= 1 else decay).append(p)
+    opt = build_optimizer([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], t, lr=q["lr"])
+    sched = warmup_cosine(opt, total_steps(loader, q["epochs"], q["max_batches"]), 0)
+    # fp32 throughout: the quantiser-scale gradients are small, and QAT is a few epochs
+    fc = FitConfig(epochs=q["epochs"], seed=cfg["seed"], device=ctx.device, amp=False, cpu_bf16=False,
+                   grad_clip=t["grad_clip"], max_batches=q["max_batches"], desc="qat")
+    fit_dir = ctx.out / "qat_fit"
+    fit_dir.mkdir(exist_ok=True)
+
+    def step_loss(m, x, y):
+        return classification_loss(m, x, y, t["loss"], t["label_smoothing"])
+
+    try:
+        state = fit(qmodel, loader, val, opt, sched, step_loss, fc, fit_dir,
+                    payload=lambda m: qat_payload(m, mcfg, meta, q["fold_bn"]))
+    except NonFiniteLoss as exc:
+        raise StageError(f"qat: {exc} (the learning rate is qat.lr)") from exc
+    qmodel.load_state_dict(read_checkpoint(fit_dir / "best.pt")["model"])
+    return qmodel.eval(), state.history
+
+
+def _table(T: int, float_top1: float, ptq_top1: float, qat_top1: float) -> str:
+    return "\n".join([
+        "| model | test top-1 | delta vs float |", "|---|---|---|",
+        f"| float T={T} | {float_top1:.2f} | 0.00 |",
+        f"| INT8 PTQ (calibration only) | {ptq_top1:.2f} | {ptq_top1 - float_top1:+.2f} |",
+        f"| INT8 QAT | {qat_top1:.2f} | {qat_top1 - float_top1:+.2f} |",
+    ])

@@ -1,0 +1,146 @@
+"""reduce_t: fine-tune the float model at fewer time steps (optionally distilling the T-step teacher).
+
+Outputs: ``t{T}.pt`` per reduced T (pipeline checkpoints: ``load_model`` rebuilds them),
+``chosen.pt`` (a copy of the checkpoint handed to qat), metrics with the accuracy table.
+Each T's fine-tune checkpoints into ``t{T}_fit/`` and resumes from there; a finished ``t{T}.pt``
+is not redone, so an interrupted run picks up where it stopped.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.checkpoint import CheckpointError, load_model, model_payload, read_checkpoint, save_atomic
+from pipeline.compress.timesteps import PairedFrames, carry_to_T, choose_T, distill_step_loss, format_table
+from pipeline.data import make_loader
+from pipeline.runner import StageContext, StageError, StageResult
+from pipeline.setup import data_bundle, eval_loader, train_loader
+from pipeline.training.evaluate import agreement, evaluate
+from pipeline.training.loop import FitConfig, NonFiniteLoss, fit, seed_everything, total_steps
+from pipeline.training.optim import build_optimizer, warmup_cosine
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, r, t = ctx.cfg, ctx.cfg["reduce_t"], ctx.cfg["train"]
+    if not ctx.is_main:  # one process does the (small) fine-tunes; other ranks wait at the runner's barrier
+        return StageResult()
+    if t["threads"]:
+        torch.set_num_threads(t["threads"])
+    seed_everything(cfg["seed"])
+    src = ctx.inputs["train"] / "best.pt"
+    try:
+        teacher, ckpt = load_model(src)
+    except CheckpointError as exc:
+        raise StageError(str(exc)) from exc
+    teacher.to(ctx.device)
+    T0 = teacher.T
+    steps = sorted({int(s) for s in r["steps"]}, reverse=True)
+    bad = [s for s in steps if not 1 <= s < T0]
+    if bad:
+        raise StageError(f"reduce_t.steps {bad} must be between 1 and model.T - 1 = {T0 - 1} (the trained T); "
+                         f"fix reduce_t.steps (e.g. --set reduce_t.steps=[{max(T0 // 2, 1)}])")
+    limit = cfg["data"]["limit_test"]
+    base_bundle = data_bundle(cfg, T0)
+    base = evaluate(teacher, eval_loader(cfg, base_bundle.test, limit), ctx.device, desc=f"test T={T0}")
+    ctx.log.info("baseline T=%d: test top-1 %.2f%% on %d images", T0, base["top1"], base["n"])
+
+    rows = []
+    for T in steps:
+        bundle = data_bundle(cfg, T) if base_bundle.is_event else base_bundle
+        rows.append(_reduce_one(ctx, teacher, ckpt, T, bundle, base_bundle, base["preds"]))
+
+    gate = float(cfg["validate"]["gates"]["reduce_t"])
+    try:
+        chosen, why = choose_T(rows, T0, base["top1"], gate, r["choose"])
+    except ValueError as exc:
+        raise StageError(str(exc)) from exc
+    chosen_src = src if chosen == T0 else ctx.out / f"t{chosen}.pt"
+    shutil.copyfile(chosen_src, ctx.out / "chosen.pt")
+    table = format_table(rows, T0, base["top1"], chosen)
+    ctx.log.info("time-step reduction (test top-1 %%):\n%s\nchosen T=%d (%s)", table, chosen, why)
+    return StageResult(metrics={
+        "T0": T0, "baseline_top1": base["top1"], "baseline_top5": base["top5"], "test_n": base["n"],
+        "pe_mode": r["pe_mode"], "distill": r["distill"], "alpha": r["alpha"] if r["distill"] else 0.0,
+        "temperature": r["temperature"], "epochs": r["epochs"], "gate": gate,
+        "chosen_T": chosen, "chosen_file": "train/best.pt" if chosen == T0 else f"t{chosen}.pt",
+        "choice_reason": why, "table": rows, "table_md": table,
+    })
+
+
+def _reduce_one(ctx: StageContext, teacher: torch.nn.Module, ckpt: dict[str, Any], T: int, bundle: Any,
+                teacher_bundle: Any, base_preds: torch.Tensor) -> dict[str, Any]:
+    """Carry the teacher to ``T``, score it, fine-tune it, score it again; write ``t{T}.pt``."""
+    cfg, r, t = ctx.cfg, ctx.cfg["reduce_t"], ctx.cfg["train"]
+    out_file = ctx.out / f"t{T}.pt"
+    if out_file.is_file():  # finished in an earlier, interrupted run of this stage
+        row = read_checkpoint(out_file).get("reduce_t")
+        if row:
+            ctx.log.info("T=%d already fine-tuned in this run (%s): reusing it", T, out_file.name)
+            return row
+    test = eval_loader(cfg, bundle.test, cfg["data"]["limit_test"])
+    student = carry_to_T(teacher, T, r["pe_mode"]).to(ctx.device)
+    before = evaluate(student, test, ctx.device, desc=f"test T={T} before")
+    ctx.log.info("T=%d before fine-tuning: test top-1 %.2f%%", T, before["top1"])
+    start = time.perf_counter()
+    fit_dir = ctx.out / f"t{T}_fit"
+    fit_dir.mkdir(exist_ok=True)
+    history: list[dict[str, Any]] = []
+    if r["epochs"] > 0:
+        student, history = _fine_tune(ctx, teacher, student, ckpt, T, bundle, teacher_bundle, fit_dir)
+    after = evaluate(student, test, ctx.device, desc=f"test T={T} after")
+    row = {"T": T, "before_top1": before["top1"], "after_top1": after["top1"], "after_top5": after["top5"],
+           "agreement": agreement(after["preds"], base_preds) if len(after["preds"]) == len(base_preds) else None,
+           "file": out_file.name, "fine_tune_s": round(time.perf_counter() - start, 1), "history": history}
+    ctx.log.info("T=%d after fine-tuning: test top-1 %.2f%% (was %.2f%%)", T, after["top1"], before["top1"])
+    save_atomic(model_payload(student, ckpt["model_cfg"], ckpt["data_meta"], reduce_t=row,
+                              pe_mode=r["pe_mode"], teacher_T=teacher.T), out_file)
+    _check_reloads(out_file, student)
+    shutil.rmtree(fit_dir, ignore_errors=True)
+    return row
+
+
+def _fine_tune(ctx: StageContext, teacher: torch.nn.Module, student: torch.nn.Module, ckpt: dict[str, Any], T: int,
+               bundle: Any, teacher_bundle: Any, fit_dir: Path) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+    """``fit`` at the new T with the task loss plus (optionally) distillation; returns the best weights."""
+    cfg, r, t = ctx.cfg, ctx.cfg["reduce_t"], ctx.cfg["train"]
+    distill = bool(r["distill"]) and r["alpha"] > 0
+    teacher_frames = 0
+    if distill and bundle.is_event:  # the teacher needs its own T-frame view of each recording
+        teacher_frames = teacher.T
+        loader = make_loader(PairedFrames(bundle.train, teacher_bundle.train), cfg["data"]["batch_size"], train=True,
+                             workers=cfg["data"]["workers"], seed=cfg["seed"])
+    else:
+        loader = train_loader(cfg, bundle)
+    val = eval_loader(cfg, bundle.val) if len(bundle.val) else None
+    opt = build_optimizer(student.parameters(), t, lr=r["lr"])  # the train recipe's optimiser, the reduce_t lr
+    sched = warmup_cosine(opt, total_steps(loader, r["epochs"], r["max_batches"]), 0)
+    step_loss = distill_step_loss(teacher if distill else None, r["alpha"], r["temperature"], t["loss"],
+                                  t["label_smoothing"], teacher_frames)
+    fc = FitConfig(epochs=r["epochs"], seed=cfg["seed"] + T, device=ctx.device, amp=t["amp"], cpu_bf16=t["cpu_bf16"],
+                   grad_clip=t["grad_clip"], max_batches=r["max_batches"], desc=f"reduce_t T={T}")
+    try:
+        state = fit(student, loader, val, opt, sched, step_loss, fc, fit_dir,
+                    payload=lambda m: model_payload(m, ckpt["model_cfg"], ckpt["data_meta"]))
+    except NonFiniteLoss as exc:
+        raise StageError(f"reduce_t T={T}: {exc} (the learning rate is reduce_t.lr)") from exc
+    best = read_checkpoint(fit_dir / "best.pt")
+    student.load_state_dict(best["model"])
+    return student.eval(), state.history
+
+
+def _check_reloads(path: Path, student: torch.nn.Module) -> None:
+    """``load_model(t{T}.pt)`` must rebuild exactly this student, or qat/unroll would fail later."""
+    try:
+        reloaded, _ = load_model(path)
+    except CheckpointError as exc:
+        raise StageError(
+            f"{path.name} does not reload with load_model ({exc}). A T-dependent layer kept its old size when "
+            f"the model was carried to T={student.T} (e.g. step attention's hidden width); the model library "
+            f"must record it in the model config. Until then pick steps that keep max(T // sa_ratio, 1) equal "
+            f"to the trained model's") from exc
+    if reloaded.T != student.T:
+        raise StageError(f"{path.name} reloads at T={reloaded.T}, expected {student.T}")

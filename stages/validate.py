@@ -1,0 +1,89 @@
+"""validate: measure every artifact of the run, gate it, write report.md, report.json and plots.
+
+The report is written before the gates are enforced: a failed gate comes back as
+``failed_gates``, the runner commits the report and then fails the run (exit code 1).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from typing import Any
+
+from pipeline import __version__
+from pipeline.artifacts import write_json_atomic
+from pipeline.report import (BASELINE, CONVENTION, E_AC_PJ, E_MAC_PJ, Settings, apply_gates, build_report, discover,
+                             inherit_energy, measure, render, upstream_parity, validate_report)
+from pipeline.report.plots import draw_all
+from pipeline.runner import StageContext, StageError, StageResult
+from pipeline.setup import data_bundle, eval_loader
+
+
+def _loaders(ctx: StageContext, limit: int | None):
+    """``loader_for(T)``: the test loader; event datasets get frames built at each model's T."""
+    cfg = ctx.cfg
+    base = data_bundle(cfg)
+    cache: dict[Any, Any] = {}
+
+    def loader_for(T: int | None):
+        key = T if base.is_event and T is not None else None
+        if key not in cache:
+            bundle = data_bundle(cfg, T) if key is not None else base
+            cache[key] = eval_loader(cfg, bundle.test, limit)
+        return cache[key]
+
+    return base, loader_for
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, v = ctx.cfg, ctx.cfg["validate"]
+    limit = v["limit_test"] if v["limit_test"] is not None else cfg["data"]["limit_test"]
+    bundle, loader_for = _loaders(ctx, limit)
+    sample = bundle.test[0][0]
+    settings = Settings(batch_sizes=tuple(v["batch_sizes"]), warmup=v["warmup"], iterations=v["iterations"],
+                        threads=v["threads"], num_classes=bundle.num_classes,
+                        max_engine_batch=cfg["build"]["max_batch"])
+    artifacts = discover(ctx.inputs, cfg["model"]["T"], ctx.device, (None, *sample.shape))
+    if not artifacts or artifacts[0].name != BASELINE or not artifacts[0].path.is_file():
+        raise StageError(f"the float baseline {BASELINE} is missing under {ctx.inputs.get('train')}; "
+                         f"re-run the train stage (python -m pipeline.stage train --force --config ...)")
+    rows = []
+    for art in artifacts:
+        ctx.log.info("[validate] %s (%s %s, T=%s)", art.name, art.backend, art.precision, art.T)
+        rows.append(measure(art, loader_for(art.T), settings, ctx.log))
+    if rows[0]["top1"] is None:
+        raise StageError(f"the float baseline {BASELINE} could not be evaluated ({rows[0]['status']}); "
+                         f"every delta and gate depends on it: fix it and re-run validate")
+    inherit_energy(rows, {a.name: a.energy_from for a in artifacts})
+    failed = apply_gates(rows, v["gates"], BASELINE, v["gate_reference"])
+
+    doc = build_report(
+        rows, run=cfg["name"], dataset=bundle.name, num_classes=bundle.num_classes, test_images=rows[0]["n"],
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), pipeline_version=__version__,
+        device=f"{ctx.device} ({platform.processor() or platform.machine()})",
+        settings={"batch_sizes": list(settings.batch_sizes), "warmup": settings.warmup,
+                  "iterations": settings.iterations, "threads": settings.threads,
+                  "gate_reference": v["gate_reference"], "gates": dict(v["gates"])},
+        baseline=BASELINE, energy_model={"e_mac_pj": E_MAC_PJ, "e_ac_pj": E_AC_PJ, "convention": CONVENTION},
+        parity=upstream_parity(ctx.inputs), failed=failed, plots=[])
+    doc["plots"] = draw_all(doc, ctx.out)
+    problems = validate_report(doc)
+    if problems:  # a bug here, not a user error: say so loudly
+        raise StageError("report.json does not match its schema: " + "; ".join(problems))
+    write_json_atomic(ctx.out / "report.json", doc)
+    md = render(doc)
+    (ctx.out / "report.md").write_text(md)
+    ctx.log.info("[validate] report written to %s\n%s", ctx.out, md.split("\n\n**Gates")[0])
+    return StageResult(metrics=_summary(doc), failed_gates=failed)
+
+
+def _summary(doc: dict[str, Any]) -> dict[str, Any]:
+    """A compact metrics.json: per-artifact headline numbers (the full detail is report.json)."""
+    rows = {}
+    for r in doc["rows"]:
+        rows[r["artifact"]] = {
+            "status": r["status"], "top1": r["top1"], "delta": r["delta"], "agreement": r["agreement"],
+            "p50_ms": (r["latency"] or {}).get("p50_ms"), "images_per_s": (r["throughput"] or {}).get("images_per_s"),
+            "energy_uj": (r["energy"] or {}).get("energy_uj"), "gate_passed": (r["gate"] or {}).get("passed"),
+        }
+    return {"schema_version": doc["schema_version"], "baseline_top1": doc["baseline"]["top1"],
+            "gates_passed": doc["gates"]["passed"], "failed_gates": doc["gates"]["failed"], "artifacts": rows}

@@ -1,0 +1,119 @@
+"""The validate stage: every artifact gets a row, gates fail the run after the report is written."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+IMPOSSIBLE = "validate.gates.qat=-100"
+
+
+def _fake_run(tmp_path, write_config):
+    """A run folder with a firing float baseline, a reduced-T copy, an unrolled module, its ONNX
+    export and a skipped build: every backend except TensorRT, no training (seconds, not minutes)."""
+    from pipeline.checkpoint import model_payload, save_atomic
+    from pipeline.config import load_config
+    from pipeline.deploy.onnx_export import export_onnx, write_metadata
+    from pipeline.deploy.testing import firing_model
+    from pipeline.deploy.unroll import FLOAT_RECIPE, UnrolledInfo, save_unrolled, unroll_float
+    from pipeline.registry import spec
+    from pipeline.runner import StageContext, run_store
+    from pipeline.setup import data_bundle, data_meta, model_config
+
+    cfg = load_config(str(write_config({"validate": {"limit_test": 16, "batch_sizes": [1, 4], "iterations": 2}})), ())
+    bundle = data_bundle(cfg)
+    mcfg, meta = model_config(cfg, bundle), data_meta(bundle)
+    x = torch.stack([bundle.test[i][0] for i in range(16)])
+    model = firing_model(mcfg, x)
+    dirs = {s: tmp_path / "up" / s for s in ("train", "reduce_t", "unroll", "export", "build")}
+    for d in dirs.values():
+        d.mkdir(parents=True)
+    save_atomic(model_payload(model, mcfg, meta), dirs["train"] / "best.pt")
+    t1 = copy.deepcopy(model).set_time_steps(1)
+    save_atomic(model_payload(t1, mcfg, meta), dirs["reduce_t"] / "t1.pt")
+    (dirs["reduce_t"] / "metrics.json").write_text(json.dumps({"chosen_T": 1}))
+    flat = unroll_float(model)
+    save_unrolled(dirs["unroll"] / "float.pt", flat, UnrolledInfo("float", 2, mcfg, meta, True, FLOAT_RECIPE))
+    parity = {"n": 32, "max_abs_diff": 1e-8, "top1_mismatches": 0, "min_spike_agreement": 1.0,
+              "spike_agreement": {"stem.sn.lif": 1.0}}
+    (dirs["unroll"] / "metrics.json").write_text(json.dumps({"T": 2, "float": {"parity": parity}}))
+    onnx_path = export_onnx(flat, (x[:2],), dirs["export"] / "model_fp32.onnx", opset=17)
+    write_metadata(onnx_path, {"T": "2", "precision": "fp32"})
+    (dirs["build"] / "manifest.json").write_text(json.dumps(
+        {"status": "skipped", "reason": "TensorRT is not installed", "metrics": {"precisions": ["fp16", "int8"]}}))
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = StageContext(cfg=cfg, spec=spec("validate"), out=out, inputs=dirs, store=run_store(cfg), device="cpu",
+                       log=logging.getLogger("test.validate"))
+    return ctx
+
+
+def test_validate_stage_rows_report_and_gates(tmp_path, write_config):
+    from pipeline.report import validate_report
+    from stages import validate
+
+    ctx = _fake_run(tmp_path, write_config)  # 16 test images, batch sizes 1 and 4
+    ctx.cfg["validate"]["gates"].update(reduce_t=-100.0, onnx_fp32=100.0)  # reduced T must fail, ONNX pass
+    result = validate.run(ctx)
+    doc = json.loads((ctx.out / "report.json").read_text())
+    assert validate_report(doc) == []
+    rows = {r["artifact"]: r for r in doc["rows"]}
+    assert list(rows) == ["train/best.pt", "reduce_t/t1.pt", "unroll/float.pt", "export/model_fp32.onnx",
+                          "build/model_fp16.engine", "build/model_int8.engine"]
+    base, onnx = rows["train/best.pt"], rows["export/model_fp32.onnx"]
+    assert base["status"] == "ok" and base["delta"] == 0 and base["agreement"] == 100
+    assert base["latency"]["p50_ms"] <= base["latency"]["p95_ms"] and base["throughput"]["batch"] == 4
+    assert base["firing_rates"] and base["energy"]["energy_uj"] > 0 and doc["layers"]["train/best.pt"]
+    assert rows["unroll/float.pt"]["agreement"] == 100  # same weights, BN folded: same predictions
+    # an untrained net sits near its thresholds: ORT's float rounding may flip a spike (and a prediction)
+    assert onnx["backend"] == "onnxruntime" and onnx["T"] == 2 and onnx["agreement"] >= 75
+    assert onnx["energy"]["source"] == "unroll/float.pt" and onnx["firing_rates"] is None
+    assert onnx["gate"]["passed"] and onnx["gate"]["reference"] == "unroll/float.pt"
+    eng = rows["build/model_int8.engine"]
+    assert eng["status"] == "skipped: TensorRT is not installed" and eng["gate"]["passed"] is None
+    assert rows["reduce_t/t1.pt"]["gate"]["passed"] is False
+    assert result.failed_gates and "reduce_t/t1.pt" in result.failed_gates[0]
+    assert doc["gates"]["passed"] is False and doc["parity"]["unroll/float"]["max_abs_diff"] == 1e-8
+    for name in ("report.md", "accuracy_vs_latency.png", "firing_rates.png", "accuracy_vs_T.png"):
+        assert (ctx.out / name).stat().st_size > 0
+    md = (ctx.out / "report.md").read_text()
+    assert "**FAIL** (reduce_t" in md and "| stem.sn.lif | 1 |" in md
+
+
+def _cli(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_gate_failure_exit_code(write_config):
+    """The real pipeline on TINY: an impossible gate writes the report, then exits 1; lifting every
+    gate re-runs only validate and exits 0."""
+    cfg = write_config()
+    res = _cli("pipeline", "run", "--config", str(cfg), "--set", IMPOSSIBLE)
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "gate failed" in res.stderr and "qat/qat.pt" in res.stderr
+    folder = cfg.parent / "artifacts" / "tiny" / "validate"
+    for name in ("report.md", "report.json", "accuracy_vs_latency.png", "firing_rates.png", "accuracy_vs_T.png"):
+        assert (folder / name).is_file(), name
+    from pipeline.report import validate_report
+
+    doc = json.loads((folder / "report.json").read_text())
+    assert validate_report(doc) == []
+    qat = next(r for r in doc["rows"] if r["artifact"] == "qat/qat.pt")
+    assert qat["gate"]["passed"] is False and doc["gates"]["passed"] is False
+    backends = {r["backend"] for r in doc["rows"] if r["status"] == "ok"}
+    assert {"torch", "onnxruntime"} <= backends
+
+    sets = [a for g in ("reduce_t", "qat", "unroll", "onnx_fp32", "onnx_int8", "engine")
+            for a in ("--set", f"validate.gates.{g}=100")]
+    res = _cli("pipeline.stage", "validate", "--config", str(cfg), *sets)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    doc = json.loads((folder / "report.json").read_text())
+    assert doc["gates"]["passed"] is True
