@@ -165,7 +165,7 @@ def _execute(cfg: dict[str, Any], s: StageSpec, store: RunStore, key: str, input
         part = store.open_partial(s.name, key)
     _barrier(world)
     part = store.partial_dir(s.name)
-    handler = _add_file_log(part / (f"stage.log" if rank == 0 else f".stage.rank{rank}.log"))
+    handler = _add_file_log(part / ("stage.log" if rank == 0 else f".stage.rank{rank}.log"))
     ctx = StageContext(cfg=cfg, spec=s, out=part, inputs=inputs, store=store, device=device,
                        log=logging.getLogger(f"pipeline.{s.name}"), rank=rank, world_size=world)
     start = time.perf_counter()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("STAA_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny test models run fastest on one thread (two spin-wait when the 2 cores are shared).
+torch.set_num_threads(1)
+
+
+def shared_data_dir() -> Path:
+    return SHARED_DATA
 
 
 def shared_file(name: str) -> Path:
@@ -20,6 +26,19 @@ def shared_file(name: str) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} is absent (the offline real-data folder; set STAA_SHARED_DATA to use another)")
     return path
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test on any attempt to open a network connection."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 # A digits run small enough for a test: width 1/8 ResNet-19 at T=2, a few batches per epoch.

@@ -2,43 +2,21 @@
 formats (DVS128 Gesture .npy, CIFAR10-DVS .aedat4), real N-MNIST events, the frame cache."""
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.conftest import shared_file
 from pipeline.data import DataError, build_datasets, events_to_frames
 from pipeline.data.frames import rebin
 from pipeline.data.transforms import EventFrameAugment, shift_frames
 
 
-def shared_data_dir() -> Path:
-    env = os.environ.get("STAA_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
 @pytest.fixture
 def nmnist_file() -> Path:
-    path = shared_data_dir() / "nmnist_small_events.npz"
-    if not path.is_file():
-        pytest.skip(f"shared data file {path} not present (set STAA_SHARED_DATA to its folder)")
-    return path
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Fail the test on any attempt to open a network connection."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args!r}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return shared_file("nmnist_small_events.npz")
 
 
 def all_files(root: Path) -> list[Path]:

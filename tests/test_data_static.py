@@ -2,40 +2,14 @@
 the validation split and the loader helper. Real data only; shared files skip when absent."""
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.conftest import shared_data_dir, shared_file  # noqa: F401
 from pipeline.data import DataBundle, DataError, build_datasets, make_loader
-
-
-def shared_data_dir() -> Path:
-    env = os.environ.get("STAA_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def shared_file(name: str) -> Path:
-    path = shared_data_dir() / name
-    if not path.is_file():
-        pytest.skip(f"shared data file {path} not present (set STAA_SHARED_DATA to its folder)")
-    return path
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Fail the test on any attempt to open a network connection."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args!r}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 DIGITS = {"dataset": "digits", "image_size": 16, "val_fraction": 0.1, "augment": {"crop_padding": 1}}

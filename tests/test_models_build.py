@@ -11,15 +11,6 @@ from pipeline.models.resnet import scale_channels
 STAA_OFF = {"pe": False, "gc": False, "sa": False, "tsrd": False}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (two spin-wait on a shared 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cfg(**kw) -> dict:
     base = {"arch": "resnet19", "num_classes": 10, "in_channels": 3, "width": 0.125, "T": 2}
     base.update(kw)

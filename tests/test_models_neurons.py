@@ -12,15 +12,6 @@ from pipeline.models.staa import PositionEncoding, StepAttention, resample_time
 from pipeline.models.surrogate import spike
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (two spin-wait on a shared 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cfg(**kw) -> dict:
     base = {"arch": "resnet19", "num_classes": 10, "in_channels": 3, "width": 0.125, "T": 4}
     base.update(kw)
