@@ -26,7 +26,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("train", (), ("seed", "data", "model", "train"),
               ("best.pt", "last.pt", "metrics.json", "tb/"),
               "train the float STAA-SNN at model.T time steps"),
-    StageSpec("reduce_t", ("train",), ("reduce_t",),
+    StageSpec("reduce_t", ("train",), ("reduce_t", "validate.gates.reduce_t"),
               ("t{T}.pt for each T in reduce_t.steps", "metrics.json"),
               "fine-tune at fewer time steps, optionally distilling from the T-step teacher"),
     StageSpec("qat", ("train", "reduce_t"), ("qat",),
