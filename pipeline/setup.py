@@ -1,12 +1,15 @@
 """Glue the stages share: datasets, loaders and model configs built from one run config."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pipeline.data import DataBundle, build_datasets, make_loader
+
+if TYPE_CHECKING:
+    from pipeline.runner import StageContext
 
 
 def data_bundle(cfg: Mapping[str, Any], T: int | None = None) -> DataBundle:
@@ -43,3 +46,20 @@ def eval_loader(cfg: Mapping[str, Any], dataset: torch.utils.data.Dataset, limit
         dataset = torch.utils.data.Subset(dataset, range(limit))
     d = cfg["data"]
     return make_loader(dataset, d["eval_batch_size"], train=False, workers=d["workers"], seed=cfg["seed"])
+
+
+def load_upstream_model(ctx: "StageContext", stage: str, file: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The common start of a fine-tuning stage: fix threads and seed, then load ``<stage>/<file>``
+    onto the stage's device; a damaged or foreign checkpoint becomes a StageError that names it."""
+    from pipeline.checkpoint import CheckpointError, load_model
+    from pipeline.runner import StageError
+    from pipeline.training.loop import seed_everything
+
+    if ctx.cfg["train"]["threads"]:
+        torch.set_num_threads(ctx.cfg["train"]["threads"])
+    seed_everything(ctx.cfg["seed"])
+    try:
+        model, ckpt = load_model(ctx.inputs[stage] / file)
+    except CheckpointError as exc:
+        raise StageError(str(exc)) from exc
+    return model.to(ctx.device), ckpt

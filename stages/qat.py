@@ -14,13 +14,13 @@ import shutil
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from pipeline.checkpoint import CheckpointError, load_model, read_checkpoint, save_atomic
+from pipeline.checkpoint import read_checkpoint, save_atomic
 from pipeline.compress.quantize import (QuantizeError, load_qat_model, nncf_config, qat_payload, quantize_model,
                                         quantizer_summary, restore_on)
 from pipeline.runner import StageContext, StageError, StageResult
-from pipeline.setup import data_bundle, eval_loader, train_loader
+from pipeline.setup import data_bundle, eval_loader, load_upstream_model, train_loader
 from pipeline.training.evaluate import agreement, evaluate
-from pipeline.training.loop import FitConfig, NonFiniteLoss, fit, seed_everything, total_steps
+from pipeline.training.loop import FitConfig, NonFiniteLoss, fit, total_steps
 from pipeline.training.losses import classification_loss
 from pipeline.training.optim import build_optimizer, warmup_cosine
 
@@ -36,15 +36,7 @@ def run(ctx: StageContext) -> StageResult:
     cfg, q, t = ctx.cfg, ctx.cfg["qat"], ctx.cfg["train"]
     if not ctx.is_main:  # one process quantises and fine-tunes; other ranks wait at the runner's barrier
         return StageResult()
-    if t["threads"]:
-        torch.set_num_threads(t["threads"])
-    seed_everything(cfg["seed"])
-    src = ctx.inputs["reduce_t"] / "chosen.pt"
-    try:
-        model, ckpt = load_model(src)
-    except CheckpointError as exc:
-        raise StageError(str(exc)) from exc
-    model.to(ctx.device)
+    model, ckpt = load_upstream_model(ctx, "reduce_t", "chosen.pt")
     mcfg, meta, T = ckpt["model_cfg"], ckpt["data_meta"], model.T
     bundle = data_bundle(cfg, T)
     test = eval_loader(cfg, bundle.test, cfg["data"]["limit_test"])

@@ -18,25 +18,18 @@ from pipeline.checkpoint import CheckpointError, load_model, model_payload, read
 from pipeline.compress.timesteps import PairedFrames, carry_to_T, choose_T, distill_step_loss, format_table
 from pipeline.data import make_loader
 from pipeline.runner import StageContext, StageError, StageResult
-from pipeline.setup import data_bundle, eval_loader, train_loader
+from pipeline.setup import load_upstream_model, data_bundle, eval_loader, train_loader
 from pipeline.training.evaluate import agreement, evaluate
-from pipeline.training.loop import FitConfig, NonFiniteLoss, fit, seed_everything, total_steps
+from pipeline.training.loop import FitConfig, NonFiniteLoss, fit, total_steps
 from pipeline.training.optim import build_optimizer, warmup_cosine
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg, r, t = ctx.cfg, ctx.cfg["reduce_t"], ctx.cfg["train"]
+    cfg, r = ctx.cfg, ctx.cfg["reduce_t"]
     if not ctx.is_main:  # one process does the (small) fine-tunes; other ranks wait at the runner's barrier
         return StageResult()
-    if t["threads"]:
-        torch.set_num_threads(t["threads"])
-    seed_everything(cfg["seed"])
     src = ctx.inputs["train"] / "best.pt"
-    try:
-        teacher, ckpt = load_model(src)
-    except CheckpointError as exc:
-        raise StageError(str(exc)) from exc
-    teacher.to(ctx.device)
+    teacher, ckpt = load_upstream_model(ctx, "train", "best.pt")
     T0 = teacher.T
     steps = sorted({int(s) for s in r["steps"]}, reverse=True)
     bad = [s for s in steps if not 1 <= s < T0]
