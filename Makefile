@@ -1,13 +1,21 @@
 # STAA-SNN deployment pipeline. Stage targets are generated from the stage registry
 # (pipeline/registry.py): `make train CONFIG=configs/cifar10.yaml` runs one stage.
+# SET holds --set overrides separated by spaces; a value may contain spaces:
+#   make train SET="train.epochs=5 data.batch_size=64"    make all SET='reduce_t.steps=[2, 1]'
 PYTHON ?= .venv/bin/python
 CONFIG ?= configs/default.yaml
 SET ?=
-# tcmalloc makes CPU training about 1.6x faster (DESIGN.md §5); used when installed.
+# tcmalloc makes CPU training about 1.6x faster (docs/architecture.md §5); used when installed.
 TCMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4))
 RUN := $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC)) $(PYTHON)
+# the stage names, read from the registry (plain Python: works before the venv exists)
+STAGES := $(shell $(firstword $(wildcard $(PYTHON)) python3) -c 'from pipeline.registry import NAMES; print(*NAMES)' 2>/dev/null)
+ifeq ($(strip $(STAGES)),)
+$(warning could not read the stage names from pipeline/registry.py; using the default list)
 STAGES := train reduce_t qat unroll export build validate
-SETFLAGS := $(foreach s,$(SET),--set $(s))
+endif
+# SET goes to the CLI whole, single-quoted for the shell; the CLI splits it before each KEY=
+SETFLAGS = $(if $(strip $(SET)),--sets '$(subst ','\'',$(SET))')
 
 .PHONY: install test test-fast all status clean bench $(STAGES)
 
@@ -29,10 +37,10 @@ all: install
 	$(RUN) -m pipeline run --config $(CONFIG) $(SETFLAGS)
 
 status: install
-	$(PYTHON) -m pipeline status --config $(CONFIG)
+	$(PYTHON) -m pipeline status --config $(CONFIG) $(SETFLAGS)
 
 clean:
-	$(PYTHON) -m pipeline clean --config $(CONFIG)
+	$(PYTHON) -m pipeline clean --config $(CONFIG) $(SETFLAGS)
 
 $(STAGES): install
 	$(RUN) -m pipeline.stage $@ --config $(CONFIG) $(SETFLAGS)

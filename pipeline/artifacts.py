@@ -59,7 +59,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 class Manifest:
     stage: str
     key: str
-    status: str  # "done" or "skipped" (e.g. no TensorRT here: the reason says why)
+    status: str  # "done", "skipped" (e.g. no TensorRT here: the reason says why) or "failed" (gates failed)
     outputs: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     upstream: dict[str, str] = field(default_factory=dict)  # stage -> key
     config_hash: str = ""
@@ -69,6 +69,7 @@ class Manifest:
     device: str = ""
     wall_time_s: float = 0.0
     finished_at: str = ""
+    failed_gates: list[str] = field(default_factory=list)  # a failed verdict, repeated until the key changes
     version: int = MANIFEST_VERSION
 
     @classmethod
@@ -126,13 +127,14 @@ class RunStore:
         return bad
 
     def state(self, stage: str, key: str) -> str:
-        """``done`` (fresh), ``stale`` (key changed or outputs corrupted) or ``missing``."""
+        """``done`` (fresh), ``failed`` (fresh, but its gates failed: the verdict stands until the
+        key changes), ``stale`` (key changed or outputs corrupted) or ``missing``."""
         man = self.manifest(stage)
         if man is None:
             return "missing"
         if man.key != key or self.verify(stage):
             return "stale"
-        return "done"
+        return "failed" if man.status == "failed" else "done"
 
     def open_partial(self, stage: str, key: str) -> Path:
         """A scratch folder for a stage run; kept across crashes so training can resume.
@@ -171,37 +173,91 @@ class RunStore:
     def lock(self) -> "RunLock":
         return RunLock(self.root / ".lock", self.name)
 
+    def lock_holder(self) -> int | None:
+        """The pid of a live process holding this run's lock (a run in progress), else None."""
+        return RunLock(self.root / ".lock", self.name).holder()
+
 
 class RunLock:
-    """An exclusive, non-blocking lock per run folder (flock: released if the process dies)."""
+    """An exclusive, non-blocking lock per run folder (flock: released if the process dies).
+
+    The lock file exists only while held: it is unlinked (still locked) on release, and a run
+    folder this lock created is removed again if nothing else was written into it, so a call
+    that fails early leaves nothing behind. A process that locked a file unlinked meanwhile
+    retries on the new one, so two holders can never coexist.
+    """
 
     def __init__(self, path: Path, name: str) -> None:
         self.path = path
         self.name = name
         self._fd: int | None = None
+        self._made: list[Path] = []  # folders this lock created, innermost first
 
     def __enter__(self) -> "RunLock":
+        self._made = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise ArtifactError(
-                f"another pipeline run of config '{self.name}' is in progress (pid {holder}); "
-                f"wait for it to finish, or stop it: its lock is {self.path}"
-            ) from None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                self._remove_made()
+                raise ArtifactError(
+                    f"another pipeline run of config '{self.name}' is in progress (pid {holder}); "
+                    f"wait for it to finish, or stop it: its lock is {self.path}"
+                ) from None
+            if self._same_file(fd):
+                break
+            os.close(fd)  # the previous holder unlinked it between our open and flock: retry
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
         return self
 
+    def _same_file(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
+            try:
+                os.unlink(self.path)  # while still held: a waiting opener sees a stale inode and retries
+            except FileNotFoundError:
+                pass
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+        self._remove_made()
+
+    def _remove_made(self) -> None:
+        """Remove the folders this lock created, innermost first, where they are still empty."""
+        for folder in self._made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._made = []
+
+    def holder(self) -> int | None:
+        """The pid written in the lock file, if that process is alive and the lock is held."""
+        try:
+            text = self.path.read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not text.isdigit():
+            return None
+        pid = int(text)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, another user's
+        return pid
 
 
 def iter_files(folder: Path, pattern: str = "*") -> Iterator[Path]:

@@ -1,35 +1,62 @@
-"""Command-line entry points; both `python -m pipeline` and `python -m pipeline.stage` land here.
+"""Command-line entry points: ``python -m pipeline``, ``python -m pipeline.stage`` and ``staa-pipeline``.
 
-Exit codes: 0 success, 1 a stage failed or a gate failed, 2 bad usage or config (nothing written).
+Exit codes: 0 success, 1 a stage failed or a gate failed, 2 bad usage, config or data (the
+message says what to fix; nothing is left behind).
 """
 from __future__ import annotations
 
-import logging
+import json
+import re
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import click
+import yaml
 
-from pipeline.artifacts import ArtifactError
-from pipeline.config import ConfigError, load_config
-from pipeline.registry import NAMES, spec
-from pipeline.runner import GateFailed, StageError, clean, run_all, run_stage, stage_states
+from pipeline import __version__
+from pipeline.artifacts import ArtifactError, Manifest
+from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config, resolved_yaml
+from pipeline.console import setup_logging
+from pipeline.registry import NAMES, STAGES, spec
+from pipeline.runner import (GateFailed, StageError, clean, run_all, run_stage, run_store, stage_key,
+                             stage_states)
+
+CONFIGS_DIR = DEFAULT_CONFIG.parent
+# a new override inside a --sets string starts at a token shaped like "key.path="
+_OVERRIDE_START = re.compile(r"^[A-Za-z_][\w.\-]*=")
 
 config_option = click.option("--config", "config_path", default=None, metavar="FILE",
                              help="YAML config (default: configs/default.yaml, the embedded digits run)")
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
                           help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+sets_option = click.option("--sets", "set_string", default="", metavar="'K=V K=V'",
+                           help="several overrides in one string, split before each KEY= "
+                                "(how the Makefile passes SET; a value may hold spaces: 'reduce_t.steps=[2, 1]')")
+verbose_option = click.option("-v", "--verbose", is_flag=True,
+                              help="show DEBUG and third-party INFO lines on the console too")
+version_option = click.version_option(__version__, "--version", prog_name="staa-pipeline")
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
-    for noisy in ("nncf", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def split_set_string(text: str) -> list[str]:
+    """``"a=1 b.c=[2, 1]"`` -> ``["a=1", "b.c=[2, 1]"]``: tokens that do not start a key join the previous one."""
+    out: list[str] = []
+    for token in text.split():
+        if out and not _OVERRIDE_START.match(token):
+            out[-1] += " " + token
+        else:
+            out.append(token)
+    return out
+
+
+def _data_error_type() -> type[BaseException] | None:
+    """DataError, if the data package was imported (it imports torch: the CLI itself does not)."""
+    mod = sys.modules.get("pipeline.data.errors")
+    return getattr(mod, "DataError", None)
 
 
 def _guard(fn: Callable[[], None]) -> None:
-    """Turn the pipeline's own errors into one clear line and an exit code."""
+    """Turn the pipeline's own errors into one clear message and an exit code (no traceback)."""
     try:
         fn()
     except ConfigError as exc:
@@ -44,77 +71,237 @@ def _guard(fn: Callable[[], None]) -> None:
     except ImportError as exc:  # a missing optional dependency
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    except Exception as exc:
+        data_error = _data_error_type()
+        if data_error is not None and isinstance(exc, data_error):
+            click.echo(f"data error: {exc}", err=True)
+            sys.exit(2)
+        raise
 
 
-def _load(config_path: str | None, overrides: tuple[str, ...]) -> dict:
-    return load_config(config_path, overrides)
+def _verbose(verbose: bool) -> bool:
+    """-v given here or before the sub-command (``python -m pipeline -v run``)."""
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    return verbose or bool(root is not None and root.params.get("verbose"))
 
 
-@click.group(help="STAA-SNN pipeline: run all stages, show their status, or clean a run.")
-@click.option("-v", "--verbose", is_flag=True)
+def _load(config_path: str | None, overrides: tuple[str, ...], set_string: str = "") -> dict:
+    return load_config(config_path, (*split_set_string(set_string), *overrides))
+
+
+@click.group(help="STAA-SNN pipeline: run the stages, show their status, list what exists, clean a run.",
+             context_settings={"help_option_names": ["-h", "--help"]})
+@verbose_option
+@version_option
 def main(verbose: bool) -> None:
-    _setup_logging(verbose)
+    setup_logging(verbose)
 
 
 @main.command("run", help="Run every stage in order; fresh stages are skipped.")
 @config_option
 @set_option
-@click.option("--force", multiple=True, metavar="STAGE", help="re-run this stage even if fresh ('all' for every stage)")
+@sets_option
+@click.option("--force", multiple=True, type=click.Choice((*NAMES, "all")), metavar="STAGE",
+              help="re-run this stage even if fresh ('all' for every stage; repeatable)")
 @click.option("--until", type=click.Choice(NAMES), default=None, help="stop after this stage")
-def run_cmd(config_path: str | None, overrides: tuple[str, ...], force: tuple[str, ...], until: str | None) -> None:
+@verbose_option
+def run_cmd(config_path: str | None, overrides: tuple[str, ...], set_string: str, force: tuple[str, ...],
+            until: str | None, verbose: bool) -> None:
+    setup_logging(_verbose(verbose))
+
     def go() -> None:
-        cfg = _load(config_path, overrides)
-        outcomes = run_all(cfg, force=force, until=until)
+        cfg = _load(config_path, overrides, set_string)
+        try:
+            outcomes = run_all(cfg, force=force, until=until)
+        except GateFailed:
+            _where_are_my_results(cfg, err=True)  # a failed gate still leaves a report to read
+            raise
         ran = [n for n, o in outcomes.items() if o != "cached"]
         if not ran:
             click.echo(f"run '{cfg['name']}': every stage is up to date; nothing to do")
         else:
             click.echo(f"run '{cfg['name']}': " + ", ".join(f"{n} {o}" for n, o in outcomes.items()))
+        _where_are_my_results(cfg)
     _guard(go)
 
 
-@main.command("status", help="List each stage as done, stale or missing, with its key and time.")
+@main.command("status", help="Each stage as done, skipped, failed, running, stale or missing, with a note.")
 @config_option
 @set_option
-def status_cmd(config_path: str | None, overrides: tuple[str, ...]) -> None:
+@sets_option
+@verbose_option
+def status_cmd(config_path: str | None, overrides: tuple[str, ...], set_string: str, verbose: bool) -> None:
+    setup_logging(_verbose(verbose))
+
     def go() -> None:
-        cfg = _load(config_path, overrides)
-        click.echo(f"run '{cfg['name']}'")
+        cfg = _load(config_path, overrides, set_string)
+        store = run_store(cfg)
+        holder = store.lock_holder()
+        busy = f" (a run is in progress: pid {holder})" if holder else ""
+        click.echo(f"run '{cfg['name']}' in {store.root}{busy}")
         click.echo(f"{'stage':<10} {'state':<8} {'key':<17} {'finished':<25} {'wall s':>8}  note")
         for name, state, key, man in stage_states(cfg):
+            partial = store.partial_dir(name).exists()
+            shown = _display_state(state, man, running=bool(holder) and partial)
             when = man.finished_at if man else "-"
             wall = f"{man.wall_time_s:.1f}" if man else "-"
-            note = f"skipped: {man.reason}" if man and man.status == "skipped" else ""
-            click.echo(f"{name:<10} {state:<8} {key:<17} {when:<25} {wall:>8}  {note}")
+            note = _status_note(man, state=shown, partial=partial)
+            click.echo(f"{name:<10} {shown:<8} {key:<17} {when:<25} {wall:>8}  {note}".rstrip())
     _guard(go)
+
+
+def _display_state(state: str, man: Manifest | None, running: bool) -> str:
+    """The store's state, refined: ``running`` (its partial folder is being written by a live run)
+    and ``skipped`` (fresh, but recorded as not done here, e.g. no TensorRT)."""
+    if running:
+        return "running"
+    if state == "done" and man is not None and man.status == "skipped":
+        return "skipped"
+    return state
+
+
+def _status_note(man: Manifest | None, width: int = 60, state: str = "", partial: bool = False) -> str:
+    """One short line: why a stage was skipped, which gate failed, or what a kept partial folder means
+    (the full text is in the stage folder's manifest.json and report)."""
+    if state == "running":
+        text = "being written now (see its stage.log)"
+    elif man is not None and man.status == "skipped" and state in ("skipped", "done"):
+        text = "skipped: " + re.split(r"[;:.]\s", man.reason, maxsplit=1)[0]
+    elif man is not None and man.status == "failed":
+        first = man.failed_gates[0] if man.failed_gates else "?"
+        text = f"{len(man.failed_gates)} gate(s) failed: {first}"
+    elif partial and state in ("missing", "stale"):
+        text = "an interrupted run is kept; the next run resumes it"
+    elif state == "stale" and man is not None:
+        text = "config or upstream changed: re-runs on the next run"
+    else:
+        return ""
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 @main.command("clean", help="Delete a run's stage folders (all, or the named stages).")
 @config_option
 @set_option
+@sets_option
 @click.argument("stages", nargs=-1, type=click.Choice(NAMES))
-def clean_cmd(config_path: str | None, overrides: tuple[str, ...], stages: tuple[str, ...]) -> None:
+@verbose_option
+def clean_cmd(config_path: str | None, overrides: tuple[str, ...], set_string: str, stages: tuple[str, ...],
+              verbose: bool) -> None:
+    setup_logging(_verbose(verbose))
+
     def go() -> None:
-        cfg = _load(config_path, overrides)
-        removed = clean(cfg, stages or None)
-        click.echo(f"removed: {', '.join(removed) if removed else 'nothing'}")
+        cfg = _load(config_path, overrides, set_string)
+        removed = ", ".join(clean(cfg, stages or None)) or "nothing"
+        click.echo(f"run '{cfg['name']}' in {run_store(cfg).root}: removed {removed}")
     _guard(go)
 
 
-@click.command(help="Run one stage, reusing the cached upstream artifacts. Stages: " + ", ".join(NAMES))
+@main.command("list", help="The stages (what each does and makes) and the shipped configs (dataset, model).")
+@click.option("--names", is_flag=True, help="stage names only, one per line (for scripts and the Makefile)")
+@verbose_option
+def list_cmd(names: bool, verbose: bool) -> None:
+    if names:
+        click.echo("\n".join(NAMES))
+        return
+    click.echo("stages (in order; python -m pipeline stage NAME --config F):")
+    for s in STAGES:
+        click.echo(f"  {s.name:<9} {s.help}")
+        click.echo(f"  {'':<9} makes {', '.join(s.produces)}" + (f"; reads {', '.join(s.needs)}" if s.needs else ""))
+    click.echo(f"configs ({CONFIGS_DIR}; python -m pipeline run --config configs/NAME.yaml):")
+    for path in sorted(CONFIGS_DIR.glob("*.yaml")):
+        click.echo(f"  {path.name:<20} {_config_line(path)}")
+
+
+def _config_line(path: Path) -> str:
+    """``dataset, model arch width T`` of one config file, or why it does not load."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        cfg = load_config(path)
+    except (ConfigError, yaml.YAMLError) as exc:
+        return f"(does not load: {str(exc).splitlines()[0]})"
+    if "dataset" not in (raw.get("data") or {}) and "extends" not in raw:
+        return "(a base that other configs extend)"
+    d, m = cfg["data"], cfg["model"]
+    where = d.get("train_file") or d.get("root") or ("built in (scikit-learn)" if d["dataset"] == "digits" else "-")
+    return f"{d['dataset']:<10} {m['arch']} width {m['width']:g}, T={m['T']}  data: {where}"
+
+
+@main.command("config", help="Print the resolved config (defaults, extends and --set applied) as YAML.")
+@config_option
+@set_option
+@sets_option
+@verbose_option
+def config_cmd(config_path: str | None, overrides: tuple[str, ...], set_string: str, verbose: bool) -> None:
+    _guard(lambda: click.echo(resolved_yaml(_load(config_path, overrides, set_string)), nl=False))
+
+
+@click.command(help="Run one stage, reusing the cached upstream artifacts. Stages: " + ", ".join(NAMES),
+               context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("name", type=click.Choice(NAMES))
 @config_option
 @set_option
+@sets_option
 @click.option("--force", is_flag=True, help="re-run even if the stage is fresh")
-@click.option("-v", "--verbose", is_flag=True)
-def stage_main(name: str, config_path: str | None, overrides: tuple[str, ...], force: bool, verbose: bool) -> None:
-    _setup_logging(verbose)
+@verbose_option
+@version_option
+def stage_main(name: str, config_path: str | None, overrides: tuple[str, ...], set_string: str, force: bool,
+               verbose: bool) -> None:
+    setup_logging(_verbose(verbose))
 
     def go() -> None:
-        cfg = _load(config_path, overrides)
-        outcome = run_stage(cfg, name, force=force)
+        cfg = _load(config_path, overrides, set_string)
+        try:
+            outcome = run_stage(cfg, name, force=force)
+        except GateFailed:
+            if name == "validate":
+                _where_are_my_results(cfg, err=True)
+            raise
         if outcome == "cached":
             click.echo(f"{name}: up to date for run '{cfg['name']}'; nothing to do (use --force to re-run)")
         else:
-            click.echo(f"{name}: {outcome} -> {spec(name).name} of run '{cfg['name']}'")
+            click.echo(f"{name}: {outcome} -> {run_store(cfg).stage_dir(spec(name).name)}")
+        if name == "validate":
+            _where_are_my_results(cfg)
     _guard(go)
+
+
+main.add_command(stage_main, "stage")
+
+
+def best_shipping_row(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The fastest (p50 at the latency batch) deployable row whose gates all passed, or None."""
+    def passed(row: dict[str, Any]) -> bool:
+        gates = [g for g in (row.get("gate"), row.get("total_gate")) if g is not None]
+        return bool(gates) and all(g.get("passed") is True for g in gates)
+
+    ok = [r for r in report.get("rows", []) if r.get("ships") and r.get("status") == "ok" and passed(r)
+          and (r.get("latency") or {}).get("p50_ms") is not None]
+    return min(ok, key=lambda r: r["latency"]["p50_ms"]) if ok else None
+
+
+def _where_are_my_results(cfg: dict[str, Any], err: bool = False) -> None:
+    """The committed report, the best artifact that passed its gates, and what to do next."""
+    store = run_store(cfg)
+    report_json = store.stage_dir("validate") / "report.json"
+    if store.state("validate", stage_key(cfg, spec("validate"), store)) not in ("done", "failed"):
+        return  # no report for this config (an older one may lie there: say nothing rather than mislead)
+    try:
+        report = json.loads(report_json.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    lines = [f"report: {report_json.with_name('report.md')}"]
+    best = best_shipping_row(report)
+    if best is None:
+        lines.append("best artifact: none of the deployable graphs passed all its gates (see the report)")
+    else:
+        lat, top1 = best["latency"], best.get("top1")
+        lines.append(f"best artifact: {best['artifact']} ({best['backend']} {best['precision']}, T={best['T']}): "
+                     f"top-1 {top1:.2f}%, delta {best.get('delta') or 0:+.2f} vs float, "
+                     f"p50 {lat['p50_ms']:.2f} ms at batch {lat['batch']}")
+    bundle = store.stage_dir("build")
+    if bundle.is_dir():
+        lines += [f"device bundle: {bundle}/ (copy it to the Jetson; JETSON.md says how to build and time the engines)",
+                  f"try it here:   python -m pipeline.runtime predict {bundle / 'model_fp32.onnx'} "
+                  f"--samples {bundle / 'sample_inputs.npz'}"]
+    click.echo("\n".join(lines), err=err)

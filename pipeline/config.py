@@ -11,6 +11,10 @@ import copy
 import difflib
 import hashlib
 import json
+import os
+import shlex
+import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -186,6 +190,9 @@ def _check_semantics(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {d['val_fraction']}")
     if d["batch_size"] < 1:
         raise ConfigError(f"data.batch_size: must be >= 1, got {d['batch_size']}")
+    if d["workers"] < -1 or (d["prefetch"] is not None and d["prefetch"] < 1):
+        raise ConfigError(f"data.workers must be >= 0 (or -1: one per CPU core, at most 8) and data.prefetch >= 1; "
+                          f"got workers {d['workers']}, prefetch {d['prefetch']}")
     bad = [t for t in cfg["reduce_t"]["steps"] if not 1 <= t < m["T"]]
     if bad:
         raise ConfigError(f"reduce_t.steps: {bad} must be between 1 and model.T-1 ({m['T'] - 1})")
@@ -204,8 +211,81 @@ def get(cfg: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
+# Settings that change how fast a stage runs, not what it computes: left out of every cache key, so
+# that e.g. more DataLoader workers on a GPU box do not invalidate a partial training run.
+SPEED_ONLY_KEYS: tuple[str, ...] = ("data.workers", "data.prefetch", "train.compile", "train.channels_last")
+
+
+def _drop_speed_only(part: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a ``{selected key: value}`` slice without the :data:`SPEED_ONLY_KEYS` under it."""
+    out = copy.deepcopy(part)
+    for dotted in SPEED_ONLY_KEYS:
+        for sel in out:
+            if not dotted.startswith(sel + "."):
+                continue
+            node = out[sel]
+            *parents, leaf = dotted[len(sel) + 1:].split(".")
+            for k in parents:
+                node = node.get(k) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(leaf, None)
+    return out
+
+
 def slice_hash(cfg: Mapping[str, Any], keys: Iterable[str]) -> str:
-    """sha256 of the config values a stage reads: the part of its cache key that the config owns."""
-    part = {k: get(cfg, k) for k in sorted(keys)}
+    """sha256 of the config values a stage reads (less :data:`SPEED_ONLY_KEYS`): the part of its
+    cache key that the config owns."""
+    part = _drop_speed_only({k: get(cfg, k) for k in sorted(keys)})
     blob = json.dumps(part, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+RUN_CONFIG = "config.yaml"
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for sections, ``[1, 32]`` for lists of scalars: reads like the shipped configs."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(not isinstance(v, (dict, list)) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _represent_list)
+
+
+def resolved_yaml(cfg: Mapping[str, Any]) -> str:
+    """The config as it runs (defaults, ``extends`` and ``--set`` applied), loadable with ``--config``."""
+    plain = {k: v for k, v in cfg.items() if not str(k).startswith("_")}
+    return yaml.dump(plain, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """This process's command as a user would type it (``python -m pipeline.stage train ...``)."""
+    argv = list(sys.argv if argv is None else argv)
+    prog = Path(argv[0]) if argv else Path("python")
+    if prog.parent.name == "pipeline" and prog.name in ("__main__.py", "stage.py"):
+        head = "python -m pipeline" + (".stage" if prog.name == "stage.py" else "")
+    else:
+        head = prog.name
+    return " ".join([head, *(shlex.quote(a) for a in argv[1:])])
+
+
+def write_run_config(cfg: Mapping[str, Any], folder: Path, stage: str) -> Path:
+    """Write ``folder/config.yaml``: the resolved config, with the command and time as comments.
+
+    Why: a manifest holds only a hash of its config slice; this file says exactly what ran, and
+    ``--config`` reads it back as it is.
+    """
+    path = Path(folder) / RUN_CONFIG
+    header = (f"# resolved config of run '{cfg.get('name')}' (defaults, extends and --set applied)\n"
+              f"# written when stage '{stage}' ran, {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n"
+              f"# command: {command_line()}\n"
+              f"# cwd: {Path.cwd()}\n"
+              f"# from: {cfg.get('_source', '?')}\n"
+              f"# run it again: python -m pipeline run --config {path}\n")
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(header + resolved_yaml(cfg))
+    os.replace(tmp, path)
+    return path

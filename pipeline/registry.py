@@ -16,6 +16,8 @@ class StageSpec:
     config_keys: tuple[str, ...]  # config sections in this stage's cache key (upstream keys chain in)
     produces: tuple[str, ...]  # the main files, for docs and status
     help: str
+    # may run as several processes (torchrun, WORLD_SIZE > 1); the runner refuses the others before any work
+    distributed: bool = False
 
     @property
     def module(self) -> str:
@@ -25,7 +27,7 @@ class StageSpec:
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("train", (), ("seed", "data", "model", "train"),
               ("best.pt", "last.pt", "metrics.json", "tb/"),
-              "train the float STAA-SNN at model.T time steps"),
+              "train the float STAA-SNN at model.T time steps", distributed=True),
     StageSpec("reduce_t", ("train",), ("reduce_t", "validate.gates.reduce_t"),
               ("t{T}.pt for each T in reduce_t.steps", "metrics.json"),
               "fine-tune at fewer time steps, optionally distilling from the T-step teacher"),

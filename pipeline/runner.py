@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from pipeline import __version__
 from pipeline.artifacts import ArtifactError, Manifest, RunStore, package_versions, write_json_atomic
-from pipeline.config import slice_hash
+from pipeline.config import slice_hash, write_run_config
 from pipeline.registry import NAMES, StageSpec, spec
 
 log = logging.getLogger("pipeline")
@@ -64,14 +65,14 @@ def run_store(cfg: Mapping[str, Any]) -> RunStore:
 
 
 def resolve_device(cfg: Mapping[str, Any]) -> str:
-    import torch
+    """``cpu``, ``cuda`` or, under torchrun, ``cuda:LOCAL_RANK``; a GPU that torch cannot use is an
+    error, never a silent CPU run (see :func:`pipeline.distributed.resolve_device`)."""
+    from pipeline.distributed import DeviceError, resolve_device as _resolve
 
-    want = cfg["device"]
-    if want == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise StageError("device: cuda was asked for but CUDA is not available; set device: auto or cpu")
-    return want
+    try:
+        return _resolve(cfg["device"])
+    except DeviceError as exc:
+        raise StageError(str(exc)) from exc
 
 
 def stage_key(cfg: Mapping[str, Any], s: StageSpec, store: RunStore) -> str:
@@ -100,19 +101,22 @@ def _dist_info() -> tuple[int, int]:
 
 def _barrier(world_size: int) -> None:
     if world_size > 1:
-        import torch.distributed as dist
+        from pipeline.distributed import barrier
 
-        if dist.is_initialized():
-            dist.barrier()
+        barrier()
 
 
-def _init_distributed(world_size: int, device: str) -> None:
-    if world_size <= 1:
-        return
-    import torch.distributed as dist
+def _init_distributed(world_size: int, device: str, s: StageSpec | None = None) -> None:
+    """Refuse a multi-process run of a one-process stage, then join the process group (NCCL on
+    this rank's GPU, gloo on the CPU); the group is destroyed at process exit (registered there)."""
+    from pipeline.distributed import DeviceError, check_stage_world, init_process_group
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if s is not None:
+        try:
+            check_stage_world(s.name, s.distributed, world_size)
+        except DeviceError as exc:
+            raise StageError(str(exc)) from exc
+    init_process_group(world_size, device)
 
 
 def _add_file_log(path: Path) -> logging.Handler:
@@ -125,7 +129,9 @@ def _add_file_log(path: Path) -> logging.Handler:
 def run_stage(cfg: dict[str, Any], name: str, force: bool = False, locked: bool = False) -> str:
     """Run one stage unless it is fresh. Returns ``"cached"``, ``"done"`` or ``"skipped"``.
 
-    Upstream stages must already be done (``python -m pipeline run`` runs them in order).
+    Upstream stages must already be done (``python -m pipeline run`` runs them in order). A stage
+    whose gates failed raises :class:`GateFailed` now and on every later call with the same key
+    (the recorded verdict is repeated, not re-measured) until the config changes or ``force``.
     """
     s = spec(name)
     store = run_store(cfg)
@@ -135,6 +141,11 @@ def run_stage(cfg: dict[str, Any], name: str, force: bool = False, locked: bool 
     if state == "done" and not force:
         log.info("[%s] up to date (key %s): nothing to do", name, key)
         return "cached"
+    if state == "failed" and not force:  # the verdict stands until the config (the key) changes
+        man = store.manifest(name)
+        raise GateFailed(_gate_message(name, man.failed_gates if man else [], store)
+                         + f"; recorded {man.finished_at if man else '?'} for this exact config and not "
+                           f"re-measured: fix the cause and change the config, or re-measure with --force")
     if state == "stale" and store.manifest(name) is not None:
         bad = store.verify(name)
         why = f"outputs changed on disk: {', '.join(bad)}" if bad else "its inputs or config changed"
@@ -160,7 +171,8 @@ def run_stage(cfg: dict[str, Any], name: str, force: bool = False, locked: bool 
 def _execute(cfg: dict[str, Any], s: StageSpec, store: RunStore, key: str, inputs: dict[str, Path],
              rank: int, world: int) -> str:
     device = resolve_device(cfg)
-    _init_distributed(world, device)
+    _init_distributed(world, device, s)
+    fresh = not store.partial_dir(s.name).exists()  # this call made it: remove it again if it holds only scratch
     if rank == 0:
         part = store.open_partial(s.name, key)
     _barrier(world)
@@ -170,18 +182,23 @@ def _execute(cfg: dict[str, Any], s: StageSpec, store: RunStore, key: str, input
                        log=logging.getLogger(f"pipeline.{s.name}"), rank=rank, world_size=world)
     start = time.perf_counter()
     log.info("[%s] running (key %s, device %s) -> %s", s.name, key, device, store.stage_dir(s.name))
+    finished = False
     try:
         module = importlib.import_module(s.module)
         result: StageResult = module.run(ctx)
+        finished = True
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
+        if not finished and rank == 0 and fresh:
+            _discard_scratch(part)
     wall = time.perf_counter() - start
     _barrier(world)
     if rank != 0:
         return result.status
     man = Manifest(
-        stage=s.name, key=key, status=result.status, reason=result.reason,
+        stage=s.name, key=key, status="failed" if result.failed_gates else result.status, reason=result.reason,
+        failed_gates=list(result.failed_gates),
         upstream={up: (store.manifest(up).key if store.manifest(up) else "") for up in s.needs},
         config_hash=slice_hash(cfg, s.config_keys), metrics=result.metrics,
         packages=package_versions(), device=_device_name(device), wall_time_s=round(wall, 3),
@@ -189,23 +206,42 @@ def _execute(cfg: dict[str, Any], s: StageSpec, store: RunStore, key: str, input
     man.metrics.setdefault("pipeline_version", __version__)
     write_json_atomic(part / "metrics.json", result.metrics)
     store.commit(s.name, man)
+    write_run_config(cfg, store.root, s.name)
     if result.status == "skipped":
         log.warning("[%s] skipped: %s", s.name, result.reason)
     else:
         log.info("[%s] done in %.1f s", s.name, wall)
     if result.failed_gates:
-        raise GateFailed(f"[{s.name}] gates failed: " + "; ".join(result.failed_gates)
-                         + f" (see {store.stage_dir(s.name)})")
+        raise GateFailed(_gate_message(s.name, result.failed_gates, store))
     return result.status
+
+
+SCRATCH_FILES = (".key", "stage.log")
+
+
+def _discard_scratch(part: Path) -> None:
+    """Remove a failed stage's partial folder when it holds nothing to resume from (only its key
+    and log: e.g. the data was missing), so a failed call leaves nothing behind. Checkpoints keep it."""
+    try:
+        entries = list(part.iterdir())
+    except FileNotFoundError:
+        return
+    if all(p.is_file() and (p.name in SCRATCH_FILES or p.name.startswith(".stage.rank")) for p in entries):
+        shutil.rmtree(part, ignore_errors=True)
+
+
+def _gate_message(stage: str, failed: list[str], store: RunStore) -> str:
+    return f"[{stage}] gates failed: " + "; ".join(failed) + f" (see {store.stage_dir(stage)})"
 
 
 def _device_name(device: str) -> str:
     import platform
 
-    if device == "cuda":
+    if device.startswith("cuda"):
         import torch
 
-        return f"cuda:{torch.cuda.get_device_name(0)}"
+        index = torch.device(device).index
+        return f"cuda:{torch.cuda.get_device_name(torch.cuda.current_device() if index is None else index)}"
     return f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 

@@ -58,7 +58,8 @@ SCHEMA: dict[str, Any] = {
         "limit_test": Opt(int),
         "batch_size": 128,
         "eval_batch_size": 256,
-        "workers": 0,
+        "workers": 0,  # DataLoader workers per process; -1: min(8, CPU cores per process). Not in the cache key
+        "prefetch": Opt(int),  # batches each worker loads ahead (None: torch's 2). Not in the cache key
         "cache_dir": Opt(str),  # event-frame cache; None: <root>/frames_cache
         "augment": {
             "crop_padding": 4,
@@ -90,9 +91,15 @@ SCHEMA: dict[str, Any] = {
             "gc_fusion": Choice(("mul", "add"), "mul"),
             "gc_ratio": 4,
             "sa_ratio": 4,
+            # step attention's hidden width T_h; None: T for T <= 4, max(T // sa_ratio, 1) above.
+            # Checkpoints store the built value, so a model carried to another T keeps it.
+            "sa_hidden": Opt(int),
             "sa_position": Choice(("before", "after"), "before"),
             "placement": Choice(("all", "last_k"), "all"),
             "last_k": 1,  # stages (from the end) that get STAA when placement == last_k
+            # GC ("mul") and SA gates: "identity" = 2*sigmoid(z), last layer zero-initialised (starts
+            # as the plain LIF); "legacy" = sigmoid(z), bias 2 (checkpoints written before it)
+            "gate": Choice(("identity", "legacy"), "identity"),
         },
     },
     "train": {
@@ -107,6 +114,11 @@ SCHEMA: dict[str, Any] = {
         "grad_clip": Opt(float),
         "amp": True,  # CUDA mixed precision
         "cpu_bf16": False,  # bf16 autocast on CPU
+        # autocast dtype: "auto" = on CUDA (with amp) bf16 where supported, else fp16 + GradScaler;
+        # on the CPU bf16 if cpu_bf16, else fp32. "fp32" / "bf16" / "fp16" force it on any device
+        "precision": Choice(("auto", "fp32", "bf16", "fp16"), "auto"),
+        "compile": False,  # torch.compile the model for training (speed only: not in the cache key)
+        "channels_last": False,  # NHWC conv weights on CUDA (speed only: not in the cache key)
         "max_batches": Opt(int),  # cap batches per epoch (smoke runs)
         "eval_every": 1,
         "threads": Opt(int),  # torch CPU threads
@@ -167,6 +179,7 @@ SCHEMA: dict[str, Any] = {
         "warmup": 5,
         "iterations": 30,
         "threads": 1,
+        "min_seconds": 0.5,  # timing also lasts at least this long per batch size (stable p95/p99 for fast graphs)
         "limit_test": Opt(int),  # None: data.limit_test
         # gates compare each row with the artifact it was made from ("parent": the cost of one
         # step) or with the float baseline ("baseline": the cumulative cost)
@@ -178,6 +191,9 @@ SCHEMA: dict[str, Any] = {
             "onnx_fp32": 0.0,
             "onnx_int8": 1.0,
             "engine": 1.0,
+            # every row that can ship (ONNX graphs, engines) vs the float baseline: the cumulative
+            # cost, so the per-step tolerances above cannot add up unnoticed
+            "total": 3.0,
         },
     },
 }

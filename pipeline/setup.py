@@ -37,15 +37,17 @@ def train_loader(cfg: Mapping[str, Any], bundle: DataBundle, rank: int = 0, worl
         sampler = DistributedSampler(bundle.train, num_replicas=world_size, rank=rank, shuffle=True,
                                      seed=cfg["seed"], drop_last=True)
         return make_loader(bundle.train, d["batch_size"], train=True, workers=d["workers"], seed=cfg["seed"],
-                           sampler=sampler)
-    return make_loader(bundle.train, d["batch_size"], train=True, workers=d["workers"], seed=cfg["seed"])
+                           sampler=sampler, prefetch=d.get("prefetch"))
+    return make_loader(bundle.train, d["batch_size"], train=True, workers=d["workers"], seed=cfg["seed"],
+                       prefetch=d.get("prefetch"))
 
 
 def eval_loader(cfg: Mapping[str, Any], dataset: torch.utils.data.Dataset, limit: int | None = None) -> DataLoader:
     if limit is not None and limit < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(limit))
     d = cfg["data"]
-    return make_loader(dataset, d["eval_batch_size"], train=False, workers=d["workers"], seed=cfg["seed"])
+    return make_loader(dataset, d["eval_batch_size"], train=False, workers=d["workers"], seed=cfg["seed"],
+                       prefetch=d.get("prefetch"))
 
 
 def load_upstream_model(ctx: "StageContext", stage: str, file: str) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from pipeline.checkpoint import read_checkpoint, save_atomic
+from pipeline.compress.nncf_env import prepare_nncf_kernels
 from pipeline.compress.quantize import (QuantizeError, load_qat_model, nncf_config, qat_payload, quantize_model,
                                         quantizer_summary, restore_on)
 from pipeline.runner import StageContext, StageError, StageResult
@@ -37,6 +38,7 @@ def run(ctx: StageContext) -> StageResult:
     if not ctx.is_main:  # one process quantises and fine-tunes; other ranks wait at the runner's barrier
         return StageResult()
     model, ckpt = load_upstream_model(ctx, "reduce_t", "chosen.pt")
+    kernels = prepare_nncf_kernels(ctx.device)  # on CUDA: NNCF's extension only if the toolkit matches torch
     mcfg, meta, T = ckpt["model_cfg"], ckpt["data_meta"], model.T
     bundle = data_bundle(cfg, T)
     test = eval_loader(cfg, bundle.test, cfg["data"]["limit_test"])
@@ -87,7 +89,7 @@ def run(ctx: StageContext) -> StageResult:
         "delta_vs_float": qat["top1"] - fl["top1"], "agreement_vs_float": agreement(qat["preds"], fl["preds"]),
         "qdq_module_top1": exp["top1"], "qdq_module_agreement": same, "test_n": qat["n"],
         "keep_float": list(q["keep_float"]), "fold_bn": q["fold_bn"], "bias_correction": q["bias_correction"],
-        "epochs": q["epochs"], "ptq_agreement_vs_float": ptq["agreement"],
+        "epochs": q["epochs"], "ptq_agreement_vs_float": ptq["agreement"], "nncf_kernels": kernels,
         "calibration_samples": min(q["calibration_samples"], len(bundle.train)), **summary, "history": history,
         "table_md": _table(T, fl["top1"], ptq["top1"], qat["top1"]),
     })

@@ -2,6 +2,8 @@
 
 Outputs: ``t{T}.pt`` per reduced T (pipeline checkpoints: ``load_model`` rebuilds them),
 ``chosen.pt`` (a copy of the checkpoint handed to qat), metrics with the accuracy table.
+The T handed on is chosen on the validation split (``selected_on: "val"``); the test split is
+scored for the report only, so validate's verdict is not graded on the images that chose it.
 Each T's fine-tune checkpoints into ``t{T}_fit/`` and resumes from there; a finished ``t{T}.pt``
 is not redone, so an interrupted run picks up where it stopped.
 """
@@ -36,27 +38,35 @@ def run(ctx: StageContext) -> StageResult:
     if bad:
         raise StageError(f"reduce_t.steps {bad} must be between 1 and model.T - 1 = {T0 - 1} (the trained T); "
                          f"fix reduce_t.steps (e.g. --set reduce_t.steps=[{max(T0 // 2, 1)}])")
-    limit = cfg["data"]["limit_test"]
     base_bundle = data_bundle(cfg, T0)
-    base = evaluate(teacher, eval_loader(cfg, base_bundle.test, limit), ctx.device, desc=f"test T={T0}")
-    ctx.log.info("baseline T=%d: test top-1 %.2f%% on %d images", T0, base["top1"], base["n"])
+    if not len(base_bundle.val) and r["choose"] is None:
+        raise StageError("reduce_t chooses the T to ship on the validation split, and this run has none; set "
+                         "data.val_fraction > 0 (e.g. --set data.val_fraction=0.1), or fix the T with reduce_t.choose")
+    base = _score(ctx, teacher, base_bundle, f"T={T0}")
+    ctx.log.info("baseline T=%d: val top-1 %s, test top-1 %.2f%% on %d images", T0, _pct(base["val_top1"]),
+                 base["test_top1"], base["test_n"])
 
     rows = []
     for T in steps:
         bundle = data_bundle(cfg, T) if base_bundle.is_event else base_bundle
-        rows.append(_reduce_one(ctx, teacher, ckpt, T, bundle, base_bundle, base["preds"]))
+        rows.append(_reduce_one(ctx, teacher, ckpt, T, bundle, base_bundle, base))
 
     gate = float(cfg["validate"]["gates"]["reduce_t"])
     try:
-        chosen, why = choose_T(rows, T0, base["top1"], gate, r["choose"])
+        chosen, why = choose_T(rows, T0, base["val_top1"], gate, r["choose"], score="val_top1")
     except ValueError as exc:
         raise StageError(str(exc)) from exc
     chosen_src = src if chosen == T0 else ctx.out / f"t{chosen}.pt"
     shutil.copyfile(chosen_src, ctx.out / "chosen.pt")
-    table = format_table(rows, T0, base["top1"], chosen)
-    ctx.log.info("time-step reduction (test top-1 %%):\n%s\nchosen T=%d (%s)", table, chosen, why)
+    table = format_table(rows, T0, base, chosen)
+    ctx.log.debug("time-step reduction:\n%s", table)  # the whole table: stage.log and metrics.json
+    picked = next((r for r in rows if r["T"] == chosen), None)
+    ctx.log.info("chosen T=%d (%s, on the validation split): val top-1 %s vs %s at T=%d; test top-1 %.2f%%",
+                 chosen, why, _pct(picked["val_top1"] if picked else base["val_top1"]), _pct(base["val_top1"]), T0,
+                 picked["after_top1"] if picked else base["test_top1"])
     return StageResult(metrics={
-        "T0": T0, "baseline_top1": base["top1"], "baseline_top5": base["top5"], "test_n": base["n"],
+        "T0": T0, "selected_on": "val", "baseline_val_top1": base["val_top1"], "val_n": base["val_n"],
+        "baseline_top1": base["test_top1"], "baseline_top5": base["test_top5"], "test_n": base["test_n"],
         "pe_mode": r["pe_mode"], "distill": r["distill"], "alpha": r["alpha"] if r["distill"] else 0.0,
         "temperature": r["temperature"], "epochs": r["epochs"], "gate": gate,
         "chosen_T": chosen, "chosen_file": "train/best.pt" if chosen == T0 else f"t{chosen}.pt",
@@ -64,31 +74,50 @@ def run(ctx: StageContext) -> StageResult:
     })
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}%"
+
+
+def _score(ctx: StageContext, model: torch.nn.Module, bundle: Any, what: str) -> dict[str, Any]:
+    """Validation top-1 (what chooses) and test top-1/top-5 (what is reported) of one model."""
+    cfg = ctx.cfg
+    out: dict[str, Any] = {"val_top1": None, "val_n": len(bundle.val)}
+    if len(bundle.val):
+        val = evaluate(model, eval_loader(cfg, bundle.val), ctx.device, desc=f"val {what}")
+        out.update(val_top1=val["top1"], val_preds=val["preds"])
+    test = evaluate(model, eval_loader(cfg, bundle.test, cfg["data"]["limit_test"]), ctx.device, desc=f"test {what}")
+    out.update(test_top1=test["top1"], test_top5=test["top5"], test_n=test["n"], test_preds=test["preds"])
+    return out
+
+
 def _reduce_one(ctx: StageContext, teacher: torch.nn.Module, ckpt: dict[str, Any], T: int, bundle: Any,
-                teacher_bundle: Any, base_preds: torch.Tensor) -> dict[str, Any]:
+                teacher_bundle: Any, base: dict[str, Any]) -> dict[str, Any]:
     """Carry the teacher to ``T``, score it, fine-tune it, score it again; write ``t{T}.pt``."""
     cfg, r, t = ctx.cfg, ctx.cfg["reduce_t"], ctx.cfg["train"]
     out_file = ctx.out / f"t{T}.pt"
     if out_file.is_file():  # finished in an earlier, interrupted run of this stage
         row = read_checkpoint(out_file).get("reduce_t")
-        if row:
+        if row and "val_top1" in row:
             ctx.log.info("T=%d already fine-tuned in this run (%s): reusing it", T, out_file.name)
             return row
-    test = eval_loader(cfg, bundle.test, cfg["data"]["limit_test"])
     student = carry_to_T(teacher, T, r["pe_mode"]).to(ctx.device)
-    before = evaluate(student, test, ctx.device, desc=f"test T={T} before")
-    ctx.log.info("T=%d before fine-tuning: test top-1 %.2f%%", T, before["top1"])
+    before = _score(ctx, student, bundle, f"T={T} before")
+    ctx.log.info("T=%d before fine-tuning: val top-1 %s, test top-1 %.2f%%", T, _pct(before["val_top1"]),
+                 before["test_top1"])
     start = time.perf_counter()
     fit_dir = ctx.out / f"t{T}_fit"
     fit_dir.mkdir(exist_ok=True)
     history: list[dict[str, Any]] = []
     if r["epochs"] > 0:
         student, history = _fine_tune(ctx, teacher, student, ckpt, T, bundle, teacher_bundle, fit_dir)
-    after = evaluate(student, test, ctx.device, desc=f"test T={T} after")
-    row = {"T": T, "before_top1": before["top1"], "after_top1": after["top1"], "after_top5": after["top5"],
-           "agreement": agreement(after["preds"], base_preds) if len(after["preds"]) == len(base_preds) else None,
+    after = _score(ctx, student, bundle, f"T={T} after")
+    same_images = len(after["test_preds"]) == len(base["test_preds"])
+    row = {"T": T, "val_top1": after["val_top1"], "before_val_top1": before["val_top1"],
+           "before_top1": before["test_top1"], "after_top1": after["test_top1"], "after_top5": after["test_top5"],
+           "agreement": agreement(after["test_preds"], base["test_preds"]) if same_images else None,
            "file": out_file.name, "fine_tune_s": round(time.perf_counter() - start, 1), "history": history}
-    ctx.log.info("T=%d after fine-tuning: test top-1 %.2f%% (was %.2f%%)", T, after["top1"], before["top1"])
+    ctx.log.info("T=%d after fine-tuning: val top-1 %s (was %s), test top-1 %.2f%% (was %.2f%%)", T,
+                 _pct(after["val_top1"]), _pct(before["val_top1"]), after["test_top1"], before["test_top1"])
     save_atomic(model_payload(student, ckpt["model_cfg"], ckpt["data_meta"], reduce_t=row,
                               pe_mode=r["pe_mode"], teacher_T=teacher.T), out_file)
     _check_reloads(out_file, student)

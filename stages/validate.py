@@ -11,8 +11,9 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.artifacts import write_json_atomic
-from pipeline.report import (BASELINE, CONVENTION, E_AC_PJ, E_MAC_PJ, Settings, apply_gates, build_report, discover,
-                             inherit_energy, measure, render, upstream_parity, validate_report)
+from pipeline.report import (BASELINE, CONVENTION, E_AC_PJ, E_MAC_PJ, E_MUL_PJ, EXCLUDED, Settings, apply_gates,
+                             build_report, discover, inherit_energy, measure, render, upstream_parity,
+                             validate_report)
 from pipeline.report.plots import draw_all
 from pipeline.runner import StageContext, StageError, StageResult
 from pipeline.setup import data_bundle, eval_loader
@@ -41,7 +42,7 @@ def run(ctx: StageContext) -> StageResult:
     sample = bundle.test[0][0]
     settings = Settings(batch_sizes=tuple(v["batch_sizes"]), warmup=v["warmup"], iterations=v["iterations"],
                         threads=v["threads"], num_classes=bundle.num_classes,
-                        max_engine_batch=cfg["build"]["max_batch"])
+                        max_engine_batch=cfg["build"]["max_batch"], min_seconds=v["min_seconds"])
     artifacts = discover(ctx.inputs, cfg["model"]["T"], ctx.device, (None, *sample.shape))
     if not artifacts or artifacts[0].name != BASELINE or not artifacts[0].path.is_file():
         raise StageError(f"the float baseline {BASELINE} is missing under {ctx.inputs.get('train')}; "
@@ -61,9 +62,10 @@ def run(ctx: StageContext) -> StageResult:
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), pipeline_version=__version__,
         device=f"{ctx.device} ({platform.processor() or platform.machine()})",
         settings={"batch_sizes": list(settings.batch_sizes), "warmup": settings.warmup,
-                  "iterations": settings.iterations, "threads": settings.threads,
+                  "iterations": settings.iterations, "threads": settings.threads, "min_seconds": settings.min_seconds,
                   "gate_reference": v["gate_reference"], "gates": dict(v["gates"])},
-        baseline=BASELINE, energy_model={"e_mac_pj": E_MAC_PJ, "e_ac_pj": E_AC_PJ, "convention": CONVENTION},
+        baseline=BASELINE, energy_model={"e_mac_pj": E_MAC_PJ, "e_ac_pj": E_AC_PJ, "e_mul_pj": E_MUL_PJ,
+                                            "convention": CONVENTION, "excluded": list(EXCLUDED)},
         parity=upstream_parity(ctx.inputs), failed=failed, plots=[])
     doc["plots"] = draw_all(doc, ctx.out)
     problems = validate_report(doc)
@@ -72,7 +74,12 @@ def run(ctx: StageContext) -> StageResult:
     write_json_atomic(ctx.out / "report.json", doc)
     md = render(doc)
     (ctx.out / "report.md").write_text(md)
-    ctx.log.info("[validate] report written to %s\n%s", ctx.out, md.split("\n\n**Gates")[0])
+    ctx.log.debug("[validate] report table:\n%s", md.split("\n\n**Gates")[0])
+    shipping = [r for r in doc["rows"] if r["ships"] and r["top1"] is not None]
+    ctx.log.info("[validate] %d artifacts measured on %d test images; baseline top-1 %.2f%%%s; gates %s",
+                 len(doc["rows"]), doc["test_images"], doc["baseline"]["top1"],
+                 "".join(f"; {r['artifact']} {r['top1']:.2f}%" for r in shipping),
+                 "passed" if doc["gates"]["passed"] else f"FAILED ({len(failed)})")
     return StageResult(metrics=_summary(doc), failed_gates=failed)
 
 
@@ -83,7 +90,9 @@ def _summary(doc: dict[str, Any]) -> dict[str, Any]:
         rows[r["artifact"]] = {
             "status": r["status"], "top1": r["top1"], "delta": r["delta"], "agreement": r["agreement"],
             "p50_ms": (r["latency"] or {}).get("p50_ms"), "images_per_s": (r["throughput"] or {}).get("images_per_s"),
-            "energy_uj": (r["energy"] or {}).get("energy_uj"), "gate_passed": (r["gate"] or {}).get("passed"),
+            "energy_uj": (r["energy"] or {}).get("energy_uj"), "tied_top1": r["tied_top1"],
+            "delta_significant": (r["delta_stats"] or {}).get("significant"),
+            "gate_passed": (r["gate"] or {}).get("passed"), "total_gate_passed": (r["total_gate"] or {}).get("passed"),
         }
     return {"schema_version": doc["schema_version"], "baseline_top1": doc["baseline"]["top1"],
             "gates_passed": doc["gates"]["passed"], "failed_gates": doc["gates"]["failed"], "artifacts": rows}

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 
 def test_qdq_module_exports_with_dynamo(tmp_path):
     import onnx
-    import onnxruntime as ort
+
+    from pipeline.runtime import OrtRunner
 
     images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 2
     qmodel = quantize_model(_float_model(), [(images, torch.zeros(8, dtype=torch.long))], n_batches=1,
@@ -27,8 +28,8 @@ def test_qdq_module_exports_with_dynamo(tmp_path):
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ops.count("QuantizeLinear") > 20 and ops.count("QuantizeLinear") == ops.count("DequantizeLinear")
     assert "FakeQuantize" not in ops
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+    # the product's session settings: Q/DQ arithmetic as written (see pipeline/runtime/ort_runner.py EXACT_QDQ)
+    got = OrtRunner(path, threads=1).predict(images.numpy())
     with torch.no_grad():
         want = module(images).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)

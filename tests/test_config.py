@@ -16,6 +16,15 @@ def test_every_shipped_config_loads():
         assert cfg["model"]["T"] >= 1 and cfg["name"]
 
 
+def test_embedded_default_ships_a_multi_step_model():
+    """At T=1 the membranes, step attention, PE and the unrolled loop are trivial (and parity exact by
+    construction): whatever reduce_t picks for `make all`, it must keep T >= 2 and have a choice."""
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    steps = cfg["reduce_t"]["steps"]
+    assert min(steps) >= 2 and len(steps) >= 2 and cfg["reduce_t"]["choose"] is None
+    assert cfg["data"]["val_fraction"] > 0  # the T is chosen on validation images
+
+
 def test_extends_merges_parent_and_child():
     cfg = load_config(REPO / "configs" / "cifar100.yaml")
     assert cfg["data"]["dataset"] == "cifar100"  # child

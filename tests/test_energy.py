@@ -1,11 +1,11 @@
-"""Energy count against a hand-computed tiny network (DESIGN.md §6 convention)."""
+"""Energy count against a hand-computed tiny network (docs/architecture.md §6 convention)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from pipeline.report.energy import E_AC_PJ, E_MAC_PJ, count_ops, profile_ops, summarize
+from pipeline.report.energy import E_AC_PJ, E_MAC_PJ, E_MUL_PJ, count_ops, profile_ops, summarize
 
 T, B, H, W = 2, 3, 4, 4
 
@@ -67,7 +67,7 @@ def test_hand_computed_macs_sops_energy():
     assert total["energy_uj"] == pytest.approx(total["energy_pj"] * 1e-6)
     assert total["sops"] == pytest.approx(576 + 288)
     assert total["macs"] == pytest.approx(576)  # real-valued layers only
-    assert (E_MAC_PJ, E_AC_PJ) == (4.6, 0.9)
+    assert total["mults"] == total["adds"] == 0  # no element-wise module in this net
 
 
 def test_counts_are_per_image_and_linear_counted():
@@ -123,3 +123,94 @@ def test_spiking_resnet_layers_classified():
     assert layers["layer1.0.conv1.conv"].input_rate == pytest.approx(rates["stem.sn.lif"], rel=1e-6)
     # stem conv: out 8 ch x 8 x 8 per step x (1 x 3 x 3) x T
     assert layers["stem.conv.conv"].macs == pytest.approx(8 * 64 * 9 * 2)
+
+
+class OneUnit(nn.Module):
+    """One spiking unit (STAA + neuron) on a batch-first input ``[B, T, C, H, W]``, as in the model."""
+
+    def __init__(self, unit: nn.Module) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unit(x.transpose(0, 1)).sum()
+
+
+def staa_unit(neuron: nn.Module, C: int, T_: int, **staa: object) -> OneUnit:
+    from pipeline.models import STAA, STAALIF, STAASpec
+
+    return OneUnit(STAALIF(neuron, STAA(STAASpec(tsrd=False, **staa), C, T_)))
+
+
+@pytest.mark.parametrize("sa_position", ["before", "after"])
+def test_hand_counted_elementwise_ops_of_one_staa_unit(sa_position):
+    """PE, GC (mul), SA and an adaptive LIF on C=2, 3x3, T=3: every element-wise op counted per image.
+
+    Per image and step the current has 2 x 3 x 3 = 18 elements, 54 over T=3:
+    PE: 54 adds; GC: 54 gate multiplies (+ 54 MACs of the weighted sum); SA: 54 gate multiplies;
+    neuron: N*I 54 multiplies, M*U 36 multiplies and 36 adds (steps 2..3).
+    """
+    from pipeline.models import AdaptiveLIF
+
+    torch.manual_seed(0)
+    C, T3 = 2, 3
+    layers = {l.name: l for l in profile_ops(staa_unit(AdaptiveLIF(C), C, T3, sa_position=sa_position),
+                                             [torch.randn(B, T3, C, 3, 3)])}
+    ew = {n: (l.mults, l.adds) for n, l in layers.items() if l.kind == "elementwise"}
+    assert ew == {"unit.staa.pe": (0, 54), "unit.staa.gc.gate": (54, 0), "unit.staa.sa.gate": (54, 0),
+                  "unit.lif": (54 + 36, 36)}
+    assert layers["unit.staa.gc.context"].macs == pytest.approx(54)
+    for name, (mults, adds) in ew.items():
+        assert layers[name].energy_pj == pytest.approx(mults * 3.7 + adds * 0.9)
+        assert not layers[name].spike_driven and layers[name].sops == 0
+    total = summarize(list(layers.values()))
+    assert total["mults"] == 54 * 3 + 36 and total["adds"] == 54 + 36
+    assert total["elementwise_pj"] == pytest.approx((54 * 3 + 36) * 3.7 + 90 * 0.9)
+    assert total["energy_pj"] == pytest.approx(sum(l.energy_pj for l in layers.values()))
+    assert total["energy_pj"] > total["elementwise_pj"] > 0  # element-wise work is in the per-image energy
+
+
+def test_fixed_neuron_coefficients_that_change_nothing_are_free():
+    """A plain LIF with N = 1 pays no N*I; with M = 0 no M*U and no add; GC "add" fusion is adds."""
+    from pipeline.models import LIF
+
+    x = torch.randn(B, 3, 2, 3, 3)
+    (lif,) = [l for l in profile_ops(OneUnit(LIF(decay=0.25, gain=1.0)), [x]) if l.kind == "elementwise"]
+    assert (lif.mults, lif.adds) == (36, 36)  # M*U and the sum on steps 2..3 only
+    (lif,) = [l for l in profile_ops(OneUnit(LIF(decay=0.0, gain=0.5)), [x]) if l.kind == "elementwise"]
+    assert (lif.mults, lif.adds) == (54, 0)
+    layers = {l.name: l for l in profile_ops(staa_unit(LIF(), 2, 3, gc_fusion="add", pe=False, sa=False), [x])}
+    assert (layers["unit.staa.gc.gate"].mults, layers["unit.staa.gc.gate"].adds) == (0, 54)
+
+
+def test_elementwise_ops_on_the_real_model_match_neuron_shapes():
+    """ResNet-19 with every STAA part: per image, element-wise multiplies = (GC + SA + N) x current
+    elements + M x the elements of steps 2..T, summed over every neuron's input current."""
+    from pipeline.models import build_model, record_spikes
+
+    torch.manual_seed(0)
+    T2 = 2
+    model = build_model({"arch": "resnet19", "width": 0.0625, "T": T2, "num_classes": 10, "in_channels": 1,
+                         "staa": {"tsrd": False}})
+    x = torch.randn(3, 1, 8, 8)
+    with record_spikes(model) as spikes, count_ops(model) as counter, torch.no_grad():
+        model.eval()(x)
+    per_image = sum(s[0].numel() for s in spikes.values()) / len(x)  # current elements of one step
+    total = summarize(counter.layers())
+    assert total["mults"] == pytest.approx(3 * per_image * T2 + per_image * (T2 - 1))
+    assert total["adds"] == pytest.approx(per_image * T2 + per_image * (T2 - 1))  # PE + membrane sum
+    weights = sum(l.energy_pj for l in counter.layers() if l.kind != "elementwise")
+    assert total["energy_pj"] == pytest.approx(weights + total["mults"] * E_MUL_PJ + total["adds"] * E_AC_PJ)
+
+
+def test_summary_lists_what_is_not_counted_and_report_renders_it():
+    from pipeline.report.report_md import energy_note
+
+    total = summarize(profile_ops(nn.Conv2d(1, 1, 1), [torch.randn(2, 1, 2, 2)]))
+    excluded = total["excluded"]
+    for item in ("memory access", "BatchNorm", "residual", "softmax", "LayerNorm", "pooling", "reset"):
+        assert any(item in e for e in excluded), f"{item} missing from excluded"
+    doc = {"energy_model": {"e_mac_pj": E_MAC_PJ, "e_ac_pj": E_AC_PJ, "convention": "estimate"},
+           "rows": [{"artifact": "a", "energy": None}, {"artifact": "b", "energy": total}]}
+    note = "\n".join(energy_note(doc))
+    assert all(e in note for e in excluded)

@@ -67,20 +67,34 @@ def test_resnet19_cifar100_full_width_forward_shape():
 
 
 def test_every_parameter_gets_a_finite_nonzero_gradient():
-    """Width 1/4, T=4, B=2, every STAA part on (TSRD p=0 so no step bypasses it)."""
+    """Width 1/4, T=4, B=2, every STAA part on (TSRD p=0 so no step bypasses it).
+
+    The gates start as the identity (their last layer is zero), so at init only the layers behind
+    that zero layer get no gradient; after one SGD step every parameter does.
+    """
     torch.manual_seed(0)
     model = build_model(cfg(num_classes=100, width=0.25, T=4, staa={"tsrd": False}))
     model.train()
     names = dict(model.named_parameters())
     for part in ("decay", "gain", "staa.pe.pe", "staa.gc.attn", "staa.gc.transform", "staa.sa.fc1", "staa.sa.fc2"):
         assert any(part in n for n in names), part
+    behind_zero = ("staa.gc.attn", "staa.gc.transform.0", "staa.gc.transform.1", "staa.sa.fc1")
     x = torch.randn(2, 3, 32, 32) * 2
-    with record_firing_rates(model) as rates:
-        out = model(x)
-    assert min(rates.values()) > 0.0  # every layer fires, so the surrogate path carries gradient
-    out.logsumexp(1).sum().backward()
+
+    def backward() -> None:
+        model.zero_grad()
+        with record_firing_rates(model) as rates:
+            out = model(x)
+        assert min(rates.values()) > 0.0  # every layer fires, so the surrogate path carries gradient
+        out.logsumexp(1).sum().backward()
+
+    backward()
     for name, p in names.items():
-        assert p.grad is not None, name
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert (p.grad.abs().sum() == 0) == any(k in name for k in behind_zero), name
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    backward()
+    for name, p in names.items():
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
 
@@ -166,9 +180,18 @@ def test_staa_parts_add_parameters_and_placement_last_k():
 
 # --- TSRD, determinism, inference mode -----------------------------------------------------
 
+@torch.no_grad()
+def perturb_staa(model: torch.nn.Module, std: float = 0.5) -> torch.nn.Module:
+    """Random PE and gate weights: at init STAA is the identity, so bypassing it would change nothing."""
+    for name, p in model.named_parameters():
+        if ".staa." in name:
+            p.add_(torch.randn_like(p) * std)
+    return model
+
+
 def test_tsrd_changes_training_output_never_eval():
     torch.manual_seed(0)
-    on = build_model(cfg(staa={"tsrd_p": 0.5}))
+    on = perturb_staa(build_model(cfg(staa={"tsrd_p": 0.5})))
     off = build_model(cfg(staa={"tsrd": False}))
     off.load_state_dict(on.state_dict())
     x = torch.randn(4, 3, 16, 16)

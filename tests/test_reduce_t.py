@@ -118,12 +118,15 @@ def test_paired_frames_concatenates_views():
         PairedFrames(a, list(reversed(b)))[0]
 
 
-def test_choose_T_rule():
-    rows = [{"T": 2, "after_top1": 90.0}, {"T": 1, "after_top1": 85.0}]
+def test_choose_T_rule_uses_the_validation_split():
+    # on the test split T=1 looks best (95%); on validation it falls 11 points short: val decides
+    rows = [{"T": 2, "val_top1": 90.0, "after_top1": 70.0}, {"T": 1, "val_top1": 80.0, "after_top1": 95.0}]
     assert choose_T(rows, 4, 91.0, 3.0)[0] == 2
-    assert choose_T(rows, 4, 86.0, 3.0)[0] == 1  # smallest T within the gate
+    assert choose_T(rows, 4, 82.0, 3.0)[0] == 1  # smallest T within the gate
     assert choose_T(rows, 4, 99.0, 3.0)[0] == 2  # none within: the largest reduced T
     assert choose_T([], 4, 99.0, 3.0)[0] == 4
     assert choose_T(rows, 4, 99.0, 3.0, choose=4)[0] == 4
     with pytest.raises(ValueError, match="reduce_t.choose=3"):
         choose_T(rows, 4, 99.0, 3.0, choose=3)
+    with pytest.raises(ValueError, match="val_fraction"):  # no validation scores: refuse to choose on test
+        choose_T([{"T": 2, "val_top1": None, "after_top1": 90.0}], 4, None, 3.0)

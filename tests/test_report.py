@@ -11,7 +11,7 @@ from pipeline.report import (BASELINE, CONVENTION, SCHEMA_VERSION, apply_gates, 
                              validate_report)
 from pipeline.report.plots import draw_all
 
-GATES = {"reduce_t": 3.0, "qat": 1.0, "unroll": 0.0, "onnx_fp32": 0.0, "onnx_int8": 1.0, "engine": 1.0}
+GATES = {"reduce_t": 3.0, "qat": 1.0, "unroll": 0.0, "onnx_fp32": 0.0, "onnx_int8": 1.0, "engine": 1.0, "total": 3.0}
 
 
 def row(name, stage, backend, precision, T, top1, gate=None, parent=None, status="ok", preds=None, rates=True):
@@ -20,6 +20,7 @@ def row(name, stage, backend, precision, T, top1, gate=None, parent=None, status
     return {
         "artifact": name, "stage": stage, "backend": backend, "precision": precision, "T": T, "status": status,
         "size_mb": 1.5 if ok else None, "parent": parent, "gate_key": gate, "notes": [], "top1": top1 if ok else None,
+        "ships": backend in ("onnxruntime", "tensorrt"), "tied_top1": 0 if ok else None, "labels": None,
         "top5": None, "loss": 0.5 if ok else None, "n": 4 if ok else 0,
         "latency": {"batch": 1, "p50_ms": 2.0, "p95_ms": 3.0, "mean_ms": 2.2} if ok else None,
         "throughput": {"batch": 8, "images_per_s": 900.0} if ok else None,
@@ -80,14 +81,14 @@ def test_errored_gated_row_fails():
     rows[4] = row("export/model_int8.onnx", "export", "onnxruntime", "int8", 2, None, "onnx_int8", "unroll/int8.pt",
                   status="error: RuntimeError: bad graph")
     failed = apply_gates(rows, GATES, BASELINE)
-    assert len(failed) == 1 and "could not be checked" in failed[0]
+    assert len(failed) == 2 and all("could not be checked" in f for f in failed)  # step and total gate
 
 
 def test_report_json_schema_roundtrip_and_version():
     rows = rows_fixture()
     failed = apply_gates(rows, GATES, BASELINE)
     doc = json.loads(json.dumps(make_doc(rows, failed)))  # must be JSON-serialisable as is
-    assert doc["schema_version"] == SCHEMA_VERSION == 1
+    assert doc["schema_version"] == SCHEMA_VERSION == 2
     assert validate_report(doc) == []
     assert doc["gates"] == {"passed": True, "failed": []}
     assert set(doc["layers"]) == {BASELINE, "reduce_t/t2.pt", "qat/qat.pt", "unroll/int8.pt"}
@@ -101,7 +102,10 @@ def test_report_json_schema_roundtrip_and_version():
     assert any("missing 'top1'" in e for e in errs)
     assert any("openvino" in e for e in errs)
     assert any("gate lacks passed" in e for e in errs)
-    assert validate_report(dict(doc, schema_version=2))[0].startswith("schema_version is 2")
+    assert validate_report(dict(doc, schema_version=1))[0].startswith("schema_version is 1")
+    bad = copy.deepcopy(doc)
+    bad["rows"][4]["total_gate"].pop("stats")
+    assert any("total_gate lacks stats" in e for e in validate_report(bad))
 
 
 def test_markdown_and_plots(tmp_path):
@@ -118,6 +122,7 @@ def test_markdown_and_plots(tmp_path):
                 "img/s (b8)", "energy µJ/img*", "gate"):
         assert col in header
     assert "**FAIL** (qat: drop 4.50 > 1 vs reduce_t/t2.pt)" in md
+    assert "**FAIL** (total: drop 5.00 > 3 vs train/best.pt)" in md  # the ONNX row, against the float
     assert "skipped: TensorRT is not installed" in md
     assert "**Gates: FAILED**" in md and "estimate" in md
     # 5 table headers; the artifact rows; 2 firing-rate layers + mean; 1 layer-ops row; 1 parity row; 1 spike row

@@ -8,7 +8,7 @@ import torch
 from pipeline.deploy.onnx_export import export_onnx, write_metadata
 from pipeline.deploy.testing import firing_model, real_images
 from pipeline.deploy.unroll import unroll_float
-from pipeline.runtime import (BACKENDS, OrtRunner, Runner, TorchRunner, benchmark, get_backend, load_runner)
+from pipeline.runtime import (BACKENDS, OrtRunner, Runner, TorchRunner, get_backend, load_runner)
 
 MODEL = {"arch": "resnet19", "width": 0.125, "T": 1, "num_classes": 10, "in_channels": 1, "staa": {"sa": False}}
 
@@ -36,15 +36,39 @@ def test_torch_and_onnxruntime_runners_predict_the_same(exported):
     assert np.array_equal(o.predict_all(x, batch_size=5), lo)
 
 
-def test_benchmark_reports_percentiles_and_throughput(exported):
+class CountingTorch(TorchRunner):
+    """The real torch runner, recording (batch, torch threads) inside every call."""
+
+    def run(self, feeds):
+        self.seen = getattr(self, "seen", []) + [(len(feeds["input"]), torch.get_num_threads())]
+        return super().run(feeds)
+
+
+class CountingOrt(OrtRunner):
+    """The real ONNX Runtime runner, recording (batch, the live session's intra-op threads) inside every call."""
+
+    def run(self, feeds):
+        threads = self.session.get_session_options().intra_op_num_threads
+        self.seen = getattr(self, "seen", []) + [(len(feeds["input"]), threads)]
+        return super().run(feeds)
+
+
+def test_benchmark_times_real_runners_with_their_threads_fixed(exported):
+    """Warm-up 1 + 5 timed calls, each at batch 2 on the thread count asked for; throughput = batch / mean."""
     flat, path, x, _ = exported
-    for runner in (TorchRunner(flat, input_shape=(None, 1, 16, 16)), OrtRunner(path)):
-        stats = runner.benchmark(batch=2, warmup=1, iters=5, threads=1)
-        assert set(stats) >= {"p50_ms", "p95_ms", "throughput", "batch", "backend", "precision"}
-        assert 0 < stats["p50_ms"] <= stats["p95_ms"] and stats["throughput"] > 0 and stats["batch"] == 2
-    ort = OrtRunner(path, threads=2)
-    benchmark(ort, batch=1, warmup=0, iters=2, threads=1)
-    assert ort.threads == 1  # the session was rebuilt with the thread count asked for
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runners = (CountingTorch(flat, input_shape=(None, 1, 16, 16)), CountingOrt(path, threads=2))
+        for runner in runners:
+            stats = runner.benchmark(batch=2, warmup=1, iters=5, threads=1)
+            assert runner.seen == [(2, 1)] * 6, runner.name
+            assert (stats["backend"], stats["precision"], stats["batch"], stats["iters"], stats["warmup"]) == (
+                runner.name, "fp32", 2, 5, 1)
+            assert stats["throughput"] == pytest.approx(2e3 / stats["mean_ms"], rel=1e-9)
+    finally:
+        torch.set_num_threads(prev)
+    assert runners[1].threads == 1  # the session was rebuilt with the thread count asked for
 
 
 def test_interface_is_small_enough_for_any_backend():

@@ -1,6 +1,6 @@
 """NNCF 3.4 INT8 quantisation of a SpikingNet for TensorRT, its checkpoints, and the export loader.
 
-Settings and why (DESIGN.md section 5):
+Settings and why (docs/architecture.md section 5):
 - symmetric INT8, per-channel weights, per-tensor activations, all *signed* (see
   :func:`force_signed`): TensorRT's explicit quantisation takes int8 Q/DQ with zero point 0;
 - ``overflow_fix=DISABLE``: NNCF's 7-bit weight workaround is for old x86 VNNI, not GPUs;
@@ -32,8 +32,10 @@ residual adds. Keeping the stem alone does nothing because the stem's own STAA s
 quantised. Default: quantise everything but the neurons.
 
 Checkpoint (``qat.pt``): the usual ``model_cfg``/``data_meta`` plus the NNCF config
-(``nncf.torch.get_config``) and the wrapped model's state dict; :func:`restore_qat_model`
-rebuilds it with ``nncf.torch.load_from_config``. Deployment calls :func:`load_qat_model`.
+(``nncf.torch.get_config``, stored as plain data) and the wrapped model's state dict, so it loads
+with ``torch.load(weights_only=True)``; :func:`restore_qat_model` rebuilds it with
+``nncf.torch.load_from_config``, allowing only NNCF's quantiser classes. Deployment calls
+:func:`load_qat_model`.
 """
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from pipeline.console import quiet_nncf
 
 QAT_FORMAT = "nncf-qat-v1"
 # NNCF gives its (cached) C++ fake-quant extension 60 s to load and then raises; on a loaded
@@ -119,6 +123,7 @@ def quantize_model(model: nn.Module, calibration: Iterable, n_batches: int, keep
     import nncf
     from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters, OverflowFix,
                                                        QuantizationParameters)
+    quiet_nncf()  # importing nncf resets its logger; every later nncf call follows this or restore_qat_model
 
     from pipeline.models import fold_batchnorm, set_tsrd_p
 
@@ -148,27 +153,13 @@ def quantize_model(model: nn.Module, calibration: Iterable, n_batches: int, keep
 
 
 def ensure_quant_kernels(device: str) -> str:
-    """Make NNCF's CUDA fake-quant kernels usable where ``nvcc`` is missing.
-
-    NNCF compiles its CUDA quantisation extension on first use and raises when no CUDA
-    toolkit is installed (common on inference boxes). Its pure-torch reference kernels
-    (the CPU fallback) compute the same thing, only slower: use them instead of failing.
+    """Make NNCF's fake-quant kernels usable on ``device`` (see :mod:`pipeline.compress.nncf_env`:
+    the CUDA extension when the toolkit matches torch's CUDA, else NNCF's reference kernels).
     Returns which kernels are in use: "cuda-extension", "reference" or "cpu".
     """
-    if not str(device).startswith("cuda"):
-        return "cpu"
-    import shutil
+    from pipeline.compress.nncf_env import prepare_nncf_kernels
 
-    from nncf.torch.quantization import extensions
-    from nncf.torch.quantization.reference import ReferenceQuantizedFunctions
-
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-    if shutil.which("nvcc") or os.path.isfile(os.path.join(cuda_home, "bin", "nvcc")):
-        return "cuda-extension"
-    namespace = extensions.QuantizedFunctionsCUDA
-    if hasattr(namespace, "_loaded_namespace") and namespace._loaded_namespace is None:
-        namespace._loaded_namespace = ReferenceQuantizedFunctions
-    return "reference"
+    return prepare_nncf_kernels(device)
 
 
 def force_signed(qmodel: nn.Module) -> int:
@@ -258,16 +249,58 @@ def nncf_config(qmodel: nn.Module, plain: bool = False) -> dict[str, Any]:
     return _plain(cfg) if plain else cfg
 
 
+# the only quantiser classes a QAT checkpoint may name: NNCF's load_from_config imports and builds what the
+# config names, so anything else is refused before it is imported
+QUANTIZER_MODULE = "nncf.torch.quantization.layers"
+QUANTIZER_CLASSES = ("SymmetricQuantizer", "AsymmetricQuantizer")
+
+
+def _stored_nncf_config(cfg: Any) -> Any:
+    """The NNCF config as plain data (enums -> values, tuples kept) so qat.pt loads with weights_only=True."""
+    if isinstance(cfg, dict):
+        return {k: _stored_nncf_config(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return type(cfg)(_stored_nncf_config(v) for v in cfg)
+    return cfg.value if isinstance(cfg, enum.Enum) else cfg
+
+
+def _loadable_nncf_config(cfg: Any) -> dict[str, Any]:
+    """A stored NNCF config checked (known quantiser classes only) and with its enums restored."""
+    from nncf.common.quantization.structs import QuantizationScheme
+
+    from pipeline.checkpoint import CheckpointError
+
+    commands = cfg.get("compression_state") if isinstance(cfg, dict) else None
+    if not isinstance(commands, list):
+        raise CheckpointError("the QAT checkpoint's nncf_config has no compression_state list; re-run the qat stage")
+    out = []
+    for cmd in commands:
+        path, cls = cmd.get("module_path", QUANTIZER_MODULE), cmd.get("module_cls_name")
+        if path != QUANTIZER_MODULE or cls not in QUANTIZER_CLASSES:
+            raise CheckpointError(f"the QAT checkpoint's nncf_config names {path}.{cls}, not one of NNCF's quantisers "
+                                  f"({', '.join(QUANTIZER_CLASSES)}); refusing to build it: re-run the qat stage")
+        module_cfg = dict(cmd["module_config"])
+        if "mode" in module_cfg:
+            module_cfg["mode"] = QuantizationScheme(module_cfg["mode"])
+        out.append(dict(cmd, module_path=QUANTIZER_MODULE, module_config=module_cfg))
+    return {"compression_state": out}
+
+
 def qat_payload(qmodel: nn.Module, model_cfg: dict[str, Any], data_meta: dict[str, Any], fold_bn: bool,
                 **extra: Any) -> dict[str, Any]:
-    """A self-describing QAT checkpoint (reload with :func:`restore_qat_model` / :func:`load_qat_model`)."""
+    """A self-describing QAT checkpoint (reload with :func:`restore_qat_model` / :func:`load_qat_model`).
+
+    Plain data only (the NNCF config with its enums as values), so it loads with weights_only=True.
+    """
     return {"format": QAT_FORMAT, "model": qmodel.state_dict(), "model_cfg": dict(model_cfg, T=qmodel.T),
-            "data_meta": data_meta, "nncf_config": nncf_config(qmodel), "fold_bn": bool(fold_bn), **extra}
+            "data_meta": data_meta, "nncf_config": _stored_nncf_config(nncf_config(qmodel)), "fold_bn": bool(fold_bn),
+            **extra}
 
 
 def restore_qat_model(ckpt: dict[str, Any]) -> nn.Module:
     """Rebuild the NNCF-quantised model of a QAT checkpoint (eval mode, trainable, on CPU)."""
     import nncf.torch
+    quiet_nncf()
 
     from pipeline.checkpoint import CheckpointError
     from pipeline.models import build_model, fold_batchnorm, set_tsrd_p
@@ -279,7 +312,8 @@ def restore_qat_model(ckpt: dict[str, Any]) -> nn.Module:
     if ckpt.get("fold_bn"):
         fold_batchnorm(model)
     set_tsrd_p(model, 0.0)
-    qmodel = nncf.torch.load_from_config(model, ckpt["nncf_config"])
+    qmodel = nncf.torch.load_from_config(model, _loadable_nncf_config(ckpt["nncf_config"]),
+                                         allowed_modules=(QUANTIZER_MODULE,))
     try:
         qmodel.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
@@ -314,11 +348,16 @@ def load_qat_model(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
     BN is already folded when ``ckpt["fold_bn"]``; TSRD is off.
     """
     from pipeline.checkpoint import read_checkpoint
-    from pipeline.compress.qdq import to_qdq_module
 
     ckpt = read_checkpoint(Path(path))
-    qmodel = restore_qat_model(ckpt)
-    return to_qdq_module(qmodel, example_input(ckpt["model_cfg"], ckpt["data_meta"])), ckpt
+    return qdq_module(ckpt), ckpt
+
+
+def qdq_module(ckpt: dict[str, Any]) -> nn.Module:
+    """The exportable Q/DQ module of a loaded QAT checkpoint dict (what :func:`load_qat_model` returns)."""
+    from pipeline.compress.qdq import to_qdq_module
+
+    return to_qdq_module(restore_qat_model(ckpt), example_input(ckpt["model_cfg"], ckpt["data_meta"]))
 
 
 def quantizer_summary(qmodel: nn.Module) -> dict[str, int]:

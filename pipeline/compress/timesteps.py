@@ -26,7 +26,9 @@ from pipeline.training.losses import classification_loss, distillation_loss
 def carry_to_T(model: nn.Module, T_new: int, pe_mode: str) -> nn.Module:
     """A copy of ``model`` running at ``T_new`` steps, PE and step attention resampled by ``pe_mode``.
 
-    The teacher is left untouched (it keeps producing T-step logits for distillation).
+    The teacher is left untouched (it keeps producing T-step logits for distillation). Step
+    attention keeps its trained hidden width; ``model_payload`` stores it (``model.staa.sa_hidden``),
+    so the saved student reloads strictly with ``load_model`` whatever the new T.
     """
     student = copy.deepcopy(model)
     student.set_time_steps(int(T_new), pe_mode)
@@ -94,14 +96,14 @@ class PairedFrames(Dataset):
         return torch.cat([torch.as_tensor(xs), torch.as_tensor(xt)], 0), y
 
 
-def choose_T(rows: Sequence[dict[str, Any]], T0: int, baseline_top1: float, gate: float,
-             choose: int | None = None) -> tuple[int, str]:
+def choose_T(rows: Sequence[dict[str, Any]], T0: int, baseline_top1: float | None, gate: float,
+             choose: int | None = None, score: str = "val_top1") -> tuple[int, str]:
     """Which T goes on to quantisation, and why.
 
     ``choose`` (reduce_t.choose) wins when set; it must be ``T0`` or one of the reduced T.
-    Otherwise: the smallest T whose fine-tuned top-1 is within ``gate`` points of the
-    baseline; failing that the largest reduced T (closest to the baseline); with no
-    reduced T at all, the original ``T0``.
+    Otherwise: the smallest T whose fine-tuned ``score`` (the validation top-1: a choice is never
+    made on the test split) is within ``gate`` points of the baseline's; failing that the
+    largest reduced T (closest to the baseline); with no reduced T at all, the original ``T0``.
     """
     done = {int(r["T"]): r for r in rows}
     if choose is not None:
@@ -109,7 +111,10 @@ def choose_T(rows: Sequence[dict[str, Any]], T0: int, baseline_top1: float, gate
             raise ValueError(f"reduce_t.choose={choose} is neither the trained T={T0} nor one of "
                              f"reduce_t.steps {sorted(done)}; add it to the steps or unset choose")
         return int(choose), "reduce_t.choose"
-    ok = [T for T, r in done.items() if r["after_top1"] >= baseline_top1 - gate]
+    if baseline_top1 is None or any(r.get(score) is None for r in rows):
+        raise ValueError(f"choosing T needs {score} for the baseline and every reduced T; set data.val_fraction "
+                         f"> 0 or fix the T with reduce_t.choose")
+    ok = [T for T, r in done.items() if r[score] >= baseline_top1 - gate]
     if ok:
         return min(ok), f"smallest T within {gate:g} points of the T={T0} baseline"
     if done:
@@ -117,15 +122,20 @@ def choose_T(rows: Sequence[dict[str, Any]], T0: int, baseline_top1: float, gate
     return T0, "no reduced T: the trained model"
 
 
-def format_table(rows: Sequence[dict[str, Any]], T0: int, baseline_top1: float, chosen: int) -> str:
-    """Markdown table: accuracy at each T before and after fine-tuning, against the baseline."""
-    lines = ["| T | before fine-tune | after fine-tune | delta vs T=%d | agreement | file |" % T0,
-             "|---|---|---|---|---|---|",
-             f"| {T0} (baseline){' *' if chosen == T0 else ''} | {baseline_top1:.2f} | - | 0.00 | 100.00 | train/best.pt |"]
+def format_table(rows: Sequence[dict[str, Any]], T0: int, base: dict[str, Any], chosen: int) -> str:
+    """Markdown table: validation top-1 (what chose) and test top-1 (what is reported) at each T."""
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = [f"| T | val top-1 | test top-1 before fine-tune | test top-1 after | test delta vs T={T0} | "
+             f"agreement | file |", "|---|---|---|---|---|---|---|",
+             f"| {T0} (baseline){' *' if chosen == T0 else ''} | {pct(base['val_top1'])} | {base['test_top1']:.2f} "
+             f"| - | 0.00 | 100.00 | train/best.pt |"]
     for r in rows:
         mark = " *" if r["T"] == chosen else ""
         agree = "-" if r.get("agreement") is None else f"{r['agreement']:.2f}"
-        lines.append(f"| {r['T']}{mark} | {r['before_top1']:.2f} | {r['after_top1']:.2f} | "
-                     f"{r['after_top1'] - baseline_top1:+.2f} | {agree} | {r['file']} |")
-    lines.append("(* = handed to qat; accuracy = test top-1 %, agreement = % same prediction as the baseline)")
+        lines.append(f"| {r['T']}{mark} | {pct(r.get('val_top1'))} | {r['before_top1']:.2f} | {r['after_top1']:.2f} | "
+                     f"{r['after_top1'] - base['test_top1']:+.2f} | {agree} | {r['file']} |")
+    lines.append("(* = handed to qat, chosen on the validation split; test top-1 % is reported, never used to "
+                 "choose; agreement = % same test prediction as the baseline)")
     return "\n".join(lines)

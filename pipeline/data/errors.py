@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# the npz layouts this package reads, documented in the repository (never outside it)
+DATA_DOC = "docs/data.md"
+
 
 class DataError(Exception):
     """A dataset is missing, incomplete or in the wrong layout (message says how to fix it)."""
@@ -20,7 +23,7 @@ def layout_error(
     problem: str | None = None,
 ) -> DataError:
     """Build a :class:`DataError` whose message shows ``looked_at``, the ``layout`` tree and the ``fix``."""
-    where = "(no path: data.root is not set)" if looked_at is None else str(Path(looked_at).expanduser())
+    where = "(no path: data.root is not set)" if looked_at is None else str(Path(looked_at).expanduser().absolute())
     lines = [f"{what}: {problem or 'not found'}", f"  looked at: {where}", "  expected layout:"]
     lines += ["    " + line for line in layout.strip("\n").splitlines()]
     lines += ["  how to fix:"] + ["    " + line for line in fix.strip("\n").splitlines()]

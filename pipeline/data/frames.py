@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tonic.transforms import ToFrame
 
 EVENT_DTYPE = np.dtype([("x", np.int16), ("y", np.int16), ("t", np.int64), ("p", np.int8)])
 
@@ -48,6 +47,8 @@ def events_to_frames(events: np.ndarray, sensor_size: tuple[int, int, int], n_fr
     w, h, p = sensor_size
     if len(events) == 0:
         return np.zeros((n_frames, p, h, w), dtype=np.int16)
+    from tonic.transforms import ToFrame  # here: only event datasets need tonic (digits/CIFAR runs do not)
+
     t0, t1 = int(events["t"][0]), int(events["t"][-1])
     window = (t1 - t0) // n_frames + 1
     to_frame = ToFrame(sensor_size=tuple(sensor_size), time_window=window,

@@ -16,16 +16,20 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, train: bool, workers: int, seed: int,
-                sampler: Sampler | None = None) -> DataLoader:
+                sampler: Sampler | None = None, prefetch: int | None = None) -> DataLoader:
     """A loader: shuffled (unless a sampler is given) and ``drop_last`` for training, ordered for eval.
 
     ``drop_last`` keeps BatchNorm away from a final tiny batch, but is skipped when the
     dataset holds no more than one batch, where it would leave an epoch with nothing in it.
+    ``workers=-1``: one per CPU core of this process's share of the node, at most 8;
+    ``prefetch``: batches loaded ahead per worker (None: torch's default).
     """
+    from pipeline.distributed import auto_workers, dist_info
+
     generator = torch.Generator()
     generator.manual_seed(int(seed))
     n = len(sampler) if sampler is not None else len(dataset)
-    workers = int(workers or 0)
+    workers = auto_workers(dist_info().local_world_size) if workers == -1 else int(workers or 0)
     return DataLoader(
         dataset,
         batch_size=int(batch_size),
@@ -35,6 +39,7 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, workers: int, se
         generator=generator,
         drop_last=bool(train) and n > int(batch_size),
         persistent_workers=workers > 0,
+        prefetch_factor=prefetch if workers > 0 and prefetch else None,
         worker_init_fn=_seed_worker if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
     )

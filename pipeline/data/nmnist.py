@@ -1,4 +1,4 @@
-"""N-MNIST recordings from an npz (layout of ../shared/data/README.md) as an event source.
+"""N-MNIST recordings from an npz (layout: docs/data.md) as an event source.
 
 Real sensor events through exactly the same event -> frame path as the DVS datasets, small
 enough to test that path everywhere. Rows with ``is_test`` form the test split.
@@ -6,11 +6,12 @@ enough to test that path everywhere. Rows with ``is_test`` form the test split.
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, layout_error
+from .errors import DATA_DOC, DataError, layout_error
 
 REQUIRED = {
     "x": "iu", "y": "iu", "t": "iu", "p": "iub", "offsets": "iu", "labels": "iu", "is_test": "b",
@@ -21,7 +22,7 @@ NMNIST_LAYOUT = """<data.root>/nmnist_small_events.npz   (or data.train_file / d
   offsets (N+1,): sample i is [offsets[i]:offsets[i+1]]
   labels (N,), is_test (N,) bool, sensor_size [34, 34, 2]"""
 NMNIST_FIX = ("set data.train_file (and optionally data.test_file) to the npz, or data.root to the folder\n"
-              "that holds nmnist_small_events.npz (the repository's ../shared/data has a real copy)")
+              f"that holds nmnist_small_events.npz (format: {DATA_DOC} in the repository)")
 
 
 def default_nmnist_file(root: Path | None, train_file: Path | None) -> Path:
@@ -39,6 +40,10 @@ class NpzEventSource:
 
     def __init__(self, path: Path, test: bool):
         self.path = Path(path)
+        if not zipfile.is_zipfile(self.path):  # np.load would try pickle next and blame allow_pickle
+            raise layout_error("nmnist", self.path, NMNIST_LAYOUT, NMNIST_FIX,
+                               problem="not an npz archive (not a zip of .npy arrays): a truncated or corrupt "
+                                       "copy? replace the file")
         with np.load(self.path, allow_pickle=False) as z:
             missing = [k for k in REQUIRED if k not in z.files]
             if missing:

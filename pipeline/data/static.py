@@ -6,6 +6,7 @@ transforms, limits and validation split behave identically whatever the source o
 from __future__ import annotations
 
 import copy
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .bundle import DataBundle, LabelledSubset, balanced_prefix, prefix, train_val_test
-from .errors import DataError, layout_error
+from .errors import DATA_DOC, DataError, layout_error
 from .settings import opt_path
 from .transforms import (
     CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD,
@@ -60,7 +61,7 @@ def _npz_layout(name: str) -> str:
 def _npz_fix(name: str) -> str:
     return (
         f"set data.root to the folder holding the npz files, or data.train_file / data.test_file\n"
-        f"to the files themselves (format: see ../shared/data/README.md), or use the torchvision\n"
+        f"to the files themselves (format: {DATA_DOC} in the repository), or use the torchvision\n"
         f"layout with data.format: torchvision (data.download: true fetches it where a network exists)"
     )
 
@@ -86,32 +87,41 @@ def find_cifar_npz(name: str, cfg: Mapping[str, Any]) -> tuple[Path, Path] | Non
     return train, test
 
 
-def load_cifar_npz(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
-    """Read and validate one CIFAR npz: (images uint8 NHWC, labels int64, class names or None)."""
+def load_cifar_npz(path: Path, num_classes: int,
+                   name: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """Read and validate one CIFAR npz: (images uint8 NHWC, labels int64, class names or None).
+
+    Every problem is a :class:`DataError` that shows the file, the layout and the fix.
+    """
+    name = name or ("cifar10" if num_classes == 10 else "cifar100")
+
+    def bad(problem: str) -> DataError:
+        return layout_error(f"{name} npz", path, _npz_layout(name), _npz_fix(name), problem=problem)
+
+    if not zipfile.is_zipfile(path):  # np.load would try pickle next and blame allow_pickle
+        raise bad("not an npz archive (not a zip of .npy arrays): a truncated or corrupt copy? replace the file")
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = set(z.files)
             for key in ("images", "labels"):
                 if key not in keys:
-                    raise DataError(f"{path}: missing key '{key}' (keys present: {sorted(keys)}); "
-                                    f"expected images (N,32,32,3) uint8 and labels (N,) int")
+                    raise bad(f"missing key '{key}' (keys present: {sorted(keys)})")
             images, labels = z["images"], z["labels"]
             classes = [str(c) for c in z["classes"]] if "classes" in keys else None
     except DataError:
         raise
-    except Exception as exc:  # zip/format errors: name the file
-        raise DataError(f"{path}: not a readable npz archive ({exc})") from exc
+    except Exception as exc:  # damaged members, object arrays: name the file, not numpy's option
+        raise bad(f"an array could not be read ({type(exc).__name__}): a truncated or corrupt copy? "
+                  f"replace the file") from exc
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
-        raise DataError(f"{path}: key 'images' has dtype {images.dtype} shape {images.shape}; "
-                        f"expected uint8 (N,H,W,3) HWC RGB")
+        raise bad(f"key 'images' has dtype {images.dtype} shape {images.shape}; expected uint8 (N,H,W,3) HWC RGB")
     if labels.dtype.kind not in "iu" or labels.shape != (images.shape[0],):
-        raise DataError(f"{path}: key 'labels' has dtype {labels.dtype} shape {labels.shape}; "
-                        f"expected an integer array of shape ({images.shape[0]},)")
+        raise bad(f"key 'labels' has dtype {labels.dtype} shape {labels.shape}; "
+                  f"expected an integer array of shape ({images.shape[0]},)")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(f"{path}: key 'labels' holds values in [{labels.min()}, {labels.max()}]; "
-                        f"expected [0, {num_classes - 1}]")
+        raise bad(f"key 'labels' holds values in [{labels.min()}, {labels.max()}]; expected [0, {num_classes - 1}]")
     if classes is not None and len(classes) != num_classes:
-        raise DataError(f"{path}: key 'classes' lists {len(classes)} names; expected {num_classes}")
+        raise bad(f"key 'classes' lists {len(classes)} names; expected {num_classes}")
     return images, labels.astype(np.int64), classes
 
 
@@ -161,8 +171,8 @@ def build_cifar(name: str, cfg: Mapping[str, Any], seed: int) -> DataBundle:
     if fmt == "npz" and files is None:
         raise layout_error(f"{name} npz", opt_path(cfg.get("root")), _npz_layout(name), _npz_fix(name))
     if files is not None:
-        x_tr, y_tr, classes = load_cifar_npz(files[0], spec["classes"])
-        x_te, y_te, classes_te = load_cifar_npz(files[1], spec["classes"])
+        x_tr, y_tr, classes = load_cifar_npz(files[0], spec["classes"], name)
+        x_te, y_te, classes_te = load_cifar_npz(files[1], spec["classes"], name)
         classes = classes or classes_te or _default_classes(name)
     else:
         x_tr, y_tr, x_te, y_te, classes = load_cifar_torchvision(name, cfg)

@@ -1,7 +1,7 @@
 """ONNX export of unrolled modules: export, full check, shape inference, metadata, spike probes.
 
 Why the legacy exporter is the default: with plain-comparison spikes and the membrane created
-inside ``forward`` both exporters give a static graph (DESIGN.md §5, checked again here), the
+inside ``forward`` both exporters give a static graph (docs/architecture.md §5, checked again here), the
 legacy one is about 5x faster on these nets, and its Q/DQ export is the one the quantiser
 recommends for TensorRT (no extra ``Clip`` between per-channel Q and DQ). ``export.dynamo: true``
 switches to ``torch.export`` (needs onnxscript and opset >= 18).

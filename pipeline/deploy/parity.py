@@ -228,14 +228,16 @@ def record_membranes(model: Any) -> Iterator[dict[str, Any]]:
 
 
 def torch_with_spikes(model: Any, membranes: bool = True) -> SpikeFn:
-    """``x -> (logits, spikes, membranes)`` for a torch model (record_spikes + record_membranes)."""
+    """``x -> (logits, spikes, membranes)`` for a torch model (record_spikes + record_membranes),
+    computed in strict FP32 (no TF32: see :mod:`pipeline.precision`)."""
     import torch
 
     from pipeline.models import record_spikes
+    from pipeline.precision import strict_fp32
 
     @torch.no_grad()
     def run(x: Any) -> tuple:
-        with record_spikes(model) as store:
+        with strict_fp32(), record_spikes(model) as store:
             if membranes:
                 with record_membranes(model) as h:
                     logits = model(x)
@@ -251,13 +253,18 @@ def compare(reference: SpikeFn, candidate: SpikeFn, batches: Iterable[Any], tie_
             flip_margin: float = 1e-4, spikes: bool = True) -> ParityReport:
     """Run both on every input batch (``x`` or ``(x, y)``) and accumulate a :class:`ParityReport`.
 
-    The reference's membranes (third element, when it returns one) classify the flips.
+    The reference's membranes (third element, when it returns one) classify the flips. Both run in
+    strict FP32: with TF32 (cuDNN's default for convolutions on Ampere and newer) a conv differs by
+    ~5e-4, more than ``flip_margin``, so rounding would pass for real mismatches.
     """
+    from pipeline.precision import strict_fp32
+
     report = ParityReport(tie_tol=tie_tol, flip_margin=flip_margin)
     for batch in batches:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        ref = reference(x)
-        cand = candidate(x)
+        with strict_fp32():
+            ref = reference(x)
+            cand = candidate(x)
         ref_membranes = ref[2] if len(ref) > 2 else None
         if spikes:
             report.update(ref[0], cand[0], ref[1], cand[1], ref_membranes)

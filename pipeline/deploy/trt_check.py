@@ -1,6 +1,6 @@
 """Static TensorRT-compatibility check of an ONNX graph: pure ``onnx``, no TensorRT or GPU needed.
 
-Most TensorRT build failures are visible in the ONNX file itself (DESIGN.md §5). Each rule
+Most TensorRT build failures are visible in the ONNX file itself (docs/architecture.md §5). Each rule
 below names a TensorRT 10 requirement; every violation is reported with the node that breaks
 it, so the fix (an export option, a quantiser setting) is obvious from the report.
 

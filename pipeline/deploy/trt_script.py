@@ -19,6 +19,7 @@ import re
 import shlex
 from typing import Callable, Sequence
 
+from pipeline.runtime.base import BENCH_DEFAULTS
 from pipeline.runtime.trt_build import EngineSpec
 
 _SHAPES = re.compile(r"^[^:,]+:\d+(x\d+)*(,[^:,]+:\d+(x\d+)*)*$")
@@ -52,6 +53,7 @@ TRTEXEC_FLAGS: dict[str, Callable[[str], bool] | None] = {
     "--verbose": None,
     "--iterations": lambda v: v.isdigit(),
     "--warmUp": lambda v: v.isdigit(),
+    "--duration": lambda v: v.isdigit(),
     "--useCudaGraph": None,
 }
 
@@ -119,8 +121,43 @@ TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}
 """
 
 
+# trtexec timing of each built engine: batch 1, at least TIMING_ITERATIONS inferences and
+# TIMING_SECONDS seconds after TIMING_WARMUP_MS of warm-up (JETSON.md explains the summary)
+TIMING_WARMUP_MS = 500
+TIMING_ITERATIONS = 100
+TIMING_SECONDS = 3
+
+
+def timing_args(spec: EngineSpec, batch: int = 1) -> list[str]:
+    """trtexec arguments that load ``spec``'s engine and time it (inference on: no --skipInference)."""
+    args = [f"--loadEngine={spec.engine}"]
+    if any(-1 in dims for dims in spec.inputs.values()):
+        args.append(f"--shapes={_shape_spec(spec, batch)}")
+    return args + [f"--warmUp={TIMING_WARMUP_MS}", f"--iterations={TIMING_ITERATIONS}", f"--duration={TIMING_SECONDS}"]
+
+
+def timing_log(spec: EngineSpec) -> str:
+    return f"{spec.name}.timing.log"
+
+
+def _render_timing(specs: Sequence[EngineSpec]) -> str:
+    parts = ['\n# Time each engine with trtexec (batch 1; SKIP_TIMING=1 skips this). The summary lands in\n'
+             '# <name>.timing.log under "=== Performance summary ===": JETSON.md explains its lines.\n'
+             'if [ "${SKIP_TIMING:-0}" != 1 ]; then\n']
+    for spec in specs:
+        log = shlex.quote(timing_log(spec))
+        command = " \\\n    ".join(['"$TRTEXEC"'] + [shlex.quote(a) for a in timing_args(spec)])
+        parts.append(f'echo "timing {spec.engine} (batch 1) ..."\n'
+                     f"{command} \\\n    > {log} 2>&1 \\\n"
+                     f'  || {{ echo "timing {spec.engine} failed; see {timing_log(spec)}" >&2; exit 1; }}\n'
+                     f'grep -E "Throughput|] Latency|GPU Compute Time" {log} || true\n')
+    parts.append("fi\n")
+    return "".join(parts)
+
+
 def render_script(specs: Sequence[EngineSpec]) -> str:
-    """The whole ``build_engines.sh``: one trtexec command per engine, each logging to ``<name>.build.log``."""
+    """The whole ``build_engines.sh``: one trtexec command per engine, each logging to ``<name>.build.log``,
+    then a trtexec timing run of each engine (``<name>.timing.log``)."""
     parts = [_HEADER]
     for spec in specs:
         what = {"fp16": "FP16" + (" (neuron layers FP32)" if spec.fp32_layers else ""),
@@ -132,12 +169,16 @@ def render_script(specs: Sequence[EngineSpec]) -> str:
         log = shlex.quote(spec.log)
         parts.append(" \\\n    ".join(lines) + f" \\\n    > {log} 2>&1 \\\n"
                      f'  || {{ echo "{spec.engine} failed; see {spec.log}" >&2; tail -n 20 {log} >&2; exit 1; }}\n')
+    parts.append(_render_timing(specs))
     parts.append('\necho "engines built; check them with: python3 -m staa_runtime predict <name>.engine"\n')
     return "".join(parts)
 
 
-def parse_script(text: str) -> list[list[str]]:
-    """The trtexec argument lists in a rendered script (for tests and for checking edits by hand)."""
+def parse_script(text: str, which: str = "build") -> list[list[str]]:
+    """The trtexec argument lists in a rendered script (for tests and for checking edits by hand).
+
+    ``which``: ``"build"`` (commands with ``--onnx``), ``"time"`` (``--loadEngine``) or ``"all"``.
+    """
     joined = text.replace("\\\n", " ")
     commands = []
     for line in joined.splitlines():
@@ -151,7 +192,10 @@ def parse_script(text: str) -> list[list[str]]:
                 break
             args.append(tok)
         commands.append(args)
-    return commands
+    if which == "all":
+        return commands
+    flag = {"build": "--onnx=", "time": "--loadEngine="}[which]
+    return [c for c in commands if any(a.startswith(flag) for a in c)]
 
 
 def render_jetson_guide(specs: Sequence[EngineSpec], meta: dict[str, str]) -> str:
@@ -199,6 +243,29 @@ shared `timing.cache` (reused by later builds on the same device).
     python3 -m staa_runtime predict {first}    # top-1 and agreement with the float model
     python3 -m staa_runtime bench {first} --batch 1
     python3 -m staa_runtime predict model_fp32.onnx    # ONNX Runtime, no engine needed
+
+`staa_runtime bench` times `predict` the way the pipeline's report does, with the same defaults
+({BENCH_DEFAULTS['warmup']} warm-up calls, then at least {BENCH_DEFAULTS['iters']} calls and {BENCH_DEFAULTS['min_seconds']} s, \
+{BENCH_DEFAULTS['threads']} CPU thread; `--threads 0` leaves the runtime's default): wall-clock per call from
+numpy in to numpy out, copies to and from the GPU included, as an application sees it. It prints p50, p95, p99, min, max, mean and std in ms and
+the throughput in images per second.
+
+`build_engines.sh` also times each engine with trtexec after building it (batch 1, at least
+{TIMING_ITERATIONS} inferences and {TIMING_SECONDS} s after {TIMING_WARMUP_MS} ms of warm-up;
+`SKIP_TIMING=1 ./build_engines.sh` skips it) and writes `<name>.timing.log`. Read its
+`=== Performance summary ===`:
+- `Throughput: N qps`: inferences per second; one inference is one batch, so images per
+  second is N times the batch (1 here).
+- `Latency: min, max, mean, median, percentile(90/95/99%)`: host latency of one inference =
+  `H2D Latency` (input copy) + `GPU Compute Time` + `D2H Latency` (output copy). The median
+  compares with `staa_runtime bench`'s p50, which adds Python and numpy overhead on top.
+- `Enqueue Time`: CPU time to launch one inference; when it approaches the GPU compute time the
+  CPU is the bottleneck (try `--useCudaGraph`).
+- `GPU Compute Time`: the engine alone on the GPU: the number to compare FP16 with INT8.
+- `Total Host Walltime` / `Total GPU Compute Time`: the whole timed run; their ratio shows how
+  busy the GPU was.
+To time another batch size, rerun the timing line from `build_engines.sh` with
+`--shapes=input:<B>x...` (within the engine's min/max batch).
 
 ## Streaming (event cameras)
 If `step_fp32.onnx` is present the model can run one time step at a time: inputs `input`

@@ -1,7 +1,7 @@
 """Unroll a trained STAA-SNN into a static, stateless inference module.
 
 Why: the exporters and TensorRT need a graph with no Python state, no autograd.Function and
-no training-only randomness (DESIGN.md §5). ``SpikingNet`` already loops over a fixed T inside
+no training-only randomness (docs/architecture.md §5). ``SpikingNet`` already loops over a fixed T inside
 ``forward`` with the membrane created there, so "unrolling" is a set of in-place rewrites of a
 copy of the model:
 
@@ -25,7 +25,6 @@ would compare two different networks. So BN is handled before or by the target i
 from __future__ import annotations
 
 import copy
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-UNROLLED_FORMAT = "staa-unrolled/1"
+UNROLLED_FORMAT = "staa-unrolled/2"  # /2: int8 as state + rebuild recipe, never a pickled module
+# what an int8 file keeps of its QAT checkpoint: enough for load_qat_model to rebuild it
+QAT_KEYS = ("format", "model", "model_cfg", "data_meta", "nncf_config", "fold_bn")
 FLOAT_RECIPE = ("eval", "fold_bn", "inference_neurons", "tsrd_off", "constant_pe", "frozen")
 INT8_RECIPE = ("eval", "inference_neurons", "tsrd_off", "frozen")
 
@@ -106,12 +107,12 @@ def unroll_qat(model: nn.Module) -> nn.Module:
 
 
 def save_unrolled(path: Path, module: nn.Module, info: UnrolledInfo) -> None:
-    """Write an unrolled module.
+    """Write an unrolled module as its state dict plus what rebuilds it; no pickled code.
 
-    Float: the weights plus a rebuild recipe (model config + the rewrites), robust to code
-    moving around. Int8: the whole module pickled (its structure belongs to the quantiser);
-    when it does not pickle, ``info.extra["qat_checkpoint"]`` must carry the QAT checkpoint
-    so that :func:`load_unrolled` can rebuild it through ``load_qat_model``.
+    Float: the model config and the rewrites (:data:`FLOAT_RECIPE`). Int8: the QAT checkpoint
+    it came from (``info.extra["qat_checkpoint"]``: model config, NNCF config, QAT weights),
+    or, for the reference Q/DQ model (``pipeline.deploy.qdq_reference``), its input scales.
+    :func:`load_unrolled` rebuilds the module and loads the state dict strictly.
     """
     from pipeline.checkpoint import save_atomic
 
@@ -119,70 +120,116 @@ def save_unrolled(path: Path, module: nn.Module, info: UnrolledInfo) -> None:
         "format": UNROLLED_FORMAT, "kind": info.kind, "T": int(info.T), "model_cfg": dict(info.model_cfg),
         "data_meta": dict(info.data_meta), "bn_folded": info.bn_folded, "recipe": list(info.recipe),
         "source": info.source, "extra": {k: v for k, v in info.extra.items() if k != "qat_checkpoint"},
+        "build_cfg": _build_cfg(module, info), "state_dict": module.state_dict(),
     }
-    if info.kind == "float":
-        payload["state_dict"] = module.state_dict()
-    else:
-        try:
-            buf = io.BytesIO()
-            torch.save(module, buf)
-            payload["module_bytes"] = buf.getvalue()
-        except Exception as exc:  # NNCF wrappers may hold unpicklable hooks
-            if "qat_checkpoint" not in info.extra:
-                raise UnrollError(f"the int8 module does not pickle ({type(exc).__name__}: {exc}) and no "
-                                  f"QAT checkpoint was given to rebuild it from") from exc
-            payload["qat_checkpoint"] = info.extra["qat_checkpoint"]
-            payload["state_dict"] = module.state_dict()
+    if info.kind != "float":
+        payload["rebuild"] = _int8_rebuild(module, info)
     save_atomic(payload, Path(path))
 
 
+def _int8_rebuild(module: nn.Module, info: UnrolledInfo) -> dict[str, Any]:
+    """How to rebuild an int8 module: from its QAT checkpoint (NNCF) or its reference Q/DQ input scales."""
+    from pipeline.deploy.qdq_reference import QDQConv2d
+
+    qat = info.extra.get("qat_checkpoint")
+    if isinstance(qat, dict) and "nncf_config" in qat:
+        return {"from": "qat_checkpoint", "qat": {k: qat[k] for k in QAT_KEYS if k in qat}}
+    scales = {name: m.input_scale for name, m in module.named_modules() if isinstance(m, QDQConv2d)}
+    if scales:
+        return {"from": "qdq_reference", "input_scales": scales}
+    raise UnrollError("the int8 module is neither the reference Q/DQ model nor given with the QAT checkpoint it came "
+                      "from; pass that checkpoint as UnrolledInfo.extra['qat_checkpoint'] (the unroll stage does)")
+
+
 def load_unrolled(path: Path) -> tuple[nn.Module, UnrolledInfo]:
-    """Load a file written by :func:`save_unrolled` -> (static module in eval mode, info)."""
+    """Load a file written by :func:`save_unrolled` -> (static module in eval mode, info).
+
+    Read with ``torch.load(weights_only=True)``: a file carrying pickled code is refused unopened.
+    """
+    from pipeline.checkpoint import load_plain
+
     path = Path(path)
     if not path.is_file():
         raise UnrollError(f"unrolled model not found: {path}; run the unroll stage "
                           f"(python -m pipeline.stage unroll --config ...)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise UnrollError(f"{path} cannot be read ({type(exc).__name__}: {exc}); re-run the unroll stage") from exc
+    payload = load_plain(path, UnrollError, "delete it and re-run the unroll stage "
+                                            "(python -m pipeline.stage unroll --config ... --force)")
     if not isinstance(payload, dict) or payload.get("format") != UNROLLED_FORMAT:
-        raise UnrollError(f"{path} is not an unrolled model ({UNROLLED_FORMAT}); re-run the unroll stage")
-    info = UnrolledInfo(kind=payload["kind"], T=payload["T"], model_cfg=payload["model_cfg"],
-                        data_meta=payload["data_meta"], bn_folded=payload["bn_folded"],
-                        recipe=tuple(payload["recipe"]), source=payload.get("source", ""),
-                        extra=payload.get("extra", {}))
-    if "module_bytes" in payload:
-        module = torch.load(io.BytesIO(payload["module_bytes"]), map_location="cpu", weights_only=False)
-        return _static(module), info
-    if info.kind == "float":
-        from pipeline.models import build_model
-
-        skeleton = build_model(dict(info.model_cfg, T=info.T))
-        module = unroll_float(skeleton)
-    else:
-        module = _rebuild_qat(payload["qat_checkpoint"], path)
+        found = payload.get("format") if isinstance(payload, dict) else None
+        raise UnrollError(f"{path} is not an unrolled model ({UNROLLED_FORMAT}, found {found!r}); files of an older "
+                          f"version held a pickled module: re-run the unroll stage")
     try:
+        info = UnrolledInfo(kind=payload["kind"], T=payload["T"], model_cfg=payload["model_cfg"],
+                            data_meta=payload["data_meta"], bn_folded=payload["bn_folded"],
+                            recipe=tuple(payload["recipe"]), source=payload.get("source", ""),
+                            extra=payload.get("extra", {}))
+        module = _skeleton(payload, info, path)
         module.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
-        raise UnrollError(f"{path}: weights do not fit the rebuilt module ({exc}); re-run the unroll stage") from exc
-    return module, info
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise UnrollError(f"{path}: the module cannot be rebuilt or its weights do not fit it "
+                          f"({type(exc).__name__}: {exc}); re-run the unroll stage") from exc
+    _sync_constants(module)
+    return module.eval(), info
+
+
+def _build_cfg(module: nn.Module, info: UnrolledInfo) -> dict[str, Any]:
+    """The exact config ``build_model`` rebuilds this module's network from (its resolved spec when it has one)."""
+    spec = getattr(module, "spec", None)
+    return spec.as_dict() if spec is not None else dict(info.model_cfg, T=int(info.T))
+
+
+def _skeleton(payload: dict[str, Any], info: UnrolledInfo, path: Path) -> nn.Module:
+    """The unrolled module rebuilt from its recipe, with whatever weights: the state dict comes next."""
+    from pipeline.models import build_model
+
+    if info.kind == "float":
+        return unroll_float(build_model(payload["build_cfg"]))
+    rebuild = payload.get("rebuild") or {}
+    if rebuild.get("from") == "qat_checkpoint":
+        return _rebuild_qat(rebuild["qat"], path)
+    if rebuild.get("from") == "qdq_reference":
+        return _rebuild_qdq_reference(build_model(payload["build_cfg"]), info.bn_folded, rebuild["input_scales"])
+    raise UnrollError(f"{path} holds an int8 model without a rebuild recipe ({rebuild.get('from')!r}); "
+                      f"re-run the unroll stage")
 
 
 def _rebuild_qat(ckpt: dict[str, Any], path: Path) -> nn.Module:
     """Rebuild an int8 unrolled module from its embedded QAT checkpoint (needs the quantiser)."""
-    import tempfile
+    from pipeline.checkpoint import CheckpointError
 
     try:
-        from pipeline.compress.quantize import load_qat_model
+        from pipeline.compress.quantize import qdq_module
     except ImportError as exc:
         raise UnrollError(f"{path} holds an int8 model that is rebuilt with pipeline.compress.quantize, "
                           f"which cannot be imported ({exc})") from exc
-    with tempfile.TemporaryDirectory() as tmp:
-        ck = Path(tmp) / "qat.pt"
-        torch.save(ckpt, ck)
-        model, _ = load_qat_model(ck)
-    return unroll_qat(model)
+    try:
+        return unroll_qat(qdq_module(ckpt))
+    except CheckpointError as exc:
+        raise UnrollError(f"{path}: its QAT checkpoint does not rebuild ({exc})") from exc
+
+
+def _rebuild_qdq_reference(model: nn.Module, bn_folded: bool, input_scales: dict[str, float]) -> nn.Module:
+    """The reference Q/DQ model's structure: every listed conv wrapped in a ``QDQConv2d`` with its input scale."""
+    from pipeline.deploy.qdq_reference import QDQConv2d
+    from pipeline.models import fold_batchnorm
+
+    model.eval()
+    if bn_folded:
+        fold_batchnorm(model)
+    for name, scale in input_scales.items():
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, attr, QDQConv2d(getattr(owner, attr), float(scale)))
+    return _static(model)
+
+
+def _sync_constants(module: nn.Module) -> None:
+    """Per-tensor fake-quant scales are also Python numbers (constants for the exporters): match the loaded buffers."""
+    from pipeline.compress.qdq import FixedFakeQuant
+
+    for m in module.modules():
+        if isinstance(m, FixedFakeQuant) and m.axis is None:
+            m.scale_value, m.zero_value = float(m.scale[0]), int(m.zero_point[0])
 
 
 def describe(module: nn.Module) -> dict[str, Any]:

@@ -60,7 +60,8 @@ class SpikingNet(nn.Module):
         "truncate" keeps the first ``T_new`` steps (shrinking only), "interpolate" interpolates
         linearly keeping the first and last step, "mean" sets every new step to the old mean.
         Step-attention Linear layers (T-sized) are resampled the same way, hidden width kept
-        (see ``pipeline.models.staa``). Parameters are replaced: build the optimiser afterwards.
+        (``spec.staa.sa_hidden`` is unchanged, so a checkpoint of the carried model rebuilds it;
+        see ``pipeline.models.staa``). Parameters are replaced: build the optimiser afterwards.
         """
         if pe_mode not in PE_MODES:
             raise ValueError(f"unknown pe_mode {pe_mode!r}; valid: {', '.join(PE_MODES)}")

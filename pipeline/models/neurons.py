@@ -1,6 +1,6 @@
 """Multi-step leaky integrate-and-fire neurons.
 
-Dynamics (DESIGN.md §4), per step t with input current ``I_t``::
+Dynamics (docs/architecture.md §4), per step t with input current ``I_t``::
 
     H_t = M * U_{t-1} + N * I_t        (U_0 = 0, so H_1 = N * I_1)
     S_t = Heaviside(H_t - v_th)
@@ -16,11 +16,31 @@ by module name (the backbones name every neuron attribute ``lif``).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
 from .spec import NeuronSpec
 from .surrogate import SURROGATES, spike
+
+
+def _fp32_region(x: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast switched off for ``x``'s device type when it is on; otherwise no context at all
+    (tracing and export see no autocast ops)."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _fp32(x: Tensor) -> Tensor:
+    """``x`` as fp32; no op at all (none traced) when it already is."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 class BaseLIF(nn.Module):
@@ -51,22 +71,37 @@ class BaseLIF(nn.Module):
             return (h >= self.v_th).to(h.dtype)
         return spike(h, self.v_th, self.surrogate, self.surrogate_param)
 
-    def step(self, x_t: Tensor, u: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """One time step: input current ``[B, C, ...]`` and membrane (``None`` = 0) -> (spikes, membrane)."""
+    def _step(self, x_t: Tensor, u: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The dynamics in ``x_t``'s dtype (fp32 by the callers): (spikes, membrane after reset)."""
         m = self._coeff(self.decay, x_t.dim())
         n = self._coeff(self.gain, x_t.dim())
         h = n * x_t if u is None else m * u + n * x_t
         s = self.fire(h)
         return s, h * (1 - s)
 
+    def step(self, x_t: Tensor, u: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One time step: input current ``[B, C, ...]`` and membrane (``None`` = 0) -> (spikes in
+        ``x_t.dtype``, fp32 membrane)."""
+        with _fp32_region(x_t):
+            s, u = self._step(_fp32(x_t), None if u is None else _fp32(u))
+        return _cast(s, x_t.dtype), u
+
     def forward(self, x: Tensor) -> Tensor:
-        """``[T, B, C, ...]`` input current -> ``[T, B, C, ...]`` spikes (0/1 in ``x.dtype``)."""
+        """``[T, B, C, ...]`` input current -> ``[T, B, C, ...]`` spikes (0/1 in ``x.dtype``).
+
+        The membrane is computed in fp32 with autocast off, whatever the input dtype: under bf16/fp16
+        autocast a threshold compare in half precision moves spikes (bf16 keeps 8 bits of mantissa,
+        so ``h`` near ``v_th`` = 0.5 is rounded by up to 2e-3). Spikes go back in the input dtype
+        (0 and 1 are exact in every float type). For fp32 input without autocast every cast is a no-op
+        and no autocast region is entered, so exported graphs are unchanged.
+        """
         u: Tensor | None = None
         out = []
-        for x_t in x.unbind(0):
-            s, u = self.step(x_t, u)
-            out.append(s)
-        return torch.stack(out)
+        with _fp32_region(x):
+            for x_t in _fp32(x).unbind(0):
+                s, u = self._step(x_t, u)
+                out.append(s)
+        return _cast(torch.stack(out), x.dtype)
 
     def extra_repr(self) -> str:
         return f"v_th={self.v_th}, surrogate={self.surrogate}({self.surrogate_param}), inference={self.inference}"

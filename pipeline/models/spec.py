@@ -40,9 +40,11 @@ class STAASpec:
     gc_fusion: str = "mul"
     gc_ratio: int = 4
     sa_ratio: int = 4
+    sa_hidden: int | None = None  # step attention's T_h; None: step_attention_width(T, sa_ratio)
     sa_position: str = "before"
     placement: str = "all"
     last_k: int = 1
+    gate: str = "identity"  # "identity": 2 * sigmoid, zero-init (staa.gate_fn); "legacy": sigmoid, bias 2
 
     @property
     def any_block(self) -> bool:
@@ -67,6 +69,48 @@ class ModelSpec:
         from dataclasses import asdict
 
         return asdict(self)
+
+
+def step_attention_width(T: int, sa_ratio: int) -> int:
+    """SA's hidden width for a new model at T steps: T for T <= 4, ``max(T // r, 1)`` above.
+
+    (docs/architecture.md §4.) Fixed at build time and stored in every checkpoint
+    (``model.staa.sa_hidden``): a model carried to another T keeps its trained width, whatever
+    this rule says for the new T.
+    """
+    return int(T) if T <= 4 else max(int(T) // int(sa_ratio), 1)
+
+
+def legacy_step_attention_width(T: int, sa_ratio: int) -> int:
+    """The rule before ``sa_hidden`` was stored: ``max(T // r, 1)`` of the T the checkpoint runs at."""
+    return max(int(T) // int(sa_ratio), 1)
+
+
+def checkpoint_model_cfg(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """The model config a checkpoint was built with, for ``build_model``.
+
+    Checkpoints written before ``model.staa.sa_hidden`` existed lack it (and ``gate``): they were
+    built with the legacy width rule and the legacy sigmoid gates, so those are filled in here;
+    a current checkpoint is returned unchanged.
+    """
+    cfg = dict(stored)
+    staa = dict(cfg.get("staa") or {})
+    if "sa_hidden" not in staa:
+        ratio = staa.get("sa_ratio", STAASpec.sa_ratio)
+        staa["sa_hidden"] = legacy_step_attention_width(cfg.get("T", SCHEMA["model"]["T"]), ratio)
+        staa.setdefault("gate", "legacy")
+    cfg["staa"] = staa
+    return cfg
+
+
+def stored_model_cfg(model_cfg: Mapping[str, Any], spec: ModelSpec) -> dict[str, Any]:
+    """``model_cfg`` with what the built model fixed: its current T and SA's hidden width and gate.
+
+    What a checkpoint must store so that ``build_model`` rebuilds exactly this model after it was
+    carried to another T (``SpikingNet.set_time_steps`` keeps the hidden width).
+    """
+    staa = dict(model_cfg.get("staa") or {}, sa_hidden=spec.staa.sa_hidden, gate=spec.staa.gate)
+    return dict(model_cfg, T=spec.T, staa=staa)
 
 
 def schema_defaults(node: Any) -> Any:
@@ -118,13 +162,17 @@ def resolve_model_cfg(cfg: Mapping[str, Any]) -> ModelSpec:
     for key in ("gc_ratio", "sa_ratio"):
         if int(staa[key]) < 1:
             raise ValueError(f"model.staa.{key} must be >= 1, got {staa[key]!r}")
+    T = int(merged["T"])
+    sa_hidden = step_attention_width(T, staa["sa_ratio"]) if staa["sa_hidden"] is None else int(staa["sa_hidden"])
+    if sa_hidden < 1:
+        raise ValueError(f"model.staa.sa_hidden must be >= 1 (or null for the default rule), got {staa['sa_hidden']!r}")
     if int(staa["last_k"]) < 0:
         raise ValueError(f"model.staa.last_k must be >= 0, got {staa['last_k']!r}")
     n = merged["neuron"]
     return ModelSpec(
         arch=str(merged["arch"]),
         width=float(merged["width"]),
-        T=int(merged["T"]),
+        T=T,
         num_classes=int(cfg["num_classes"]),
         in_channels=int(cfg["in_channels"]),
         neuron=NeuronSpec(
@@ -135,7 +183,7 @@ def resolve_model_cfg(cfg: Mapping[str, Any]) -> ModelSpec:
         staa=STAASpec(
             pe=bool(staa["pe"]), gc=bool(staa["gc"]), sa=bool(staa["sa"]), tsrd=bool(staa["tsrd"]),
             tsrd_p=float(staa["tsrd_p"]), gc_fusion=staa["gc_fusion"], gc_ratio=int(staa["gc_ratio"]),
-            sa_ratio=int(staa["sa_ratio"]), sa_position=staa["sa_position"],
-            placement=staa["placement"], last_k=int(staa["last_k"]),
+            sa_ratio=int(staa["sa_ratio"]), sa_hidden=sa_hidden, sa_position=staa["sa_position"],
+            placement=staa["placement"], last_k=int(staa["last_k"]), gate=staa["gate"],
         ),
     )

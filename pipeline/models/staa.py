@@ -1,13 +1,15 @@
 """STAA: the spatial-temporal attention aggregator applied to a spiking layer's input current.
 
-Parts (DESIGN.md §4), each switchable by config:
+Parts (docs/architecture.md §4), each switchable by config:
 
 - ``PositionEncoding`` (PE): learnable ``[T, 1, C, 1, 1]`` added to X, zero init.
 - ``GlobalContext`` (GC): per (t, b), softmax over H*W of a 1x1 conv C->1 weights a sum of X
   into a ``[C, 1, 1]`` context; transform 1x1 C->C/r, LayerNorm, ReLU, 1x1 C/r->C; fusion
-  ``X * sigmoid(t)`` ("mul") or ``X + t`` ("add"). Weights are shared over T (T merged into B).
+  ``X * 2 sigmoid(t)`` ("mul", see ``gate_fn``) or ``X + t`` ("add"). Weights are shared
+  over T (T merged into B).
 - ``StepAttention`` (SA): pool over H, W to ``[B, C, T]``; bottleneck over the T axis
-  ``T -> max(T // r, 1) -> T`` with ReLU between and sigmoid after; multiply back.
+  ``T -> T_h -> T`` with ReLU between and the gate after; multiply back. ``T_h`` is
+  ``spec.sa_hidden`` (``step_attention_width``: T for T <= 4, ``max(T // r, 1)`` above).
   ``sa_position`` "before" gates X before the neuron, "after" gates the spikes after it.
 - TSRD: in training only, each (sample, step) with probability ``tsrd_p`` bypasses STAA and
   passes the raw ``X_t`` (and, with SA after, the raw spikes). Never active in eval.
@@ -23,10 +25,15 @@ keeps its hidden pre-activation (exact for "mean").
 Choices made here (implementation details the paper does not fix):
 - GC's attention conv has no bias (softmax ignores a constant shift; a bias would never learn).
 - GC's hidden width is ``max(C // r, 2)``: LayerNorm over a single channel is constant.
-- Sigmoid gates (GC "mul", SA) start near-open: the bias feeding the sigmoid is initialised
-  to ``GATE_BIAS_INIT`` = 2 (see there). SA's fc1 starts as a positive time average
-  (weights U(0.5/T, 1.5/T), bias 0) so that its hidden unit (a single one when T < 2r) is not
-  dead from the start.
+- Gates start as the identity with a full gradient (``gate="identity"``, see ``gate_fn``): GC
+  "mul" and SA multiply by ``2 * sigmoid(z)`` and the layer producing ``z`` (GC's last conv, SA's
+  fc2) starts at zero, so ``z = 0``, the gate is exactly 1 and its slope 0.5; GC "add" adds the
+  same zero-initialised ``z``. At initialisation an STAA-LIF computes what the plain LIF computes
+  and the attention has to earn its effect. ``gate="legacy"`` is the earlier form (``sigmoid(z)``,
+  bias 2), kept so that checkpoints written with it compute what they computed.
+- SA's fc1 starts as a positive time average (weights U(0.5/T, 1.5/T), bias 0), so that its
+  ReLU units are alive from the start (a random-sign init left a single unit dead, zero
+  gradient for good, in layers whose input current is mostly positive).
 """
 from __future__ import annotations
 
@@ -35,13 +42,29 @@ from torch import Tensor, nn
 
 from .layers import merge_time, split_time
 from .neurons import BaseLIF
-from .spec import STAASpec
+from .spec import STAASpec, step_attention_width
 
 PE_MODES = ("truncate", "interpolate", "mean")
-# Gates start near-open (sigmoid(2) = 0.88), not at 0.5: with a fixed threshold, halving the
-# current twice (GC, then SA) silences most neurons at init; measured on 64 CIFAR images at
-# width 1/8, T=2, bias 0 had not fit in 80 steps, bias 2 reached 90% train accuracy in ~37.
-GATE_BIAS_INIT = 2.0
+GATES = ("identity", "legacy")
+# the "legacy" gate's starting bias: sigmoid(2) = 0.88, so that two half-open gates did not
+# silence the net at init (its slope there is 0.10, which is why "identity" replaced it)
+LEGACY_GATE_BIAS = 2.0
+
+
+def gate_fn(z: Tensor, gate: str = "identity") -> Tensor:
+    """The multiplicative gate of GC ("mul") and SA for logits ``z``.
+
+    "identity": ``2 * sigmoid(z)``, in (0, 2), exactly 1 with slope 0.5 at ``z = 0``. Chosen over
+    the equivalent ``1 + tanh(z)`` (= ``2 * sigmoid(2z)``) because it keeps the Sigmoid op that
+    NNCF's ignored scopes, the ONNX graphs and TensorRT already handle; the extra Mul is per
+    (step, sample, channel), negligible. "legacy": ``sigmoid(z)``.
+    """
+    return torch.sigmoid(z) if gate == "legacy" else 2.0 * torch.sigmoid(z)
+
+
+def _check_gate(gate: str) -> None:
+    if gate not in GATES:
+        raise ValueError(f"unknown staa gate {gate!r}; valid: {', '.join(GATES)}")
 
 
 def resample_time(w: Tensor, dim: int, T_new: int, mode: str) -> Tensor:
@@ -90,12 +113,14 @@ class PositionEncoding(nn.Module):
 class GlobalContext(nn.Module):
     """GCNet-style global-context block, weights shared over time."""
 
-    def __init__(self, channels: int, ratio: int = 4, fusion: str = "mul") -> None:
+    def __init__(self, channels: int, ratio: int = 4, fusion: str = "mul", gate: str = "identity") -> None:
         super().__init__()
         if fusion not in ("mul", "add"):
             raise ValueError(f"unknown gc_fusion {fusion!r}; valid: mul, add")
+        _check_gate(gate)
         hidden = max(channels // ratio, 2)
         self.fusion = fusion
+        self.gate = gate
         self.attn = nn.Conv2d(channels, 1, 1, bias=False)
         self.transform = nn.Sequential(
             nn.Conv2d(channels, hidden, 1),
@@ -103,35 +128,47 @@ class GlobalContext(nn.Module):
             nn.ReLU(),
             nn.Conv2d(hidden, channels, 1),
         )
-        if fusion == "mul":
-            nn.init.constant_(self.transform[-1].bias, GATE_BIAS_INIT)
+        last = self.transform[-1]
+        if gate == "identity":  # z = 0: "mul" multiplies by exactly 1, "add" adds 0
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        elif fusion == "mul":
+            nn.init.constant_(last.bias, LEGACY_GATE_BIAS)
 
     def forward(self, x: Tensor) -> Tensor:
         f = merge_time(x)  # [N, C, H, W]
         w = self.attn(f).flatten(1).softmax(-1)  # [N, HW]
         context = torch.matmul(f.flatten(2), w.unsqueeze(-1)).unsqueeze(-1)  # [N, C, 1, 1]
         t = split_time(self.transform(context), x.shape[0])  # [T, B, C, 1, 1]
-        return x * torch.sigmoid(t) if self.fusion == "mul" else x + t
+        return x * gate_fn(t, self.gate) if self.fusion == "mul" else x + t
 
 
 class StepAttention(nn.Module):
     """Gate each (step, channel) by a bottleneck MLP over the T axis of the pooled input."""
 
-    def __init__(self, T: int, ratio: int = 4) -> None:
+    def __init__(self, T: int, ratio: int = 4, hidden: int | None = None, gate: str = "identity") -> None:
         super().__init__()
-        hidden = max(T // ratio, 1)
+        _check_gate(gate)
+        hidden = step_attention_width(T, ratio) if hidden is None else int(hidden)
+        if hidden < 1:
+            raise ValueError(f"step attention needs a hidden width >= 1, got {hidden}")
+        self.gate = gate
         self.fc1 = nn.Linear(T, hidden)
         self.fc2 = nn.Linear(hidden, T)
-        # Hidden unit(s) start as a positive time average of the pooled current, zero bias: with a
-        # single ReLU unit (T < 2r), a random-sign init left it dead (zero gradient for good) in
-        # layers whose input current is mostly positive (the residual sums carry spikes).
+        # Hidden units start as positive time averages of the pooled current, zero bias: a
+        # random-sign init left a single ReLU unit dead (zero gradient for good) in layers whose
+        # input current is mostly positive (the residual sums carry spikes).
         nn.init.uniform_(self.fc1.weight, 0.5 / T, 1.5 / T)
         nn.init.zeros_(self.fc1.bias)
-        nn.init.constant_(self.fc2.bias, GATE_BIAS_INIT)
+        if gate == "identity":  # gate logits 0: every step passes unchanged at init
+            nn.init.zeros_(self.fc2.weight)
+            nn.init.zeros_(self.fc2.bias)
+        else:
+            nn.init.constant_(self.fc2.bias, LEGACY_GATE_BIAS)
 
     def forward(self, x: Tensor) -> Tensor:
         pooled = x.flatten(3).mean(-1) if x.dim() > 3 else x  # [T, B, C]
-        g = torch.sigmoid(self.fc2(torch.relu(self.fc1(pooled.permute(1, 2, 0)))))  # [B, C, T]
+        g = gate_fn(self.fc2(torch.relu(self.fc1(pooled.permute(1, 2, 0)))), self.gate)  # [B, C, T]
         g = g.permute(2, 0, 1)  # [T, B, C]
         for _ in range(x.dim() - 3):
             g = g.unsqueeze(-1)
@@ -159,8 +196,8 @@ class STAA(nn.Module):
     def __init__(self, spec: STAASpec, channels: int, T: int) -> None:
         super().__init__()
         self.pe = PositionEncoding(T, channels) if spec.pe else None
-        self.gc = GlobalContext(channels, spec.gc_ratio, spec.gc_fusion) if spec.gc else None
-        self.sa = StepAttention(T, spec.sa_ratio) if spec.sa else None
+        self.gc = GlobalContext(channels, spec.gc_ratio, spec.gc_fusion, spec.gate) if spec.gc else None
+        self.sa = StepAttention(T, spec.sa_ratio, spec.sa_hidden, spec.gate) if spec.sa else None
         if spec.sa_position not in ("before", "after"):
             raise ValueError(f"unknown sa_position {spec.sa_position!r}; valid: before, after")
         self.sa_after = spec.sa_position == "after"

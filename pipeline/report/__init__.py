@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from .energy import CONVENTION, E_AC_PJ, E_MAC_PJ, LayerOps, count_ops, profile_ops, summarize
+from .energy import CONVENTION, E_AC_PJ, E_MAC_PJ, E_MUL_PJ, EXCLUDED, LayerOps, count_ops, profile_ops, summarize
 from .gates import apply_gates
 from .inventory import BASELINE, Artifact, discover, upstream_parity
 from .measure import Settings, inherit_energy, measure, measure_speed
@@ -17,7 +17,7 @@ from .report_json import SCHEMA_VERSION, build_report, validate_report
 from .report_md import render
 
 __all__ = [
-    "BASELINE", "CONVENTION", "E_AC_PJ", "E_MAC_PJ", "SCHEMA_VERSION", "Artifact", "LayerOps", "Settings",
+    "BASELINE", "CONVENTION", "E_AC_PJ", "E_MAC_PJ", "E_MUL_PJ", "EXCLUDED", "SCHEMA_VERSION", "Artifact", "LayerOps", "Settings",
     "apply_gates", "build_report", "count_ops", "discover", "inherit_energy", "measure", "measure_speed",
     "profile_ops", "render", "summarize", "upstream_parity", "validate_report",
 ]

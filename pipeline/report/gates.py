@@ -1,69 +1,116 @@
-"""Deltas, agreement and the pass/fail gate of every report row.
+"""Deltas, agreement, their uncertainty and the pass/fail gates of every report row.
 
 Why separate from measuring: the gate logic is the contract the run is judged by, so it is
 kept small and pure (rows in, rows out) and tested on its own.
 
-- ``delta``: top-1 minus the float baseline's top-1, in points (negative = worse).
+- ``delta``: top-1 minus the float baseline's top-1, in points (negative = worse), with
+  ``delta_stats``: a 95% interval and an exact McNemar p-value from the paired predictions on
+  the same test images (:mod:`.stats`); a delta whose p >= 0.05 is noise, not a gain or a loss.
 - ``agreement``: share of test images where the row predicts the baseline's class.
-- gate: ``validate.gates[<key>]`` is the largest top-1 drop (points) a row may show against its
-  reference: its parent artifact (``validate.gate_reference: parent``, default: the cost of
-  this one step) or the float baseline (``baseline``: the cumulative cost). A row passes when
-  ``reference_top1 - top1 <= max_drop``; a gated row that failed to run fails its gate; a
-  skipped row (e.g. no TensorRT here) has no gate result and does not fail the run.
+- ``gate`` (the cost of one step): ``validate.gates[<key>]`` is the largest top-1 drop (points)
+  a row may show against its parent artifact (``validate.gate_reference: parent``, default) or
+  against the float baseline (``baseline``).
+- ``total_gate`` (the cumulative cost): every row that can ship (ONNX graphs, engines) is also
+  held to ``validate.gates.total`` points against the float baseline, so the per-step
+  tolerances cannot add up to an unbounded loss while every step looks green.
+
+A check passes when ``reference_top1 - top1 <= max_drop``; a gated row that failed to run fails
+its gates; a skipped row (e.g. no TensorRT here) has no result and does not fail the run. A
+failed check says whether its drop is statistically significant on these images.
 """
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
+from pipeline.report.stats import PairedDelta, paired_delta
+from pipeline.training.evaluate import agreement
+
 EPS = 1e-9  # float noise in percentages must not fail a 0.0 gate
+TOTAL = "total"  # validate.gates key of the cumulative check
 
 
-def _agreement(preds: Any, ref: Any) -> float | None:
-    from pipeline.training.evaluate import agreement
-
-    if preds is None or ref is None or len(preds) != len(ref):
+def _correct(row: Mapping[str, Any]) -> np.ndarray | None:
+    preds, labels = row.get("preds"), row.get("labels")
+    if preds is None or labels is None or len(preds) != len(labels) or len(preds) == 0:
         return None
-    return agreement(preds, ref)
+    return np.asarray(preds) == np.asarray(labels)
+
+
+def paired(row: Mapping[str, Any], ref: Mapping[str, Any] | None) -> PairedDelta | None:
+    """Paired delta of ``row`` vs ``ref`` when both were scored on the same images, else None."""
+    if ref is None:
+        return None
+    a, r = _correct(row), _correct(ref)
+    if a is None or r is None or a.shape != r.shape or not np.array_equal(np.asarray(row["labels"]),
+                                                                         np.asarray(ref["labels"])):
+        return None
+    return paired_delta(a, r)
+
+
+def _check(row: dict[str, Any], ref_name: str, ref: Mapping[str, Any] | None, key: str,
+           max_drop: float) -> dict[str, Any]:
+    """One gate check of ``row`` against ``ref``: drop, pass/fail and the drop's significance."""
+    check: dict[str, Any] = {"name": key, "max_drop": max_drop, "reference": ref_name,
+                             "reference_top1": ref["top1"] if ref else None, "drop": None, "passed": None,
+                             "stats": None}
+    if row["status"].startswith("skipped"):
+        return check
+    if row["top1"] is None or check["reference_top1"] is None:
+        check["passed"] = False
+        return check
+    check["drop"] = float(check["reference_top1"] - row["top1"])
+    check["passed"] = bool(check["drop"] <= max_drop + EPS)
+    stats = paired(row, ref)
+    check["stats"] = stats.as_dict() if stats else None
+    return check
+
+
+def _failure(row: Mapping[str, Any], check: Mapping[str, Any]) -> str:
+    key, ref_name = check["name"], check["reference"]
+    if check["drop"] is None:
+        return f"{row['artifact']}: gate {key} could not be checked ({row['status']})"
+    msg = (f"{row['artifact']}: top-1 {row['top1']:.2f}% is {check['drop']:.2f} points below {ref_name} "
+           f"({check['reference_top1']:.2f}%), more than validate.gates.{key}={check['max_drop']:g}")
+    st = check.get("stats")
+    if st:
+        lo, hi = st["ci95"]
+        kind = "a significant drop" if st["significant"] else "within noise on these images, but over the gate"
+        msg += f" ({kind}: 95% CI [{lo:+.2f}, {hi:+.2f}], McNemar p={st['p_value']:.3g}, n={st['n']})"
+    return msg
 
 
 def apply_gates(rows: Sequence[dict[str, Any]], gates: Mapping[str, float], baseline: str,
                 reference: str = "parent") -> list[str]:
-    """Fill ``delta``, ``agreement`` and ``gate`` on every row; returns the failed-gate messages."""
+    """Fill ``delta``, ``delta_stats``, ``agreement``, ``gate`` and ``total_gate`` on every row;
+    returns the failed-check messages."""
     by_name = {r["artifact"]: r for r in rows}
     base = by_name.get(baseline)
     base_top1 = base["top1"] if base else None
-    base_preds = base["preds"] if base else None
     failed: list[str] = []
     for r in rows:
         ok = r["top1"] is not None
         r["delta"] = r["top1"] - base_top1 if ok and base_top1 is not None else None
-        r["agreement"] = _agreement(r["preds"], base_preds) if ok else None
+        stats = paired(r, base) if ok and r is not base else None
+        r["delta_stats"] = stats.as_dict() if stats else None
+        r["agreement"] = (agreement(r["preds"], base["preds"]) if ok and base is not None and base["preds"] is not None
+                          and len(r["preds"]) == len(base["preds"]) else None)
+        r["gate"] = r["total_gate"] = None
         key = r.get("gate_key")
         if key is None or r["artifact"] == baseline:
-            r["gate"] = None
             continue
         ref_name = baseline if reference == "baseline" or not r.get("parent") else r["parent"]
         ref = by_name.get(ref_name)
         if ref is None or ref["top1"] is None:  # parent absent or broken: fall back to the baseline
             ref_name, ref = baseline, base
-        max_drop = float(gates[key])
-        gate: dict[str, Any] = {"name": key, "max_drop": max_drop, "reference": ref_name,
-                                "reference_top1": ref["top1"] if ref else None, "drop": None, "passed": None}
-        if r["status"].startswith("skipped"):
-            r["gate"] = gate
-            continue
-        if not ok or gate["reference_top1"] is None:
-            gate["passed"] = False
-            failed.append(f"{r['artifact']}: gate {key} could not be checked ({r['status']})")
-        else:
-            gate["drop"] = gate["reference_top1"] - r["top1"]
-            gate["passed"] = gate["drop"] <= max_drop + EPS
-            if not gate["passed"]:
-                failed.append(f"{r['artifact']}: top-1 {r['top1']:.2f}% is {gate['drop']:.2f} points below "
-                              f"{ref_name} ({gate['reference_top1']:.2f}%), more than validate.gates.{key}="
-                              f"{max_drop:g}")
-        r["gate"] = gate
+        r["gate"] = _check(r, ref_name, ref, key, float(gates[key]))
+        if r.get("ships"):
+            r["total_gate"] = _check(r, baseline, base, TOTAL, float(gates[TOTAL]))
+        for check in (r["gate"], r["total_gate"]):
+            if check is not None and check["passed"] is False:
+                failed.append(_failure(r, check))
     return failed
 
 
-__all__ = ["apply_gates"]
+__all__ = ["TOTAL", "apply_gates", "paired"]

@@ -48,6 +48,7 @@ class Artifact:
     opener: Callable[[], Loaded] | None = None
     energy_from: str | None = None  # graph rows inherit ops from this torch artifact
     notes: list[str] = field(default_factory=list)
+    ships: bool = False  # a deployable graph (ONNX, engine): also gated against the float baseline
 
     @property
     def size_mb(self) -> float | None:
@@ -186,7 +187,8 @@ def discover(inputs: dict[str, Path], model_T: int, device: str, input_shape: tu
             p = ex / fname
             if p.is_file():
                 rows.append(Artifact(f"export/{fname}", "export", "onnxruntime", prec, _onnx_T(p), p,
-                                     gate=f"onnx_{prec}", parent=src, opener=_ort_opener(p, prec), energy_from=src))
+                                     gate=f"onnx_{prec}", parent=src, opener=_ort_opener(p, prec), energy_from=src,
+                                     ships=True))
 
     by_name = {a.name: a for a in rows}
     for a in _engines(inputs.get("build")):
@@ -208,14 +210,14 @@ def _engines(build: Path | None) -> list[Artifact]:
         precisions = metrics.get("precisions") or ["fp16", "int8"]
         return [Artifact(f"build/model_{p}.engine", "build", "tensorrt", p, None, None, gate="engine",
                          parent=f"export/model_{'int8' if p == 'int8' else 'fp32'}.onnx",
-                         status=f"skipped: {reason}") for p in precisions]
+                         status=f"skipped: {reason}", ships=True) for p in precisions]
     rows = []
     for p in engines:
         prec = next((q for q in ("int8", "fp16", "fp32") if q in p.stem.lower()), "fp32")
         src = f"export/model_{'int8' if prec == 'int8' else 'fp32'}.onnx"
         rows.append(Artifact(f"build/{p.relative_to(build)}", "build", "tensorrt", prec, None, p, gate="engine",
                              parent=src, opener=_trt_opener(p, prec),
-                             energy_from="unroll/int8.pt" if prec == "int8" else "unroll/float.pt"))
+                             energy_from="unroll/int8.pt" if prec == "int8" else "unroll/float.pt", ships=True))
     return rows
 
 

@@ -31,6 +31,7 @@ class Settings:
     threads: int | None
     num_classes: int
     max_engine_batch: int | None = None  # TensorRT optimisation profile maximum
+    min_seconds: float = 0.0  # each timing runs >= iterations calls and >= this long
 
 
 def runner_predict(runner: Any, chunk: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -60,7 +61,8 @@ def measure_speed(runner: Any, sample: np.ndarray, settings: Settings, max_batch
     prev = torch.get_num_threads()
     try:
         runs = [benchmark(runner, batch=b, warmup=settings.warmup, iters=settings.iterations,
-                          threads=settings.threads, x=tile_batch(sample, b)) for b in sizes]
+                          threads=settings.threads, x=tile_batch(sample, b), min_seconds=settings.min_seconds)
+                for b in sizes]
     finally:
         torch.set_num_threads(prev)
     lat, thr = runs[0], runs[-1]
@@ -95,8 +97,8 @@ def measure(art: Artifact, loader: DataLoader, settings: Settings, log: Any = No
     row: dict[str, Any] = {
         "artifact": art.name, "stage": art.stage, "backend": art.backend, "precision": art.precision, "T": art.T,
         "status": art.status, "size_mb": art.size_mb, "parent": art.parent, "gate_key": art.gate,
-        "notes": list(art.notes),
-        "top1": None, "top5": None, "loss": None, "n": 0, "latency": None, "throughput": None, "benchmarks": [],
+        "notes": list(art.notes), "ships": art.ships,
+        "top1": None, "top5": None, "loss": None, "n": 0, "tied_top1": None, "labels": None, "latency": None, "throughput": None, "benchmarks": [],
         "firing_rates": None, "mean_firing_rate": None, "energy": None, "preds": None, "layers": None,
     }
     if art.status != "ok" or art.opener is None:
@@ -109,7 +111,8 @@ def measure(art: Artifact, loader: DataLoader, settings: Settings, log: Any = No
         try:
             res, rates, layers = _accuracy(loaded.runner, loaded.module, loader, max_batch)
             row.update(top1=res["top1"], top5=res["top5"] if settings.num_classes > 10 else None,
-                       loss=res["loss"], n=res["n"], preds=res["preds"])
+                       loss=res["loss"], n=res["n"], preds=res["preds"], labels=res["labels"],
+                       tied_top1=res["tied_top1"])
             if rates is not None:
                 row["firing_rates"] = rates
                 row["mean_firing_rate"] = float(np.mean(list(rates.values()))) if rates else None

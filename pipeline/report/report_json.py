@@ -5,34 +5,41 @@ Why versioned: dashboards and CI compare reports across runs and releases; a rea
 Bump ``SCHEMA_VERSION`` on any change that removes or renames a field or changes its unit;
 adding an optional field keeps the version.
 
-Schema version 1 (units in the names or stated here)::
+Schema version 2 (units in the names or stated here; 2 added the paired statistics, the
+total gate, tied top-1 counts and ``ships``)::
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "run": str, "dataset": str, "num_classes": int, "test_images": int,
       "created": ISO-8601 str, "pipeline_version": str, "device": str,
       "settings": {"batch_sizes": [int], "warmup": int, "iterations": int, "threads": int|null,
                    "gate_reference": "parent"|"baseline", "gates": {key: float points}},
       "baseline": {"artifact": str, "top1": float|null},
-      "energy_model": {"e_mac_pj": float, "e_ac_pj": float, "convention": str},
+      "energy_model": {"e_mac_pj": float, "e_ac_pj": float, "e_mul_pj": float, "convention": str,
+                       "excluded": [str]},                 # what the estimate leaves out
       "rows": [{
           "artifact": str, "stage": str, "backend": "torch"|"onnxruntime"|"tensorrt",
           "precision": "fp32"|"fp16"|"int8", "T": int|null,
           "status": "ok" | "skipped: <reason>" | "error: <message>",
           "size_mb": float|null, "n": int,                 # test images scored
-          "top1": float|null, "top5": float|null,          # percent; top5 only when classes > 10
+          "top1": float|null, "top5": float|null,          # percent (top-1 = first index of the max);
+                                                           # top5 only when classes > 10
+          "tied_top1": int|null,                           # images whose max logit two+ classes share
           "loss": float|null,
           "delta": float|null,                             # top-1 points vs the baseline
+          "delta_stats": STATS | null,                     # paired on the same images (null: baseline)
           "agreement": float|null,                         # percent same prediction as the baseline
           "latency": {"batch": int, "p50_ms": float, "p95_ms": float, "mean_ms": float} | null,
           "throughput": {"batch": int, "images_per_s": float} | null,
           "benchmarks": [ {"batch", "p50_ms", "p95_ms", "mean_ms", "throughput", ...} ],
           "energy": {"energy_uj": float, "energy_pj": float, "macs": float, "sops": float,
-                     "dense_macs": float, "source": str} | null,   # per image; an estimate
+                     "dense_macs": float, "mults": float, "adds": float,   # element-wise real ops
+                     "elementwise_pj": float, "excluded": [str], "source": str} | null,   # per image; an estimate
           "firing_rates": {neuron: float} | null, "mean_firing_rate": float|null,
           "parent": str|null, "notes": [str],
-          "gate": {"name": str, "max_drop": float, "reference": str, "reference_top1": float|null,
-                   "drop": float|null, "passed": bool|null} | null     # passed null: skipped row
+          "ships": bool,                                   # a deployable graph: also total-gated
+          "gate": CHECK | null,                            # vs the parent (or baseline, gate_reference)
+          "total_gate": CHECK | null                       # ships only: vs the baseline, gates.total
       }],
       "layers": {artifact: [{"name", "kind", "spike_driven", "macs", "input_rate", "sops", "energy_pj"}]},
       "parity": {"<stage>/<graph>": {"n", "max_abs_diff", "top1_mismatches", "min_spike_agreement",
@@ -40,12 +47,17 @@ Schema version 1 (units in the names or stated here)::
       "gates": {"passed": bool, "failed": [str]},
       "plots": [str]                        # PNG file names next to report.json
     }
+
+    CHECK = {"name": str, "max_drop": float, "reference": str, "reference_top1": float|null,
+             "drop": float|null, "passed": bool|null, "stats": STATS|null}   # passed null: skipped row
+    STATS = {"delta": float, "ci95": [float, float], "p_value": float, "significant": bool,
+             "only_row": int, "only_reference": int, "n": int}      # see pipeline.report.stats
 """
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 ROW_FIELDS: dict[str, tuple[type, ...]] = {
     "artifact": (str,), "stage": (str,), "backend": (str,), "precision": (str,), "T": (int, type(None)),
@@ -54,7 +66,8 @@ ROW_FIELDS: dict[str, tuple[type, ...]] = {
     "agreement": (float, int, type(None)), "latency": (dict, type(None)), "throughput": (dict, type(None)),
     "benchmarks": (list,), "energy": (dict, type(None)), "firing_rates": (dict, type(None)),
     "mean_firing_rate": (float, int, type(None)), "parent": (str, type(None)), "notes": (list,),
-    "gate": (dict, type(None)),
+    "gate": (dict, type(None)), "total_gate": (dict, type(None)), "delta_stats": (dict, type(None)),
+    "tied_top1": (int, type(None)), "ships": (bool,),
 }
 TOP_FIELDS: dict[str, tuple[type, ...]] = {
     "schema_version": (int,), "run": (str,), "dataset": (str,), "num_classes": (int,), "test_images": (int,),
@@ -62,7 +75,8 @@ TOP_FIELDS: dict[str, tuple[type, ...]] = {
     "energy_model": (dict,), "rows": (list,), "layers": (dict,), "parity": (dict,), "gates": (dict,),
     "plots": (list,),
 }
-GATE_FIELDS = ("name", "max_drop", "reference", "reference_top1", "drop", "passed")
+GATE_FIELDS = ("name", "max_drop", "reference", "reference_top1", "drop", "passed", "stats")
+STATS_FIELDS = ("delta", "ci95", "p_value", "significant", "only_row", "only_reference", "n")
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 STATUS_PREFIXES = ("ok", "skipped", "error")
 
@@ -76,7 +90,7 @@ def build_report(rows: Sequence[Mapping[str, Any]], *, run: str, dataset: str, n
                  created: str, pipeline_version: str, device: str, settings: Mapping[str, Any], baseline: str,
                  energy_model: Mapping[str, Any], parity: Mapping[str, Any], failed: Sequence[str],
                  plots: Sequence[str]) -> dict[str, Any]:
-    """The report.json document (schema version 1) from measured, gated rows."""
+    """The report.json document (schema version 2) from measured, gated rows."""
     base = next((r for r in rows if r["artifact"] == baseline), None)
     return {
         "schema_version": SCHEMA_VERSION, "run": run, "dataset": dataset, "num_classes": int(num_classes),
@@ -89,7 +103,7 @@ def build_report(rows: Sequence[Mapping[str, Any]], *, run: str, dataset: str, n
 
 
 def validate_report(doc: Mapping[str, Any]) -> list[str]:
-    """Structural problems of a report.json document (empty list: valid for schema version 1)."""
+    """Structural problems of a report.json document (empty list: valid for the current schema version)."""
     errs: list[str] = []
     if doc.get("schema_version") != SCHEMA_VERSION:
         return [f"schema_version is {doc.get('schema_version')!r}, this reader knows {SCHEMA_VERSION}"]
@@ -105,10 +119,16 @@ def validate_report(doc: Mapping[str, Any]) -> list[str]:
         status = row.get("status")
         if isinstance(status, str) and not status.startswith(STATUS_PREFIXES):
             errs.append(f"{where}: status {status!r} does not start with one of {STATUS_PREFIXES}")
-        if isinstance(row.get("gate"), dict):
-            missing = [k for k in GATE_FIELDS if k not in row["gate"]]
-            if missing:
-                errs.append(f"{where}: gate lacks {', '.join(missing)}")
+        for field in ("gate", "total_gate"):
+            check = row.get(field)
+            if isinstance(check, dict):
+                missing = [k for k in GATE_FIELDS if k not in check]
+                if missing:
+                    errs.append(f"{where}: {field} lacks {', '.join(missing)}")
+                elif isinstance(check["stats"], dict):
+                    errs += _missing(check["stats"], STATS_FIELDS, f"{where}: {field}.stats")
+        if isinstance(row.get("delta_stats"), dict):
+            errs += _missing(row["delta_stats"], STATS_FIELDS, f"{where}: delta_stats")
         lat = row.get("latency")
         if isinstance(lat, dict) and not lat.get("p50_ms", 0) <= lat.get("p95_ms", 0):
             errs.append(f"{where}: latency p50 > p95")
@@ -116,6 +136,11 @@ def validate_report(doc: Mapping[str, Any]) -> list[str]:
     if isinstance(gates, dict) and (not isinstance(gates.get("passed"), bool) or not isinstance(gates.get("failed"), list)):
         errs.append("gates: needs passed (bool) and failed (list)")
     return errs
+
+
+def _missing(obj: Mapping[str, Any], keys: Sequence[str], where: str) -> list[str]:
+    missing = [k for k in keys if k not in obj]
+    return [f"{where} lacks {', '.join(missing)}"] if missing else []
 
 
 def _check_fields(obj: Mapping[str, Any], fields: Mapping[str, tuple[type, ...]], where: str) -> list[str]:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-COLUMNS = ("artifact", "backend", "precision", "T", "status", "size MB", "top-1 %", "top-5 %", "delta",
-           "agreement %", "p50 ms (b{b1})", "p95 ms (b{b1})", "img/s (b{bn})", "energy µJ/img*", "gate")
+COLUMNS = ("artifact", "backend", "precision", "T", "status", "size MB", "top-1 %", "top-5 %", "tied top-1",
+           "delta [95% CI]", "agreement %", "p50 ms (b{b1})", "p95 ms (b{b1})", "img/s (b{bn})", "energy µJ/img*",
+           "gate (step)", "gate (total)")
 
 
 def _f(value: Any, digits: int = 2, signed: bool = False) -> str:
@@ -18,16 +19,30 @@ def _f(value: Any, digits: int = 2, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
-def _gate(row: Mapping[str, Any], baseline: str) -> str:
-    g = row.get("gate")
-    if g is None:
-        return "baseline" if row["artifact"] == baseline else "-"
+def _delta(row: Mapping[str, Any]) -> str:
+    """``-1.39 [-2.50, -0.28]``; ``~`` marks a delta within noise (McNemar p >= 0.05)."""
+    if row.get("delta") is None:
+        return "-"
+    st = row.get("delta_stats")
+    if not st:
+        return _f(row["delta"], signed=True)
+    lo, hi = st["ci95"]
+    return f"{row['delta']:+.2f} [{lo:+.2f}, {hi:+.2f}]{'' if st['significant'] else ' ~'}"
+
+
+def _gate(check: Mapping[str, Any] | None, empty: str = "-") -> str:
+    if check is None:
+        return empty
+    g = check
     if g["passed"] is None:
         return f"- ({g['name']} ≤ {g['max_drop']:g})"
     if g["drop"] is None:
         return f"**FAIL** ({g['name']}: not measured)"
     mark, op = ("pass", "≤") if g["passed"] else ("**FAIL**", ">")
-    return f"{mark} ({g['name']}: drop {g['drop']:.2f} {op} {g['max_drop']:g} vs {g['reference']})"
+    sig = ""
+    if not g["passed"] and g.get("stats"):
+        sig = ", significant" if g["stats"]["significant"] else ", within noise"
+    return f"{mark} ({g['name']}: drop {g['drop']:.2f} {op} {g['max_drop']:g} vs {g['reference']}{sig})"
 
 
 def _row_cells(row: Mapping[str, Any], baseline: str) -> list[str]:
@@ -37,10 +52,12 @@ def _row_cells(row: Mapping[str, Any], baseline: str) -> list[str]:
     if en and en.get("source") not in (None, row["artifact"]):
         energy += "†"
     name = row["artifact"] + (f" ({', '.join(row['notes'])})" if row.get("notes") else "")
+    ties = "-" if row.get("tied_top1") is None else str(row["tied_top1"])
+    step = _gate(row.get("gate"), "baseline" if row["artifact"] == baseline else "-")
     return [name, row["backend"], row["precision"], "-" if row["T"] is None else str(row["T"]), status,
-            _f(row.get("size_mb")), _f(row.get("top1")), _f(row.get("top5")), _f(row.get("delta"), signed=True),
+            _f(row.get("size_mb")), _f(row.get("top1")), _f(row.get("top5")), ties, _delta(row),
             _f(row.get("agreement"), 1), _f(lat.get("p50_ms"), 3), _f(lat.get("p95_ms"), 3),
-            _f(thr.get("images_per_s"), 1), energy, _gate(row, baseline)]
+            _f(thr.get("images_per_s"), 1), energy, step, _gate(row.get("total_gate"))]
 
 
 def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
@@ -50,7 +67,7 @@ def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
 
 
 def render(doc: Mapping[str, Any]) -> str:
-    """The markdown report for a report.json document (schema version 1)."""
+    """The markdown report for a report.json document (schema version 2)."""
     s = doc["settings"]
     sizes = s.get("batch_sizes") or [1]
     header = [c.format(b1=min(sizes), bn=max(sizes)) for c in COLUMNS]
@@ -58,22 +75,42 @@ def render(doc: Mapping[str, Any]) -> str:
              f"Dataset **{doc['dataset']}** ({doc['num_classes']} classes), {doc['test_images']} test images; "
              f"device {doc['device']}; pipeline {doc['pipeline_version']}; {doc['created']}.", "",
              f"Baseline: `{doc['baseline']['artifact']}` top-1 {_f(doc['baseline']['top1'])} %. "
-             f"Timing: warm-up {s['warmup']}, {s['iterations']} timed calls, threads {s['threads']}; latency at batch "
-             f"{min(sizes)}, throughput at batch {max(sizes)}. Gates: max top-1 drop in points vs the "
-             f"{'parent artifact' if s.get('gate_reference') == 'parent' else 'float baseline'}.", ""]
+             f"Timing: warm-up {s['warmup']}, at least {s['iterations']} timed calls and {s.get('min_seconds', 0):g} s, "
+             f"threads {s['threads']}; latency at batch "
+             f"{min(sizes)}, throughput at batch {max(sizes)}. Step gate: max top-1 drop in points vs the "
+             f"{'parent artifact' if s.get('gate_reference') == 'parent' else 'float baseline'}; total gate: every "
+             f"row that can ship vs the float baseline (validate.gates.total = {s['gates'].get('total', '-')}).", "",
+             "Every figure is measured on the test split (never used to choose anything). Top-1 is the first index "
+             "of the largest logit; *tied top-1* counts images whose largest logit two or more classes share. "
+             "*delta*: top-1 points vs the baseline with a 95% interval from the paired predictions on the same "
+             "images; `~` marks a delta within noise (exact McNemar p ≥ 0.05): neither a gain nor a loss.", ""]
     lines += _table(header, [_row_cells(r, doc["baseline"]["artifact"]) for r in doc["rows"]])
     g = doc["gates"]
     lines += ["", f"**Gates: {'all passed' if g['passed'] else 'FAILED'}**"]
     lines += [f"- {msg}" for msg in g["failed"]]
-    em = doc["energy_model"]
-    lines += ["", f"\\* Energy per image, an **{em['convention']}**. † inherited from the torch module the "
-              f"graph was exported from (same graph, same spikes)."]
+    lines += energy_note(doc)
     lines += _firing_section(doc)
     lines += _layer_section(doc)
     lines += _parity_section(doc.get("parity") or {})
     if doc.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in doc["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def energy_note(doc: Mapping[str, Any]) -> list[str]:
+    """The footnote of the energy column: the convention, and what the estimate leaves out.
+
+    The excluded list is read from ``energy_model.excluded`` or else from any row's energy
+    summary (``pipeline.report.energy.summarize`` puts it there), so old reports still render.
+    """
+    em = doc["energy_model"]
+    lines = ["", f"\\* Energy per image, an **{em['convention']}**. † inherited from the torch module the "
+             f"graph was exported from (same graph, same spikes)."]
+    excluded = em.get("excluded") or next(
+        (r["energy"]["excluded"] for r in doc.get("rows", []) if (r.get("energy") or {}).get("excluded")), None)
+    if excluded:
+        lines += ["", "Not counted in the energy estimate:"] + [f"- {e}" for e in excluded]
+    return lines
 
 
 def _firing_section(doc: Mapping[str, Any]) -> list[str]:
@@ -138,4 +175,4 @@ def _g(value: Any) -> str:
     return "-" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-__all__ = ["render"]
+__all__ = ["energy_note", "render"]

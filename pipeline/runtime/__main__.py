@@ -17,14 +17,37 @@ from pathlib import Path
 import numpy as np
 
 from .backends import BACKENDS, get_backend, load_runner
-from .base import benchmark
+from .base import BENCH_DEFAULTS, Runner, benchmark
 from .trt_build import EngineSpec
 
 HERE = Path(__file__).resolve().parent
 
 
+class UsageError(Exception):
+    """Something the user must fix (a missing file, no TensorRT here): one line, exit code 2."""
+
+
 def _bundle_dir(arg: str | None) -> Path:
     return Path(arg) if arg else HERE.parent
+
+
+def _existing(path: str | Path, what: str, fix: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{what} not found: {p.absolute()}; {fix}")
+    return p
+
+
+def _open_runner(model: str) -> Runner:
+    """A runner for ``model``, or a UsageError that says why it cannot run here."""
+    path = _existing(model, "model", "pass an .onnx or .engine file of this bundle (ls *.onnx *.engine)")
+    if path.suffix not in (".onnx", ".engine", ".plan", ".trt"):
+        raise UsageError(f"no runner for {path.name}: expected .onnx or .engine")
+    if path.suffix != ".onnx":
+        ok, reason = get_backend("tensorrt").is_available()
+        if not ok:
+            raise UsageError(f"cannot run {path.name} here: {reason}")
+    return load_runner(path)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -34,24 +57,24 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     folder = _bundle_dir(args.bundle)
-    manifest = json.loads((folder / "bundle.json").read_text())
+    manifest = json.loads(_existing(folder / "bundle.json", "bundle.json",
+                                    "pass the bundle folder with --bundle (the build stage's output)").read_text())
     specs = [EngineSpec.from_dict(d) for d in manifest["engines"]]
     if args.only:
         specs = [s for s in specs if s.name in args.only]
     backend = get_backend("tensorrt")
     ok, reason = backend.is_available()
     if not ok:
-        print(f"cannot build: {reason}", file=sys.stderr)
-        return 1
+        raise UsageError(f"cannot build engines here: {reason}")
     results = backend.build(specs, folder, verbose=args.verbose)
     print(json.dumps(results, indent=2))
     return 1 if any("error" in r for r in results.values()) else 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    samples = np.load(args.samples)
+    samples = np.load(_existing(args.samples, "samples", "pass --samples sample_inputs.npz (in the bundle folder)"))
     x, y = samples["x"], samples["y"]
-    with load_runner(args.model) as runner:
+    with _open_runner(args.model) as runner:
         logits = runner.predict_all(x, args.batch)
     pred = logits.argmax(1)
     report = {"model": args.model, "n": int(len(y)), "top1": float((pred == y).mean() * 100)}
@@ -64,8 +87,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    with load_runner(args.model) as runner:
-        print(json.dumps(benchmark(runner, args.batch, args.warmup, args.iters, args.threads), indent=2))
+    threads = None if args.threads == 0 else args.threads
+    with _open_runner(args.model) as runner:
+        print(json.dumps(benchmark(runner, args.batch, args.warmup, args.iters, threads,
+                                   min_seconds=args.min_seconds), indent=2))
     return 0
 
 
@@ -84,15 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--samples", default=str(HERE.parent / "sample_inputs.npz"))
     pr.add_argument("--batch", type=int, default=32)
     pr.set_defaults(fn=cmd_predict)
-    be = sub.add_parser("bench", help="latency p50/p95 and throughput")
+    be = sub.add_parser("bench", help="latency (p50/p95/p99, min, max, std) and throughput; defaults = the report's")
     be.add_argument("model")
     be.add_argument("--batch", type=int, default=1)
-    be.add_argument("--warmup", type=int, default=10)
-    be.add_argument("--iters", type=int, default=100)
-    be.add_argument("--threads", type=int, default=None)
+    be.add_argument("--warmup", type=int, default=BENCH_DEFAULTS["warmup"], help="untimed calls first")
+    be.add_argument("--iters", type=int, default=BENCH_DEFAULTS["iters"], help="at least this many timed calls")
+    be.add_argument("--min-seconds", type=float, default=BENCH_DEFAULTS["min_seconds"],
+                    help="and at least this long (seconds)")
+    be.add_argument("--threads", type=int, default=BENCH_DEFAULTS["threads"],
+                    help="CPU threads while timing, as in the report (0: the runtime's default)")
     be.set_defaults(fn=cmd_bench)
     args = p.parse_args(argv)
-    return int(args.fn(args))
+    try:
+        return int(args.fn(args))
+    except UsageError as exc:
+        print(f"staa_runtime {args.cmd}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

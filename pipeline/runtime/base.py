@@ -48,8 +48,9 @@ class Runner(abc.ABC):
     def set_threads(self, threads: int | None) -> None:
         """Fix the CPU thread count for timing (no-op where it does not apply)."""
 
-    def benchmark(self, batch: int = 1, warmup: int = 5, iters: int = 30, threads: int | None = None) -> dict[str, Any]:
-        return benchmark(self, batch=batch, warmup=warmup, iters=iters, threads=threads)
+    def benchmark(self, batch: int = 1, warmup: int = 5, iters: int = 30, threads: int | None = None,
+                  min_seconds: float = 0.0) -> dict[str, Any]:
+        return benchmark(self, batch=batch, warmup=warmup, iters=iters, threads=threads, min_seconds=min_seconds)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "precision": self.precision, "input_shape": list(self.input_shape),
@@ -72,13 +73,20 @@ def example_input(runner: Runner, batch: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
+# what the validate stage times with by default (validate.warmup, .iterations, .threads, .min_seconds):
+# the device CLI uses the same, so a number from `staa_runtime bench` compares with the report's
+BENCH_DEFAULTS: dict[str, Any] = {"warmup": 5, "iters": 30, "threads": 1, "min_seconds": 0.5}
+
+
 def benchmark(runner: Runner, batch: int = 1, warmup: int = 5, iters: int = 30, threads: int | None = None,
-              x: np.ndarray | None = None) -> dict[str, Any]:
-    """Latency percentiles and throughput of ``runner.predict`` at one batch size.
+              x: np.ndarray | None = None, min_seconds: float = 0.0) -> dict[str, Any]:
+    """Latency statistics and throughput of ``runner.predict`` at one batch size.
 
     Wall-clock per call (host to host: for TensorRT this includes the copies to and from the
     GPU, as an application sees it), after ``warmup`` untimed calls, with ``threads`` fixed
-    where the backend uses CPU threads.
+    where the backend uses CPU threads. Timing runs at least ``iters`` calls and at least
+    ``min_seconds`` seconds (so fast graphs get enough samples for a stable p95/p99);
+    ``iters`` in the result is the number of calls timed.
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
@@ -86,15 +94,21 @@ def benchmark(runner: Runner, batch: int = 1, warmup: int = 5, iters: int = 30, 
     x = example_input(runner, batch) if x is None else x
     for _ in range(max(warmup, 0)):
         runner.predict(x)
-    times = np.empty(iters)
-    for i in range(iters):
+    samples: list[float] = []
+    begin = time.perf_counter()
+    while len(samples) < iters or time.perf_counter() - begin < min_seconds:
         start = time.perf_counter()
         runner.predict(x)
-        times[i] = time.perf_counter() - start
+        samples.append(time.perf_counter() - start)
+    wall = time.perf_counter() - begin  # what min_seconds bounds (calls plus the loop's own overhead)
+    times = np.asarray(samples)
     ms = times * 1e3
     return {
-        "backend": runner.name, "precision": runner.precision, "batch": int(batch), "iters": int(iters),
+        "backend": runner.name, "precision": runner.precision, "batch": int(batch), "iters": int(len(times)),
         "warmup": int(warmup), "threads": threads, "p50_ms": float(np.percentile(ms, 50)),
         "p95_ms": float(np.percentile(ms, 95)), "mean_ms": float(ms.mean()),
-        "throughput": float(batch * iters / times.sum()),  # samples per second
+        "throughput": float(batch * len(times) / times.sum()),  # samples per second
+        "p99_ms": float(np.percentile(ms, 99)), "min_ms": float(ms.min()), "max_ms": float(ms.max()),
+        "std_ms": float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,
+        "min_iters": int(iters), "min_seconds": float(min_seconds), "timed_s": float(wall),
     }

@@ -23,7 +23,14 @@ def _precision_from_metadata(session: object) -> str:
     return props.get("precision", "fp32")
 
 
-EXACT_QDQ = ("WeightBiasQuantization",)  # unknown names are ignored by older ONNX Runtime versions
+# ONNX Runtime's graph transformers that change Q/DQ arithmetic; unknown names are ignored by older
+# versions. WeightBiasQuantization re-quantises conv biases to int32. QDQSelectorActionTransformer
+# fuses Q/DQ groups into integer kernels (QLinearMatMul, MatMulIntegerToFloat, QLinearConv): on CPUs
+# without VNNI (AVX2 only, e.g. the AMD EPYC CI machine) its u8s8 kernels saturate int16 pair sums,
+# and a NNCF-quantised ResNet-19 moved its logits by 0.86 with every spike identical (0.0 with the
+# fusion off). Disabled, the CPU provider runs DequantizeLinear -> float op: exactly the arithmetic
+# of the Q/DQ graph (what TensorRT and the QAT model compute), measured as fake-quant, not as int8 speed.
+EXACT_QDQ = ("WeightBiasQuantization", "QDQSelectorActionTransformer")
 
 
 class OrtRunner(Runner):

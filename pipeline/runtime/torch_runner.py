@@ -6,10 +6,15 @@ from typing import Any, Mapping
 import numpy as np
 
 from .base import Runner
+from .precision import strict_fp32
 
 
 class TorchRunner(Runner):
-    """``module(x) -> logits`` under ``torch.no_grad`` on ``device``."""
+    """``module(x) -> logits`` under ``torch.no_grad`` on ``device``, in strict FP32.
+
+    Strict FP32 (no TF32 convolutions, see :mod:`pipeline.runtime.precision`): validate's torch rows are
+    gated at 0 points against ONNX Runtime's FP32 rows, so they must compute the same arithmetic.
+    """
 
     name = "torch"
 
@@ -27,7 +32,7 @@ class TorchRunner(Runner):
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
         args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in self.input_names]
-        with torch.no_grad():
+        with torch.no_grad(), strict_fp32():
             out = self.module(*args)
         outs = out if isinstance(out, (tuple, list)) else (out,)
         return {n: o.detach().float().cpu().numpy() for n, o in zip(self.output_names, outs)}

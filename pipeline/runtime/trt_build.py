@@ -7,7 +7,7 @@ engines. Recipes:
 - ``fp16``: weakly typed network, ``BuilderFlag.FP16``. With ``fp32_scopes`` every layer whose
   name falls in a neuron scope (membrane arithmetic, threshold compare) is pinned to FP32
   (layer precision + float output types, ``OBEY_PRECISION_CONSTRAINTS``): a spike threshold is
-  discontinuous, so FP16 rounding of the membrane flips spikes (DESIGN.md §5).
+  discontinuous, so FP16 rounding of the membrane flips spikes (docs/architecture.md §5).
   trtexec equivalent: ``--precisionConstraints=obey --layerPrecisions=<layer>:fp32,...
   --layerOutputTypes=<layer>:fp32,...``.
 - ``int8``: explicit quantisation, ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (types come

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# bench/gpu_check.sh: the first GPU run of the pipeline, in under five minutes on one GPU.
+#
+# Prints torch / CUDA / driver facts, then checks, each part in its own process under `timeout`
+# (a failing or hanging part never stops the others):
+#   facts               versions, GPUs, nvidia-smi, nvcc vs torch's CUDA, what device: auto picks
+#   amp_step            real training steps through fit(): bf16 autocast (auto) and fp16 + GradScaler
+#   resume_cuda         kill -9 a CUDA fp16 training run after its first epoch; the rerun resumes it
+#   resume_cpu_to_cuda  kill -9 a CPU run after its first epoch; the rerun finishes it on CUDA
+#   stages              every stage of configs/default.yaml on CUDA (unroll parity must pass)
+#   throughput          training img/s + peak memory, ResNet-19 full width, T=4, batch 128: fp32 / bf16 /
+#                       fp16, eager and torch.compile (compiles in the background from the start)
+# On a machine without a usable GPU the CUDA parts are skipped with the reason.
+#
+# Results: $GPU_CHECK_OUT (default bench/results/): gpu_check.json (every part's status and numbers),
+# gpu_check.log (everything printed), parts/<part>.log. A summary table ends the output.
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 295: total seconds),
+# GPU_CHECK_FULL=1 (the default config's full schedule instead of a short one),
+# GPU_CHECK_NNCF_BUILD=1 (let NNCF build its CUDA extension when nvcc matches; default: reference kernels).
+# Wheels: when ./.whl exists and nncf is not importable, they are installed into /tmp/site first.
+set -u
+cd "$(dirname "$0")/.." || exit 2
+REPO=$(pwd)
+PY=${PYTHON:-python3}
+OUT=${GPU_CHECK_OUT:-$REPO/bench/results}
+BUDGET=${GPU_CHECK_BUDGET_S:-295}
+mkdir -p "$OUT/parts" || exit 2
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+LOG="$OUT/gpu_check.log"
+RESULTS="$OUT/results.jsonl"
+: > "$RESULTS"
+START=$(date +%s)
+BG_PID=""
+
+exec > >(tee "$LOG") 2>&1
+
+cleanup() {  # the background throughput part: TERM lets it kill its own workers (they also time out)
+    if [ -n "$BG_PID" ] && kill -0 "$BG_PID" 2>/dev/null; then
+        kill -TERM "$BG_PID" 2>/dev/null
+    fi
+}
+trap cleanup EXIT
+
+elapsed() { echo $(( $(date +%s) - START )); }
+remaining() { echo $(( BUDGET - $(elapsed) )); }
+
+echo "== gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ) repo $REPO, python $PY, budget ${BUDGET}s, work $WORK, out $OUT"
+
+# nncf.strip imports torchao's pt2e observers (pure Python): its compiled kernels are not needed
+export TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1
+if [ -d "$REPO/.whl" ] && ! "$PY" -c "import nncf" >/dev/null 2>&1; then
+    echo "== installing $(ls "$REPO"/.whl/*.whl 2>/dev/null | wc -l) wheels from .whl into /tmp/site"
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$REPO"/.whl/*.whl; then
+        export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+        # .whl/alt holds another torchao release: used when the first does not import with this torch
+        if ! "$PY" -c "import torchao.quantization.pt2e.observer" >/dev/null 2>&1 && ls "$REPO"/.whl/alt/*.whl >/dev/null 2>&1; then
+            echo "== torchao does not import with this torch; trying $(ls "$REPO"/.whl/alt/)"
+            "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$REPO"/.whl/alt/*.whl
+        fi
+    else
+        echo "!! wheel install failed: parts that import nncf will fail"
+    fi
+fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+# record: append the part's RESULT line (or a synthesised one) to $RESULTS
+record() {  # name rc seconds logfile
+    local name=$1 rc=$2 secs=$3 logf=$4 line
+    line=$(grep '^RESULT ' "$logf" 2>/dev/null | tail -n 1 | sed 's/^RESULT //')
+    if [ -z "$line" ]; then
+        local status=fail reason="exited with code $rc and no RESULT line (see parts/$name.log)"
+        if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then reason="timed out after ${secs}s"; fi
+        line=$("$PY" -c 'import json,sys; print(json.dumps({"part": sys.argv[1], "status": sys.argv[2], "reason": sys.argv[3], "seconds": float(sys.argv[4]), "data": {}}))' "$name" "$status" "$reason" "$secs")
+    fi
+    echo "$line" >> "$RESULTS"
+}
+
+part() {  # name timeout_s
+    local name=$1 limit=$2 left logf t0 rc
+    left=$(remaining)
+    logf="$OUT/parts/$name.log"
+    if [ "$left" -lt 10 ]; then
+        echo "== $name: skipped (time budget spent)"
+        echo "{\"part\": \"$name\", \"status\": \"skip\", \"reason\": \"time budget (${BUDGET}s) spent\", \"seconds\": 0, \"data\": {}}" >> "$RESULTS"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "== $name (limit ${limit}s, $(elapsed)s elapsed)"
+    t0=$(date +%s)
+    timeout -k 5 "$limit" "$PY" "$REPO/bench/gpu_check_parts.py" "$name" --work "$WORK" --limit "$limit" > "$logf" 2>&1
+    rc=$?
+    grep -v '^RESULT ' "$logf" | tail -n 40
+    record "$name" "$rc" "$(( $(date +%s) - t0 ))" "$logf"
+    echo "-- $name: $(tail -n 1 "$RESULTS" | "$PY" -c 'import json,sys; r=json.loads(sys.stdin.read()); print(r["status"], r["reason"][:300])')"
+}
+
+part facts 60
+
+# the compiled throughput variants compile in the background while the other parts run
+TP_LIMIT=$(( $(remaining) - 5 ))
+TP_T0=$(date +%s)
+timeout -k 5 "$TP_LIMIT" "$PY" "$REPO/bench/gpu_check_parts.py" throughput --work "$WORK" --limit "$TP_LIMIT" \
+    > "$OUT/parts/throughput.log" 2>&1 &
+BG_PID=$!
+echo "== throughput: started in the background (pid $BG_PID, limit ${TP_LIMIT}s)"
+
+part amp_step 60
+part stages 150  # first: on the first H200 run it came last and ran out of budget (about 110 s alone)
+part resume_cuda 75
+part resume_cpu_to_cuda 90
+
+touch "$WORK/throughput.go"
+echo "== throughput: timing now ($(elapsed)s elapsed)"
+wait "$BG_PID"
+TP_RC=$?
+BG_PID=""
+grep -v '^RESULT ' "$OUT/parts/throughput.log" | tail -n 25
+record throughput "$TP_RC" "$(( $(date +%s) - TP_T0 ))" "$OUT/parts/throughput.log"
+
+"$PY" - "$RESULTS" "$OUT/gpu_check.json" "$(elapsed)" "$BUDGET" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+doc = {"total_s": int(sys.argv[3]), "budget_s": int(sys.argv[4]), "parts": rows}
+json.dump(doc, open(sys.argv[2], "w"), indent=1, default=str)
+print("\n== summary (%s s of %s s budget; details in %s)" % (sys.argv[3], sys.argv[4], sys.argv[2]))
+print(f"{'part':<20} {'status':<6} {'s':>6}  note")
+for r in rows:
+    print(f"{r['part']:<20} {r['status']:<6} {r.get('seconds', 0):>6}  {r.get('reason', '')[:110]}")
+tp = next((r for r in rows if r["part"] == "throughput"), None)
+if tp and tp.get("data", {}).get("variants"):
+    print(f"\n{'throughput variant':<24} {'img/s':>8} {'ms/step':>8} {'peak MiB':>9} {'1st step s':>10}  status")
+    for label, v in tp["data"]["variants"].items():
+        print(f"{label:<24} {str(v.get('images_per_s', '')):>8} {str(v.get('ms_per_step', '')):>8} "
+              f"{str(v.get('peak_mem_mib', '')):>9} {str(v.get('first_step_s', '')):>10}  {v.get('status', 'ok')}")
+failed = [r["part"] for r in rows if r["status"] == "fail"]
+print("\nFAILED: " + ", ".join(failed) if failed else "\nno part failed")
+sys.exit(1 if failed else 0)
+EOF
+RC=$?
+mkdir -p "$OUT/parts/work"
+for f in "$WORK"/*/*.log "$WORK"/*/*/*.log; do  # the runs' own logs, before the scratch folder goes
+    [ -f "$f" ] && cp "$f" "$OUT/parts/work/$(basename "$(dirname "$f")")_$(basename "$f")"
+done
+rm -rf "$WORK"
+exit $RC
