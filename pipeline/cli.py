@@ -38,6 +38,11 @@ verbose_option = click.option("-v", "--verbose", is_flag=True,
 version_option = click.version_option(__version__, "--version", prog_name="staa-pipeline")
 
 
+def run_config_options(fn):
+    """--config, --set and --sets: the options every command that names a run takes."""
+    return config_option(set_option(sets_option(fn)))
+
+
 def split_set_string(text: str) -> list[str]:
     """``"a=1 b.c=[2, 1]"`` -> ``["a=1", "b.c=[2, 1]"]``: tokens that do not start a key join the previous one."""
     out: list[str] = []
@@ -99,9 +104,7 @@ def main(verbose: bool) -> None:
 
 
 @main.command("run", help="Run every stage in order; fresh stages are skipped.")
-@config_option
-@set_option
-@sets_option
+@run_config_options
 @click.option("--force", multiple=True, type=click.Choice((*NAMES, "all")), metavar="STAGE",
               help="re-run this stage even if fresh ('all' for every stage; repeatable)")
 @click.option("--until", type=click.Choice(NAMES), default=None, help="stop after this stage")
@@ -127,9 +130,7 @@ def run_cmd(config_path: str | None, overrides: tuple[str, ...], set_string: str
 
 
 @main.command("status", help="Each stage as done, skipped, failed, running, stale or missing, with a note.")
-@config_option
-@set_option
-@sets_option
+@run_config_options
 @verbose_option
 def status_cmd(config_path: str | None, overrides: tuple[str, ...], set_string: str, verbose: bool) -> None:
     setup_logging(_verbose(verbose))
@@ -181,9 +182,7 @@ def _status_note(man: Manifest | None, width: int = 60, state: str = "", partial
 
 
 @main.command("clean", help="Delete a run's stage folders (all, or the named stages).")
-@config_option
-@set_option
-@sets_option
+@run_config_options
 @click.argument("stages", nargs=-1, type=click.Choice(NAMES))
 @verbose_option
 def clean_cmd(config_path: str | None, overrides: tuple[str, ...], set_string: str, stages: tuple[str, ...],
@@ -228,9 +227,7 @@ def _config_line(path: Path) -> str:
 
 
 @main.command("config", help="Print the resolved config (defaults, extends and --set applied) as YAML.")
-@config_option
-@set_option
-@sets_option
+@run_config_options
 @verbose_option
 def config_cmd(config_path: str | None, overrides: tuple[str, ...], set_string: str, verbose: bool) -> None:
     _guard(lambda: click.echo(resolved_yaml(_load(config_path, overrides, set_string)), nl=False))
@@ -239,9 +236,7 @@ def config_cmd(config_path: str | None, overrides: tuple[str, ...], set_string: 
 @click.command(help="Run one stage, reusing the cached upstream artifacts. Stages: " + ", ".join(NAMES),
                context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("name", type=click.Choice(NAMES))
-@config_option
-@set_option
-@sets_option
+@run_config_options
 @click.option("--force", is_flag=True, help="re-run even if the stage is fresh")
 @verbose_option
 @version_option

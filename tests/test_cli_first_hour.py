@@ -253,11 +253,26 @@ class SleepRunner(Runner):
         return {"y": np.zeros((len(feeds["x"]), 2), np.float32)}
 
 
+class SpikyRunner(SleepRunner):
+    calls = 0
+
+    def run(self, feeds):
+        self.calls += 1
+        time.sleep(0.030 if self.calls % 10 == 0 else 0.002)
+        return {"y": np.zeros((len(feeds["x"]), 2), np.float32)}
+
+
 def test_benchmark_statistics_and_minimum_duration():
     res = benchmark(SleepRunner(), batch=1, warmup=0, iters=3, min_seconds=0.15)
     assert res["iters"] > 3 and res["timed_s"] >= 0.15 and res["min_iters"] == 3
     assert res["min_ms"] <= res["p50_ms"] <= res["p95_ms"] <= res["p99_ms"] <= res["max_ms"]
     assert res["min_ms"] >= 2.0 and res["max_ms"] - res["min_ms"] >= res["std_ms"] > 0.0
+    # one slow call in ten: the tail statistics must see it, the median must not
+    slow = SpikyRunner()
+    res = benchmark(slow, batch=1, warmup=0, iters=40, min_seconds=0.0)
+    assert res["iters"] == 40 == slow.calls
+    assert res["max_ms"] >= 30.0 and res["p99_ms"] >= 30.0 and res["p50_ms"] < 15.0 and res["min_ms"] < 15.0
+    assert res["mean_ms"] >= 0.9 * (36 * 2.0 + 4 * 30.0) / 40
     quick = benchmark(SleepRunner(), batch=1, warmup=0, iters=4)
     assert quick["iters"] == 4  # no minimum duration: exactly the calls asked for
 

@@ -83,6 +83,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _poisoned_fit(n: int, at_call: int | None, value: float):
+    """A Linear(3, 2) on ``n`` random rows in batches of 2, and a step loss that turns ``value``
+    (nan/inf) at call ``at_call``: the smallest real fit() whose loss goes non-finite on cue."""
+    lin = torch.nn.Linear(3, 2)
+    data = torch.utils.data.TensorDataset(torch.randn(n, 3), torch.randint(0, 2, (n,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
+    calls = {"n": 0}
+
+    def step_loss(m, xb, yb):
+        calls["n"] += 1
+        logits = m(xb)
+        loss = torch.nn.functional.cross_entropy(logits, yb)
+        return (loss * value if calls["n"] == at_call else loss), logits
+
+    return lin, loader, calls, step_loss
+
+
 def _gloo_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """One rank: TET gradients through DDP, then a loss that turns NaN on rank 1 only."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
@@ -110,19 +127,8 @@ def _gloo_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.all_gather(grads, grad)
         lines.append(f"tet_grads_equal={torch.equal(grads[0], grads[1])} grad_norm={grad.norm():.4g}")
 
-        lin = torch.nn.Linear(3, 2)
+        lin, loader, calls, step_loss = _poisoned_fit(8, at_call=3 if rank == 1 else None, value=float("nan"))
         model = torch.nn.parallel.DistributedDataParallel(lin)
-        data = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,)))
-        loader = torch.utils.data.DataLoader(data, batch_size=2)
-        calls = {"n": 0}
-
-        def step_loss(m, xb, yb):
-            calls["n"] += 1
-            logits = m(xb)
-            loss = torch.nn.functional.cross_entropy(logits, yb)
-            if rank == 1 and calls["n"] == 3:
-                loss = loss * float("nan")
-            return loss, logits
 
         fc = FitConfig(epochs=1, device="cpu", rank=rank, world_size=world, progress=False, check_every=1)
         try:
@@ -164,16 +170,7 @@ def test_two_gloo_ranks_share_the_nonfinite_flag_and_sync_tet_gradients(tmp_path
 def test_nonfinite_check_every_n_steps_names_the_range(tmp_path):
     from pipeline.training.loop import FitConfig, NonFiniteLoss, fit
 
-    lin = torch.nn.Linear(3, 2)
-    data = torch.utils.data.TensorDataset(torch.randn(12, 3), torch.randint(0, 2, (12,)))
-    loader = torch.utils.data.DataLoader(data, batch_size=2)
-    calls = {"n": 0}
-
-    def step_loss(m, xb, yb):
-        calls["n"] += 1
-        logits = m(xb)
-        loss = torch.nn.functional.cross_entropy(logits, yb)
-        return (loss * float("inf") if calls["n"] == 2 else loss), logits
+    lin, loader, calls, step_loss = _poisoned_fit(12, at_call=2, value=float("inf"))
 
     fc = FitConfig(epochs=1, device="cpu", progress=False, check_every=4)
     with pytest.raises(NonFiniteLoss, match=r"batch 1-4 \(checked every 4 batches\)"):
