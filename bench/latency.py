@@ -24,6 +24,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+
+from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.data import data_bundle, eval_loader  # noqa: E402
+from pipeline.report.inventory import discover  # noqa: E402
+from pipeline.report.measure import Settings, measure_speed  # noqa: E402
+from pipeline.runner import run_store  # noqa: E402
+
 REQUIRED = ("train/best.pt", "unroll/float.pt", "export/model_fp32.onnx", "export/model_int8.onnx")
 
 
@@ -54,9 +62,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=None, help="throughput batch (default max validate.batch_sizes)")
     args = ap.parse_args(argv)
 
-    from pipeline.config import ConfigError, load_config
-    from pipeline.runner import run_store
-
     try:
         cfg = load_config(args.config, tuple(args.overrides))
     except ConfigError as exc:
@@ -66,12 +71,6 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         _fail(f"the run '{cfg['name']}' lacks {', '.join(missing)} under {store.root}: run make all first "
               f"(make all CONFIG={args.config})")
-
-    import torch
-
-    from pipeline.report.inventory import discover
-    from pipeline.report.measure import Settings, measure_speed
-    from pipeline.setup import data_bundle, eval_loader
 
     v = cfg["validate"]
     torch.set_num_threads(args.threads or v["threads"] or torch.get_num_threads())

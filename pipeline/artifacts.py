@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -258,7 +258,3 @@ class RunLock:
         except PermissionError:
             pass  # alive, another user's
         return pid
-
-
-def iter_files(folder: Path, pattern: str = "*") -> Iterator[Path]:
-    return (p for p in sorted(folder.glob(pattern)) if p.is_file())

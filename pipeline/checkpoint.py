@@ -23,6 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.models import build_model
+from pipeline.models.spec import checkpoint_model_cfg, stored_model_cfg
+
 REQUIRED = ("model", "model_cfg", "data_meta")
 # what torch.load(weights_only=True) rebuilds without any allow-list (besides tensors and containers)
 _ATOMS = (str, int, float, bool, complex, bytes, type(None), torch.dtype, torch.device, torch.Size)
@@ -122,8 +125,6 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 def model_payload(model: torch.nn.Module, model_cfg: dict[str, Any], data_meta: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """What every model checkpoint carries; ``extra`` adds training state or metrics."""
-    from pipeline.models.spec import stored_model_cfg
-
     module = model.module if hasattr(model, "module") else model
     spec = getattr(module, "spec", None)  # T and SA width as built/carried, so load_model rebuilds it
     cfg = stored_model_cfg(model_cfg, spec) if spec is not None else dict(model_cfg, T=module.T)
@@ -132,9 +133,6 @@ def model_payload(model: torch.nn.Module, model_cfg: dict[str, Any], data_meta: 
 
 def load_model(path: Path, T: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the float model stored at ``path``; returns (model in eval mode, checkpoint dict)."""
-    from pipeline.models import build_model
-    from pipeline.models.spec import checkpoint_model_cfg
-
     ckpt = read_checkpoint(path)
     cfg = checkpoint_model_cfg(ckpt["model_cfg"])  # fills keys older checkpoints lack
     model = build_model(cfg)

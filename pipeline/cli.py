@@ -14,11 +14,11 @@ from typing import Any, Callable
 import click
 import yaml
 
-from pipeline import __version__
+from pipeline import __version__, registry
 from pipeline.artifacts import ArtifactError, Manifest
 from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config, resolved_yaml
 from pipeline.console import setup_logging
-from pipeline.registry import NAMES, STAGES, spec
+from pipeline.registry import spec
 from pipeline.runner import (GateFailed, StageError, clean, run_all, run_stage, run_store, stage_key,
                              stage_states)
 
@@ -41,6 +41,23 @@ version_option = click.version_option(__version__, "--version", prog_name="staa-
 def run_config_options(fn):
     """--config, --set and --sets: the options every command that names a run takes."""
     return config_option(set_option(sets_option(fn)))
+
+
+class StageChoice(click.Choice):
+    """A stage name, checked against the registry when the command runs, not when this module is
+    imported: a stage registered later (a plugin, a test's dummy stage) is a valid choice too."""
+
+    def __init__(self, *extra: str) -> None:
+        self.extra = extra
+        super().__init__(())
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        return (*registry.names(), *self.extra)
+
+    @choices.setter
+    def choices(self, value: tuple[str, ...]) -> None:  # click.Choice.__init__ assigns it: the registry decides
+        pass
 
 
 def split_set_string(text: str) -> list[str]:
@@ -105,9 +122,9 @@ def main(verbose: bool) -> None:
 
 @main.command("run", help="Run every stage in order; fresh stages are skipped.")
 @run_config_options
-@click.option("--force", multiple=True, type=click.Choice((*NAMES, "all")), metavar="STAGE",
+@click.option("--force", multiple=True, type=StageChoice("all"), metavar="STAGE",
               help="re-run this stage even if fresh ('all' for every stage; repeatable)")
-@click.option("--until", type=click.Choice(NAMES), default=None, help="stop after this stage")
+@click.option("--until", type=StageChoice(), default=None, help="stop after this stage")
 @verbose_option
 def run_cmd(config_path: str | None, overrides: tuple[str, ...], set_string: str, force: tuple[str, ...],
             until: str | None, verbose: bool) -> None:
@@ -125,7 +142,8 @@ def run_cmd(config_path: str | None, overrides: tuple[str, ...], set_string: str
             click.echo(f"run '{cfg['name']}': every stage is up to date; nothing to do")
         else:
             click.echo(f"run '{cfg['name']}': " + ", ".join(f"{n} {o}" for n, o in outcomes.items()))
-        _where_are_my_results(cfg)
+        if until is None:  # a partial run (make all's first half) has no report to point at yet
+            _where_are_my_results(cfg)
     _guard(go)
 
 
@@ -183,7 +201,7 @@ def _status_note(man: Manifest | None, width: int = 60, state: str = "", partial
 
 @main.command("clean", help="Delete a run's stage folders (all, or the named stages).")
 @run_config_options
-@click.argument("stages", nargs=-1, type=click.Choice(NAMES))
+@click.argument("stages", nargs=-1, type=StageChoice())
 @verbose_option
 def clean_cmd(config_path: str | None, overrides: tuple[str, ...], set_string: str, stages: tuple[str, ...],
               verbose: bool) -> None:
@@ -201,10 +219,10 @@ def clean_cmd(config_path: str | None, overrides: tuple[str, ...], set_string: s
 @verbose_option
 def list_cmd(names: bool, verbose: bool) -> None:
     if names:
-        click.echo("\n".join(NAMES))
+        click.echo("\n".join(registry.names()))
         return
     click.echo("stages (in order; python -m pipeline stage NAME --config F):")
-    for s in STAGES:
+    for s in registry.stages():
         click.echo(f"  {s.name:<9} {s.help}")
         click.echo(f"  {'':<9} makes {', '.join(s.produces)}" + (f"; reads {', '.join(s.needs)}" if s.needs else ""))
     click.echo(f"configs ({CONFIGS_DIR}; python -m pipeline run --config configs/NAME.yaml):")
@@ -233,9 +251,9 @@ def config_cmd(config_path: str | None, overrides: tuple[str, ...], set_string: 
     _guard(lambda: click.echo(resolved_yaml(_load(config_path, overrides, set_string)), nl=False))
 
 
-@click.command(help="Run one stage, reusing the cached upstream artifacts. Stages: " + ", ".join(NAMES),
+@click.command(help="Run one stage, reusing the cached upstream artifacts. Stages: " + ", ".join(registry.names()),
                context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("name", type=click.Choice(NAMES))
+@click.argument("name", type=StageChoice())
 @run_config_options
 @click.option("--force", is_flag=True, help="re-run even if the stage is fresh")
 @verbose_option
@@ -278,14 +296,14 @@ def best_shipping_row(report: dict[str, Any]) -> dict[str, Any] | None:
 def _where_are_my_results(cfg: dict[str, Any], err: bool = False) -> None:
     """The committed report, the best artifact that passed its gates, and what to do next."""
     store = run_store(cfg)
-    report_json = store.stage_dir("validate") / "report.json"
+    report_json = registry.path(store.stage_dir("validate"), "validate", "report_json")
     if store.state("validate", stage_key(cfg, spec("validate"), store)) not in ("done", "failed"):
         return  # no report for this config (an older one may lie there: say nothing rather than mislead)
     try:
         report = json.loads(report_json.read_text())
     except (OSError, json.JSONDecodeError):
         return
-    lines = [f"report: {report_json.with_name('report.md')}"]
+    lines = [f"report: {registry.path(report_json.parent, 'validate', 'report_md')}"]
     best = best_shipping_row(report)
     if best is None:
         lines.append("best artifact: none of the deployable graphs passed all its gates (see the report)")
@@ -296,7 +314,8 @@ def _where_are_my_results(cfg: dict[str, Any], err: bool = False) -> None:
                      f"p50 {lat['p50_ms']:.2f} ms at batch {lat['batch']}")
     bundle = store.stage_dir("build")
     if bundle.is_dir():
-        lines += [f"device bundle: {bundle}/ (copy it to the Jetson; JETSON.md says how to build and time the engines)",
-                  f"try it here:   python -m pipeline.runtime predict {bundle / 'model_fp32.onnx'} "
-                  f"--samples {bundle / 'sample_inputs.npz'}"]
+        guide = registry.file("build", "guide")
+        graph, samples = (registry.path(bundle, "export", r) for r in ("onnx_fp32", "samples"))  # copied by name
+        lines += [f"device bundle: {bundle}/ (copy it to the Jetson; {guide} says how to build and time the engines)",
+                  f"try it here:   python -m pipeline.runtime predict {graph} --samples {samples}"]
     click.echo("\n".join(lines), err=err)

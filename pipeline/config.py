@@ -8,7 +8,6 @@ with the key path, the expected type and the closest valid key, instead of after
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
 import os
@@ -20,99 +19,15 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from pipeline.schema import SCHEMA, Choice, FreeMap, ListOf, Opt
+from pipeline.schema import SCHEMA, ConfigError, deep_merge, defaults, validate
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
-
-class ConfigError(ValueError):
-    """A config problem the user must fix; the message names the key and the fix."""
-
-
-def _type_name(t: type | tuple[type, ...]) -> str:
-    if isinstance(t, tuple):
-        return " or ".join(x.__name__ for x in t)
-    return t.__name__
-
-
-def defaults(schema: Mapping[str, Any] = SCHEMA) -> dict[str, Any]:
-    """The schema's default values as a plain nested dict."""
-    out: dict[str, Any] = {}
-    for key, spec in schema.items():
-        if isinstance(spec, dict):
-            out[key] = defaults(spec)
-        elif isinstance(spec, (Opt, Choice)):
-            out[key] = spec.default
-        elif isinstance(spec, (ListOf, FreeMap)):
-            out[key] = list(spec.default) if isinstance(spec, ListOf) else dict(spec.default)
-        else:
-            out[key] = spec
-    return out
-
-
-def _check_scalar(path: str, value: Any, expected: type | tuple[type, ...]) -> Any:
-    """Check one value; ints are accepted (and converted) where floats are expected."""
-    exp = expected if isinstance(expected, tuple) else (expected,)
-    if isinstance(value, bool) and bool not in exp:
-        raise ConfigError(f"{path}: expected {_type_name(expected)}, got a boolean ({value!r})")
-    if float in exp and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if float in exp and isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, exp):
-        raise ConfigError(
-            f"{path}: expected {_type_name(expected)}, got {type(value).__name__} ({value!r})"
-        )
-    return value
-
-
-def _validate(node: Any, schema: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    if not isinstance(node, Mapping):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(node).__name__}")
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if key not in schema:
-            close = difflib.get_close_matches(str(key), list(schema), n=1, cutoff=0.5)
-            hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
-            valid = ", ".join(sorted(schema))
-            raise ConfigError(f"unknown key '{path}'{hint} (valid keys here: {valid})")
-        spec = schema[key]
-        if isinstance(spec, dict):
-            out[key] = _validate(value if value is not None else {}, spec, path)
-        elif isinstance(spec, Opt):
-            out[key] = None if value is None else _check_scalar(path, value, spec.type)
-        elif isinstance(spec, Choice):
-            if value not in spec.options:
-                close = difflib.get_close_matches(str(value), spec.options, n=1, cutoff=0.4)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise ConfigError(f"{path}: {value!r} is not one of {list(spec.options)}{hint}")
-            out[key] = value
-        elif isinstance(spec, ListOf):
-            if not isinstance(value, (list, tuple)):
-                raise ConfigError(f"{path}: expected a list of {_type_name(spec.item)}, got {value!r}")
-            out[key] = [_check_scalar(f"{path}[{i}]", v, spec.item) for i, v in enumerate(value)]
-        elif isinstance(spec, FreeMap):
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-            out[key] = dict(value)
-        else:
-            out[key] = _check_scalar(path, value, type(spec))
-    return out
-
-
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursively merge ``override`` into a copy of ``base`` (mappings merge, the rest replaces)."""
-    out = copy.deepcopy(dict(base))
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+# ConfigError, defaults and deep_merge live in pipeline.schema (one place for defaults and merging)
+# and are re-exported here, where callers have always found them.
+__all__ = ["ConfigError", "DEFAULT_CONFIG", "RUN_CONFIG", "SPEED_ONLY_KEYS", "apply_overrides", "command_line",
+           "deep_merge", "defaults", "get", "load_config", "parse_override", "resolved_yaml", "slice_hash",
+           "write_run_config"]
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -170,7 +85,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     """
     file = Path(path).resolve() if path else DEFAULT_CONFIG
     raw = apply_overrides(_read_yaml(file), overrides)
-    checked = _validate(raw, SCHEMA, "")
+    checked = validate(raw, SCHEMA, "")
     cfg = deep_merge(defaults(), checked)
     if not cfg.get("name"):
         cfg["name"] = file.stem
@@ -180,28 +95,16 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 
 def _check_semantics(cfg: Mapping[str, Any]) -> None:
-    """Checks that types alone cannot express."""
-    m, d = cfg["model"], cfg["data"]
-    if m["T"] < 1:
-        raise ConfigError(f"model.T: must be >= 1, got {m['T']}")
-    if not 0 < m["width"] <= 4:
-        raise ConfigError(f"model.width: must be in (0, 4], got {m['width']}")
-    if not 0 <= d["val_fraction"] < 1:
-        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {d['val_fraction']}")
-    if d["batch_size"] < 1:
-        raise ConfigError(f"data.batch_size: must be >= 1, got {d['batch_size']}")
-    if d["workers"] < -1 or (d["prefetch"] is not None and d["prefetch"] < 1):
-        raise ConfigError(f"data.workers must be >= 0 (or -1: one per CPU core, at most 8) and data.prefetch >= 1; "
-                          f"got workers {d['workers']}, prefetch {d['prefetch']}")
-    bad = [t for t in cfg["reduce_t"]["steps"] if not 1 <= t < m["T"]]
+    """Checks that relate two keys (one key's type, choices and bounds are the schema's job)."""
+    T = cfg["model"]["T"]
+    bad = [t for t in cfg["reduce_t"]["steps"] if not 1 <= t < T]
     if bad:
-        raise ConfigError(f"reduce_t.steps: {bad} must be between 1 and model.T-1 ({m['T'] - 1})")
+        raise ConfigError(f"reduce_t.steps: {bad} must be between 1 and model.T - 1 = {T - 1} (the trained T); "
+                          f"fix reduce_t.steps (e.g. --set reduce_t.steps=[{T // 2 if T > 1 else ''}])")
     b = cfg["build"]
     if not b["min_batch"] <= b["opt_batch"] <= b["max_batch"]:
-        raise ConfigError("build: need min_batch <= opt_batch <= max_batch")
-    bad_prec = [p for p in b["precisions"] if p not in ("fp32", "fp16", "int8")]
-    if bad_prec:
-        raise ConfigError(f"build.precisions: {bad_prec} not in ['fp32', 'fp16', 'int8']")
+        raise ConfigError(f"build: need min_batch <= opt_batch <= max_batch, got {b['min_batch']}, "
+                          f"{b['opt_batch']}, {b['max_batch']}")
 
 
 def get(cfg: Mapping[str, Any], dotted: str) -> Any:

@@ -14,12 +14,17 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from pipeline import __version__
 from pipeline.artifacts import ArtifactError, Manifest, RunStore, package_versions, write_json_atomic
 from pipeline.config import slice_hash, write_run_config
-from pipeline.registry import NAMES, StageSpec, spec
+from pipeline.console import held_warnings, tame_libraries
+from pipeline.registry import StageSpec, names, spec
+from pipeline.registry import file as output_file
+
+if TYPE_CHECKING:  # torch stays out of the CLI's imports
+    from torch import nn
 
 log = logging.getLogger("pipeline")
 
@@ -56,6 +61,33 @@ class StageContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def output(self, role: str, **values: Any) -> Path:
+        """Where this stage writes its declared output ``role`` (pipeline/registry.py), in the partial folder."""
+        return self.out / output_file(self.spec.name, role, **values)
+
+    def input(self, stage: str, role: str, **values: Any) -> Path:
+        """The declared output ``role`` of the finished upstream ``stage`` (``ctx.input("unroll", "float")``)."""
+        return self.inputs[stage] / output_file(stage, role, **values)
+
+    def load_upstream_model(self, stage: str, file: str) -> tuple[nn.Module, dict[str, Any]]:
+        """The common start of a fine-tuning stage: fix threads and seed, then load ``<stage>/<file>``
+        onto the stage's device -> (model, checkpoint); a damaged or foreign checkpoint becomes a
+        StageError that names it."""
+        # imported here, not at the top: they load torch, and this module serves the torch-free CLI
+        import torch
+
+        from pipeline.checkpoint import CheckpointError, load_model
+        from pipeline.training.loop import seed_everything
+
+        if self.cfg["train"]["threads"]:
+            torch.set_num_threads(self.cfg["train"]["threads"])
+        seed_everything(self.cfg["seed"])
+        try:
+            model, ckpt = load_model(self.inputs[stage] / file)
+        except CheckpointError as exc:
+            raise StageError(str(exc)) from exc
+        return model.to(self.device), ckpt
+
 
 def run_store(cfg: Mapping[str, Any]) -> RunStore:
     root = Path(cfg["artifacts_dir"])
@@ -88,7 +120,7 @@ def stage_states(cfg: Mapping[str, Any]) -> list[tuple[str, str, str, Manifest |
     """(stage, state, key, manifest) for every stage, in order."""
     store = run_store(cfg)
     rows = []
-    for name in NAMES:
+    for name in names():  # called, not imported: a stage registered later (plugin, test) shows too
         s = spec(name)
         key = stage_key(cfg, s, store)
         rows.append((name, store.state(name, key), key, store.manifest(name)))
@@ -180,11 +212,12 @@ def _execute(cfg: dict[str, Any], s: StageSpec, store: RunStore, key: str, input
     handler = _add_file_log(part / ("stage.log" if rank == 0 else f".stage.rank{rank}.log"))
     ctx = StageContext(cfg=cfg, spec=s, out=part, inputs=inputs, store=store, device=device,
                        log=logging.getLogger(f"pipeline.{s.name}"), rank=rank, world_size=world)
-    start = time.perf_counter()
+    start, warned = time.perf_counter(), held_warnings()
     log.info("[%s] running (key %s, device %s) -> %s", s.name, key, device, store.stage_dir(s.name))
     finished = False
     try:
         module = importlib.import_module(s.module)
+        tame_libraries()  # the stage's imports (torch, nncf) installed their own console handlers
         result: StageResult = module.run(ctx)
         finished = True
     finally:
@@ -210,7 +243,9 @@ def _execute(cfg: dict[str, Any], s: StageSpec, store: RunStore, key: str, input
     if result.status == "skipped":
         log.warning("[%s] skipped: %s", s.name, result.reason)
     else:
-        log.info("[%s] done in %.1f s", s.name, wall)
+        warned = held_warnings() - warned
+        log.info("[%s] done in %.1f s%s", s.name, wall,
+                 f" ({warned} library warning(s): see its stage.log)" if warned else "")
     if result.failed_gates:
         raise GateFailed(_gate_message(s.name, result.failed_gates, store))
     return result.status
@@ -252,7 +287,7 @@ def run_all(cfg: dict[str, Any], force: Iterable[str] = (), until: str | None = 
     store = run_store(cfg)
     force = set(force)
     with store.lock():
-        for name in NAMES:
+        for name in names():
             outcome = run_stage(cfg, name, force=name in force or "all" in force, locked=True)
             outcomes[name] = outcome
             if progress:
@@ -266,7 +301,7 @@ def clean(cfg: Mapping[str, Any], stages: Iterable[str] | None = None) -> list[s
     store = run_store(cfg)
     removed = []
     with store.lock():
-        for name in stages or NAMES:
+        for name in stages or names():
             if store.stage_dir(name).exists() or store.partial_dir(name).exists():
                 store.remove(name)
                 removed.append(name)

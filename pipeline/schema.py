@@ -1,20 +1,51 @@
-"""The config schema: every key the pipeline reads, its default and its type.
+"""The config schema: every key the pipeline reads, its default, its type and its bounds.
 
-One table so that validation, `--set` parsing, the docs and each stage's cache key all agree.
-A key whose default is ``None`` names its type with :class:`Opt`; a list names its item type.
+One table so that validation, `--set` parsing, the docs and each stage's cache key all agree,
+and one set of functions over it (:func:`defaults`, :func:`validate`, :func:`deep_merge`,
+:func:`resolve`): the config loader, the data library and the model specs all fill and check a
+section here, so a default or a bound is written once. A key whose default is ``None`` names its
+type with :class:`Opt`; a bounded number is a :class:`Num`; a list names its item type.
+Checks that relate two keys (``reduce_t.steps`` < ``model.T``) live in ``pipeline.config``.
+
+Stdlib only: the Makefile imports the stage registry (which may import this) before the venv exists.
 """
 from __future__ import annotations
 
+import copy
+import difflib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A config problem the user must fix; the message names the key and the fix."""
 
 
 @dataclass(frozen=True)
 class Opt:
-    """A value that may be ``None`` (default) or of ``type``."""
+    """A value that may be ``None`` (default) or of ``type``, at least ``lo`` when given."""
 
     type: type | tuple[type, ...]
     default: Any = None
+    lo: float | None = None
+    hint: str = ""  # appended to a bound error: what the values mean
+
+
+@dataclass(frozen=True)
+class Num:
+    """A number of the default's type (an int key accepts no float) within ``[lo, hi]``;
+    ``lo_open``/``hi_open`` exclude that end."""
+
+    default: int | float
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    hint: str = ""  # appended to a bound error: what the values mean
+
+    @property
+    def type(self) -> type:
+        return type(self.default)
 
 
 @dataclass(frozen=True)
@@ -27,10 +58,11 @@ class Choice:
 
 @dataclass(frozen=True)
 class ListOf:
-    """A list whose items are of ``item`` type."""
+    """A list whose items are of ``item`` type (and among ``options`` when given)."""
 
     item: type | tuple[type, ...]
     default: tuple = ()
+    options: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,14 +84,15 @@ SCHEMA: dict[str, Any] = {
         "train_file": Opt(str),  # npz overrides (CIFAR / N-MNIST)
         "test_file": Opt(str),
         "download": False,  # torchvision CIFAR only; tonic datasets never download
-        "val_fraction": 0.1,
+        "val_fraction": Num(0.1, lo=0.0, hi=1.0, hi_open=True),
         "image_size": Opt(int),  # None: the dataset's native size
         "limit_train": Opt(int),  # first N training samples (class-balanced where the source is)
         "limit_test": Opt(int),
-        "batch_size": 128,
-        "eval_batch_size": 256,
-        "workers": 0,  # DataLoader workers per process; -1: min(8, CPU cores per process). Not in the cache key
-        "prefetch": Opt(int),  # batches each worker loads ahead (None: torch's 2). Not in the cache key
+        "batch_size": Num(128, lo=1),
+        "eval_batch_size": Num(256, lo=1),
+        # DataLoader workers per process. Not in the cache key
+        "workers": Num(0, lo=-1, hint="0: load in the main process; -1: min(8, CPU cores per process)"),
+        "prefetch": Opt(int, lo=1),  # batches each worker loads ahead (None: torch's 2). Not in the cache key
         "cache_dir": Opt(str),  # event-frame cache; None: <root>/frames_cache
         "augment": {
             "crop_padding": 4,
@@ -71,8 +104,8 @@ SCHEMA: dict[str, Any] = {
     },
     "model": {
         "arch": Choice(("resnet19", "resnet34", "resnet20"), "resnet19"),
-        "width": 1.0,
-        "T": 4,
+        "width": Num(1.0, lo=0.0, hi=4.0, lo_open=True),  # channel multiplier
+        "T": Num(4, lo=1),  # time steps of the trained model
         "neuron": {
             "kind": Choice(("alif", "lif"), "alif"),
             "v_th": 0.5,
@@ -87,16 +120,16 @@ SCHEMA: dict[str, Any] = {
             "gc": True,
             "sa": True,
             "tsrd": True,
-            "tsrd_p": 0.1,
+            "tsrd_p": Num(0.1, lo=0.0, hi=1.0, hi_open=True),
             "gc_fusion": Choice(("mul", "add"), "mul"),
-            "gc_ratio": 4,
-            "sa_ratio": 4,
+            "gc_ratio": Num(4, lo=1),
+            "sa_ratio": Num(4, lo=1),
             # step attention's hidden width T_h; None: T for T <= 4, max(T // sa_ratio, 1) above.
             # Checkpoints store the built value, so a model carried to another T keeps it.
-            "sa_hidden": Opt(int),
+            "sa_hidden": Opt(int, lo=1),
             "sa_position": Choice(("before", "after"), "before"),
             "placement": Choice(("all", "last_k"), "all"),
-            "last_k": 1,  # stages (from the end) that get STAA when placement == last_k
+            "last_k": Num(1, lo=0),  # stages (from the end) that get STAA when placement == last_k
             # GC ("mul") and SA gates: "identity" = 2*sigmoid(z), last layer zero-initialised (starts
             # as the plain LIF); "legacy" = sigmoid(z), bias 2 (checkpoints written before it)
             "gate": Choice(("identity", "legacy"), "identity"),
@@ -167,7 +200,7 @@ SCHEMA: dict[str, Any] = {
         "trt_check_strict": True,  # a TensorRT static-check violation fails the stage (else a warning)
     },
     "build": {
-        "precisions": ListOf(str, ("fp16", "int8")),
+        "precisions": ListOf(str, ("fp16", "int8"), options=("fp32", "fp16", "int8")),
         "min_batch": 1,
         "opt_batch": 8,
         "max_batch": 64,
@@ -197,3 +230,147 @@ SCHEMA: dict[str, Any] = {
         },
     },
 }
+
+
+def _type_name(t: type | tuple[type, ...]) -> str:
+    if isinstance(t, tuple):
+        return " or ".join(x.__name__ for x in t)
+    return t.__name__
+
+
+def defaults(node: Any = SCHEMA) -> Any:
+    """The default value tree of a schema node (the whole schema: a plain nested dict)."""
+    if isinstance(node, dict):
+        return {k: defaults(v) for k, v in node.items()}
+    if isinstance(node, ListOf):
+        return list(node.default)
+    if isinstance(node, FreeMap):
+        return dict(node.default)
+    if isinstance(node, (Opt, Num, Choice)):
+        return node.default
+    return node
+
+
+def node(dotted: str) -> Any:
+    """The schema node at ``dotted`` (``"model.staa"``); KeyError names the missing part."""
+    out: Any = SCHEMA
+    for part in dotted.split("."):
+        if not isinstance(out, dict) or part not in out:
+            raise KeyError(f"no config section {dotted!r} in pipeline/schema.py (at {part!r})")
+        out = out[part]
+    return out
+
+
+def _check_scalar(path: str, value: Any, expected: type | tuple[type, ...]) -> Any:
+    """Check one value; ints are accepted (and converted) where floats are expected."""
+    exp = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, bool) and bool not in exp:
+        raise ConfigError(f"{path}: expected {_type_name(expected)}, got a boolean ({value!r})")
+    if float in exp and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if float in exp and isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, exp):
+        raise ConfigError(
+            f"{path}: expected {_type_name(expected)}, got {type(value).__name__} ({value!r})"
+        )
+    return value
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def _check_bounds(path: str, value: float, lo: float | None, hi: float | None,
+                  lo_open: bool = False, hi_open: bool = False, hint: str = "") -> None:
+    low_bad = lo is not None and (value <= lo if lo_open else value < lo)
+    high_bad = hi is not None and (value >= hi if hi_open else value > hi)
+    if not (low_bad or high_bad):
+        return
+    if hi is None:
+        need = f"{'>' if lo_open else '>='} {_fmt(lo)}"
+    elif lo is None:
+        need = f"{'<' if hi_open else '<='} {_fmt(hi)}"
+    else:
+        need = f"in {'(' if lo_open else '['}{_fmt(lo)}, {_fmt(hi)}{')' if hi_open else ']'}"
+    raise ConfigError(f"{path}: must be {need}, got {value!r}" + (f" ({hint})" if hint else ""))
+
+
+def _check_choice(path: str, value: Any, options: tuple[str, ...]) -> Any:
+    if value not in options:
+        close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.4)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{path}: {value!r} is not one of {list(options)}{hint}")
+    return value
+
+
+def _check_value(path: str, value: Any, spec: Any) -> Any:
+    """One leaf value checked against its schema node; returns it (ints made floats where floats are expected)."""
+    if isinstance(spec, Opt):
+        if value is None:
+            return None
+        value = _check_scalar(path, value, spec.type)
+        if spec.lo is not None:
+            _check_bounds(path, value, spec.lo, None, hint=spec.hint)
+        return value
+    if isinstance(spec, Num):
+        value = _check_scalar(path, value, spec.type)
+        _check_bounds(path, value, spec.lo, spec.hi, spec.lo_open, spec.hi_open, spec.hint)
+        return value
+    if isinstance(spec, Choice):
+        return _check_choice(path, value, spec.options)
+    if isinstance(spec, ListOf):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list of {_type_name(spec.item)}, got {value!r}")
+        items = [_check_scalar(f"{path}[{i}]", v, spec.item) for i, v in enumerate(value)]
+        bad = [v for v in items if spec.options is not None and v not in spec.options]
+        if bad:
+            raise ConfigError(f"{path}: {bad} not in {list(spec.options)}")
+        return items
+    if isinstance(spec, FreeMap):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    return _check_scalar(path, value, type(spec))
+
+
+def validate(tree: Any, schema: Mapping[str, Any] = SCHEMA, prefix: str = "") -> dict[str, Any]:
+    """Check a (partial) config tree against ``schema``: unknown keys (with the closest valid one),
+    types, choices and bounds. Returns the checked tree; missing keys stay missing."""
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(tree).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in schema:
+            close = difflib.get_close_matches(str(key), list(schema), n=1, cutoff=0.5)
+            hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
+            valid = ", ".join(sorted(schema))
+            raise ConfigError(f"unknown key '{path}'{hint} (valid keys here: {valid})")
+        spec = schema[key]
+        if isinstance(spec, dict):
+            out[key] = validate(value if value is not None else {}, spec, path)
+        else:
+            out[key] = _check_value(path, value, spec)
+    return out
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``override`` into a copy of ``base`` (mappings merge, the rest replaces)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve(section: str, partial: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A config section (``"data"``, ``"model"``) from a partial mapping: validated, then merged over
+    the schema defaults. What library callers (tests, checkpoints) use where no full config exists."""
+    spec = node(section)
+    return deep_merge(defaults(spec), validate(partial or {}, spec, section))

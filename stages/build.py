@@ -12,16 +12,16 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import registry
 from pipeline.deploy.bundle import make_bundle
 from pipeline.runner import StageContext, StageError, StageResult
-from pipeline.runtime import get_backend
+from pipeline.runtime import get_backend, load_runner
+from pipeline.runtime.trt_build import BuildRequest
 
 
 def _engine_check(folder: Path, engine: str) -> dict[str, Any]:
     """Top-1 and agreement with the float logits on the bundled sample images (not a gate: validate gates)."""
-    from pipeline.runtime import load_runner
-
-    samples = np.load(folder / "sample_inputs.npz")
+    samples = np.load(registry.path(folder, "export", "samples"))  # the bundle carries export's files by name
     with load_runner(folder / engine) as runner:
         logits = runner.predict_all(samples["x"], 32)
     pred, ref = logits.argmax(1), samples["logits"]
@@ -43,16 +43,20 @@ def run(ctx: StageContext) -> StageResult:
     ok, why = backend.is_available()
     metrics["tensorrt"] = backend.check_env()
     if not ok:
+        script, guide = ctx.output("script").name, ctx.output("guide").name
         reason = (f"TensorRT engines not built on this machine: {why}. The bundle in this folder builds them on "
-                  f"the target: ./build_engines.sh (trtexec) or python3 -m staa_runtime build (see JETSON.md)")
+                  f"the target: ./{script} (trtexec) or python3 -m staa_runtime build (see {guide})")
         return StageResult(metrics=metrics, status="skipped", reason=reason)
-    results = backend.build(specs, ctx.out)
+    results = backend.build(BuildRequest(ctx.out, tuple(specs)))
     errors = {name: r["error"] for name, r in results.items() if "error" in r}
     if errors:
         raise StageError("TensorRT build failed: " + "; ".join(f"{n}: {e}" for n, e in errors.items()) +
-                         " (build logs in the build folder; trt_check.json lists static problems)")
-    for spec in specs:  # whole-clip engines only; the step engine needs the StepRunner loop
-        if spec.name.startswith("model"):
+                         f" (build logs in the build folder; {registry.file('export', 'trt_check')} lists static "
+                         f"problems)")
+    # whole-clip engines only (the ones the report measures); a step engine needs the StepRunner loop
+    measured = {o.file for o in ctx.spec.outputs if o.kind == "engine" and o.backends}
+    for spec in specs:
+        if spec.engine in measured:
             results[spec.name]["sample_check"] = _engine_check(ctx.out, spec.engine)
     metrics["engines"] = results
     return StageResult(metrics=metrics)

@@ -1,9 +1,11 @@
 """export: ONNX FP32 and INT8 (QDQ) with a dynamic batch, a streaming one-step graph, checks.
 
-Each graph: onnx.checker (full) + shape inference, deployment metadata, ONNX Runtime parity
-on real test images (logits, top-1, per-layer spikes through a probe graph), and the static
+Each graph is compacted first (INT8 weights as int8 initializers, onnxslim simplification:
+``pipeline.deploy.compact``); every check then runs on the final file: onnx.checker (full) +
+shape inference, deployment metadata, ONNX Runtime parity on real test images (logits, top-1, per-layer spikes through a probe graph), and the static
 TensorRT check (``trt_check.json``). Also writes ``sample_inputs.npz`` (the parity images,
-labels and float logits) for the device bundle.
+labels and float logits) for the device bundle. ``metrics.json`` records node counts before and
+after compaction, file and initializer bytes per graph, and the INT8/FP32 byte ratios.
 """
 from __future__ import annotations
 
@@ -16,15 +18,15 @@ import torch
 
 from pipeline import __version__
 from pipeline.config import slice_hash
+from pipeline.data import data_bundle, eval_loader
+from pipeline.deploy.compact import CompactError
 from pipeline.deploy.onnx_export import ExportError, deploy_metadata
 from pipeline.deploy.streaming import stream_blockers
 from pipeline.deploy.trt_check import write_reports
 from pipeline.deploy.unroll import UnrollError, load_unrolled
 from pipeline.deploy.verify import Gates, batches, export_streaming_verified, export_verified
+from pipeline.registry import config_sections
 from pipeline.runner import StageContext, StageError, StageResult
-from pipeline.setup import data_bundle, eval_loader
-
-CONFIG_SECTIONS = ("seed", "data", "model", "train", "reduce_t", "qat", "unroll", "export")
 
 
 def _inputs(cfg: dict[str, Any], T: int, limit: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -52,16 +54,29 @@ def _log_parity(ctx: StageContext, key: str, p: dict[str, Any]) -> None:
                  p["min_local_spike_agreement"])
 
 
+def _log_compact(ctx: StageContext, key: str, c: dict[str, Any]) -> None:
+    b, a = c["before"], c["after"]
+    ctx.log.info("ONNX %s compacted: %d -> %d nodes, file %.2f -> %.2f MB, initializers %.2f -> %.2f MB "
+                 "(%d weight quantisers folded to int8)", key, b["nodes"], a["nodes"], b["file_bytes"] / 1e6,
+                 a["file_bytes"] / 1e6, b["initializer_bytes"] / 1e6, a["initializer_bytes"] / 1e6,
+                 c["folded_weight_quantizers"])
+
+
+def size_ratios(fp32: dict[str, Any], int8: dict[str, Any]) -> dict[str, float]:
+    """INT8 over FP32 initializer and file bytes of the final graphs (``compact.after`` of each)."""
+    return {"int8_over_fp32_initializer_bytes": round(int8["initializer_bytes"] / max(fp32["initializer_bytes"], 1), 4),
+            "int8_over_fp32_file_bytes": round(int8["file_bytes"] / max(fp32["file_bytes"], 1), 4)}
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg, e, out = ctx.cfg, ctx.cfg["export"], ctx.out
-    src = ctx.inputs["unroll"]
     try:
-        flat, info = load_unrolled(src / "float.pt")
-        q, qinfo = load_unrolled(src / "int8.pt")
+        flat, info = load_unrolled(ctx.input("unroll", "float"))
+        q, qinfo = load_unrolled(ctx.input("unroll", "int8"))
     except UnrollError as exc:
         raise StageError(str(exc)) from exc
     x, y, bundle = _inputs(cfg, info.T, e["parity_images"])
-    common = dict(pipeline_version=__version__, config_hash=slice_hash(cfg, CONFIG_SECTIONS),
+    common = dict(pipeline_version=__version__, config_hash=slice_hash(cfg, config_sections(ctx.spec.name)),
                   input_encoding=getattr(bundle, "input_encoding", ""))
     opts = dict(opset=e["opset"], dynamo=e["dynamo"])
     gates = _gates(e)
@@ -72,28 +87,32 @@ def run(ctx: StageContext) -> StageResult:
     try:
         with tempfile.TemporaryDirectory(prefix="probe-", dir=out) as work:
             for key, module, unrolled in (("fp32", flat, info), ("int8", q, qinfo)):
-                m, f, r = export_verified(module, x, out / f"model_{key}.onnx", gates=gates[key],
+                m, f, r = export_verified(module, x, ctx.output(f"onnx_{key}"), gates=gates[key],
                                           metadata=deploy_metadata(unrolled, precision=key, **common),
                                           what=f"ONNX {key.upper()}", work_dir=Path(work), **opts)
                 metrics[key] = m
                 failures += f
                 reports.append(r)
+                _log_compact(ctx, key, m["compact"])
                 _log_parity(ctx, key, m["parity"])
+        metrics.update(size_ratios(metrics["fp32"]["compact"]["after"], metrics["int8"]["compact"]["after"]))
         blockers = stream_blockers(flat) if e["streaming"] else ["export.streaming is false"]
         if blockers:
             metrics["streaming"] = {"exported": False, "reason": blockers[0]}
             ctx.log.info("streaming graph skipped: %s", blockers[0])
         else:
-            m, f, r = export_streaming_verified(flat, x, out / "step_fp32.onnx", gates=gates["step"],
+            m, f, r = export_streaming_verified(flat, x, ctx.output("step_fp32"), gates=gates["step"],
                                                 metadata=deploy_metadata(info, precision="fp32", **common),
-                                                reference=out / "model_fp32.onnx", **opts)
+                                                reference=ctx.output("onnx_fp32"), **opts)
             metrics["streaming"] = {"exported": True, **m}
             failures += f
             reports.append(r)
     except ExportError as exc:
         raise StageError(f"{exc}. Try export.dynamo: {not e['dynamo']} or another export.opset") from exc
+    except CompactError as exc:
+        raise StageError(f"compacting the exported graph failed: {exc}") from exc
 
-    trt = write_reports(reports, out / "trt_check.json")
+    trt = write_reports(reports, ctx.output("trt_check"))
     metrics["trt_check_ok"] = trt["ok"]
     if not trt["ok"]:
         msg = "TensorRT static check: " + "; ".join(r.summary(3) for r in reports if not r.ok)
@@ -103,7 +122,7 @@ def run(ctx: StageContext) -> StageResult:
             ctx.log.warning(msg)
     with torch.no_grad():
         ref = torch.cat([flat(xb) for xb in batches(x, 64)]).numpy()
-    np.savez_compressed(out / "sample_inputs.npz", x=x.numpy().astype(np.float32), y=y.numpy().astype(np.int64),
+    np.savez_compressed(ctx.output("samples"), x=x.numpy().astype(np.float32), y=y.numpy().astype(np.int64),
                         logits=ref.astype(np.float32))
     if failures:
         raise StageError("export gates failed: " + "; ".join(failures) + " (details in export/stage.log; "

@@ -3,8 +3,8 @@
 Outputs: ``qat.pt`` (NNCF config + state dict; ``pipeline.compress.quantize.load_qat_model``
 turns it into a module that exports as ONNX Q/DQ), ``ptq.pt`` (the calibrated start point),
 ``nncf_config.json`` (where each quantiser sits, readable), metrics: float, PTQ and QAT
-accuracy side by side. Resumable: ``ptq.pt`` is reused and the fine-tune resumes from
-``qat_fit/last.pt``.
+accuracy side by side, ``history.csv`` (one row per QAT epoch) and TensorBoard scalars in ``tb/``.
+Resumable: ``ptq.pt`` is reused and the fine-tune resumes from ``qat_fit/last.pt``.
 """
 from __future__ import annotations
 
@@ -14,16 +14,17 @@ import shutil
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from pipeline import registry
 from pipeline.checkpoint import read_checkpoint, save_atomic
 from pipeline.compress.nncf_env import prepare_nncf_kernels
 from pipeline.compress.quantize import (QuantizeError, load_qat_model, nncf_config, qat_payload, quantize_model,
                                         quantizer_summary, restore_on)
+from pipeline.data import data_bundle, eval_loader
 from pipeline.runner import StageContext, StageError, StageResult
-from pipeline.setup import data_bundle, eval_loader, load_upstream_model, train_loader
 from pipeline.training.evaluate import agreement, evaluate
-from pipeline.training.loop import FitConfig, NonFiniteLoss, fit, total_steps
-from pipeline.training.losses import classification_loss
-from pipeline.training.optim import build_optimizer, warmup_cosine
+from pipeline.training.finetune import FineTune, fine_tune
+from pipeline.training.history import HISTORY_FILE, history_rows, write_history
+from pipeline.training.loop import NonFiniteLoss
 
 
 def calibration_loader(dataset: torch.utils.data.Dataset, samples: int, batch_size: int, seed: int) -> DataLoader:
@@ -37,7 +38,7 @@ def run(ctx: StageContext) -> StageResult:
     cfg, q, t = ctx.cfg, ctx.cfg["qat"], ctx.cfg["train"]
     if not ctx.is_main:  # one process quantises and fine-tunes; other ranks wait at the runner's barrier
         return StageResult()
-    model, ckpt = load_upstream_model(ctx, "reduce_t", "chosen.pt")
+    model, ckpt = ctx.load_upstream_model("reduce_t", registry.file("reduce_t", "chosen"))
     kernels = prepare_nncf_kernels(ctx.device)  # on CUDA: NNCF's extension only if the toolkit matches torch
     mcfg, meta, T = ckpt["model_cfg"], ckpt["data_meta"], model.T
     bundle = data_bundle(cfg, T)
@@ -64,16 +65,17 @@ def run(ctx: StageContext) -> StageResult:
     history = []
     if q["epochs"] > 0:
         qmodel, history = _fine_tune(ctx, qmodel, bundle, mcfg, meta)
+    write_history(ctx.out / HISTORY_FILE, history_rows(T, history))
     qat = evaluate(qmodel, test, ctx.device, desc="test QAT")
     summary = quantizer_summary(qmodel)
     if summary["neuron_internal_quantizers"]:
         raise StageError(f"{summary['neuron_internal_quantizers']} quantisers ended up inside neurons; the ignored "
                          f"scope no longer matches the model's NNCF op names (pipeline/compress/quantize.py)")
     save_atomic(qat_payload(qmodel, mcfg, meta, q["fold_bn"], float_top1=fl["top1"], ptq_top1=ptq["top1"],
-                            qat_top1=qat["top1"], keep_float=list(q["keep_float"])), ctx.out / "qat.pt")
-    (ctx.out / "nncf_config.json").write_text(json.dumps(nncf_config(qmodel, plain=True), indent=1))
+                            qat_top1=qat["top1"], keep_float=list(q["keep_float"])), ctx.output("qat"))
+    ctx.output("nncf_config").write_text(json.dumps(nncf_config(qmodel, plain=True), indent=1))
     # the deployment path: the reloaded, Q/DQ-exportable module must predict what the QAT model predicts
-    exportable, _ = load_qat_model(ctx.out / "qat.pt")
+    exportable, _ = load_qat_model(ctx.output("qat"))
     exp = evaluate(exportable.to(ctx.device), test, ctx.device, desc="test QAT (Q/DQ module)")
     same = agreement(exp["preds"], qat["preds"])
     if same < 99.0:
@@ -98,30 +100,19 @@ def run(ctx: StageContext) -> StageResult:
 def _fine_tune(ctx: StageContext, qmodel: torch.nn.Module, bundle, mcfg: dict, meta: dict):
     """QAT epochs with the task loss; quantiser scales train with the weights (no weight decay on them)."""
     cfg, q, t = ctx.cfg, ctx.cfg["qat"], ctx.cfg["train"]
-    loader = train_loader(cfg, bundle)
-    val = eval_loader(cfg, bundle.val) if len(bundle.val) else None
-    decay, no_decay = [], []
-    for name, p in qmodel.named_parameters():
-        if p.requires_grad:
-            (no_decay if "nncf" in name or p.dim() <= 1 else decay).append(p)
-    opt = build_optimizer([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], t, lr=q["lr"])
-    sched = warmup_cosine(opt, total_steps(loader, q["epochs"], q["max_batches"]), 0)
     # fp32 throughout: the quantiser-scale gradients are small, and QAT is a few epochs
-    fc = FitConfig(epochs=q["epochs"], seed=cfg["seed"], device=ctx.device, amp=False, cpu_bf16=False,
-                   grad_clip=t["grad_clip"], max_batches=q["max_batches"], desc="qat")
-    fit_dir = ctx.out / "qat_fit"
-    fit_dir.mkdir(exist_ok=True)
-
-    def step_loss(m, x, y):
-        return classification_loss(m, x, y, t["loss"], t["label_smoothing"])
-
+    ft = FineTune(desc="qat", epochs=q["epochs"], lr=q["lr"], lr_key="qat.lr", seed=cfg["seed"],
+                  max_batches=q["max_batches"], amp=False, cpu_bf16=False, no_decay=_no_decay)
     try:
-        state = fit(qmodel, loader, val, opt, sched, step_loss, fc, fit_dir,
-                    payload=lambda m: qat_payload(m, mcfg, meta, q["fold_bn"]))
+        return fine_tune(qmodel, ft, cfg, bundle, ctx.device, ctx.out / "qat_fit", stage_dir=ctx.out,
+                         payload=lambda m: qat_payload(m, mcfg, meta, q["fold_bn"]))
     except NonFiniteLoss as exc:
-        raise StageError(f"qat: {exc} (the learning rate is qat.lr)") from exc
-    qmodel.load_state_dict(read_checkpoint(fit_dir / "best.pt")["model"])
-    return qmodel.eval(), state.history
+        raise StageError(str(exc)) from exc
+
+
+def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
+    """NNCF's quantiser parameters and biases/gains (1-D) train without weight decay."""
+    return "nncf" in name or p.dim() <= 1
 
 
 def _table(T: int, float_top1: float, ptq_top1: float, qat_top1: float) -> str:

@@ -5,7 +5,8 @@ Outputs: ``t{T}.pt`` per reduced T (pipeline checkpoints: ``load_model`` rebuild
 The T handed on is chosen on the validation split (``selected_on: "val"``); the test split is
 scored for the report only, so validate's verdict is not graded on the images that chose it.
 Each T's fine-tune checkpoints into ``t{T}_fit/`` and resumes from there; a finished ``t{T}.pt``
-is not redone, so an interrupted run picks up where it stopped.
+is not redone, so an interrupted run picks up where it stopped. Training logs: ``history.csv``
+(one row per epoch and T) and TensorBoard scalars in ``tb/`` (tags ``reduce_t_T{T}/...``).
 """
 from __future__ import annotations
 
@@ -16,22 +17,24 @@ from typing import Any
 
 import torch
 
+from pipeline import registry
 from pipeline.checkpoint import CheckpointError, load_model, model_payload, read_checkpoint, save_atomic
 from pipeline.compress.timesteps import PairedFrames, carry_to_T, choose_T, distill_step_loss, format_table
-from pipeline.data import make_loader
+from pipeline.console import LOG_ONLY
+from pipeline.data import data_bundle, eval_loader, make_loader
 from pipeline.runner import StageContext, StageError, StageResult
-from pipeline.setup import load_upstream_model, data_bundle, eval_loader, train_loader
 from pipeline.training.evaluate import agreement, evaluate
-from pipeline.training.loop import FitConfig, NonFiniteLoss, fit, total_steps
-from pipeline.training.optim import build_optimizer, warmup_cosine
+from pipeline.training.finetune import FineTune, fine_tune
+from pipeline.training.history import HISTORY_FILE, history_rows, write_history
+from pipeline.training.loop import NonFiniteLoss
 
 
 def run(ctx: StageContext) -> StageResult:
     cfg, r = ctx.cfg, ctx.cfg["reduce_t"]
     if not ctx.is_main:  # one process does the (small) fine-tunes; other ranks wait at the runner's barrier
         return StageResult()
-    src = ctx.inputs["train"] / "best.pt"
-    teacher, ckpt = load_upstream_model(ctx, "train", "best.pt")
+    src = ctx.input("train", "best")
+    teacher, ckpt = ctx.load_upstream_model("train", src.name)
     T0 = teacher.T
     steps = sorted({int(s) for s in r["steps"]}, reverse=True)
     bad = [s for s in steps if not 1 <= s < T0]
@@ -56,8 +59,9 @@ def run(ctx: StageContext) -> StageResult:
         chosen, why = choose_T(rows, T0, base["val_top1"], gate, r["choose"], score="val_top1")
     except ValueError as exc:
         raise StageError(str(exc)) from exc
-    chosen_src = src if chosen == T0 else ctx.out / f"t{chosen}.pt"
-    shutil.copyfile(chosen_src, ctx.out / "chosen.pt")
+    chosen_src = src if chosen == T0 else ctx.output("reduced", T=chosen)
+    shutil.copyfile(chosen_src, ctx.output("chosen"))
+    write_history(ctx.out / HISTORY_FILE, [h for row in rows for h in history_rows(row["T"], row["history"])])
     table = format_table(rows, T0, base, chosen)
     ctx.log.debug("time-step reduction:\n%s", table)  # the whole table: stage.log and metrics.json
     picked = next((r for r in rows if r["T"] == chosen), None)
@@ -69,7 +73,7 @@ def run(ctx: StageContext) -> StageResult:
         "baseline_top1": base["test_top1"], "baseline_top5": base["test_top5"], "test_n": base["test_n"],
         "pe_mode": r["pe_mode"], "distill": r["distill"], "alpha": r["alpha"] if r["distill"] else 0.0,
         "temperature": r["temperature"], "epochs": r["epochs"], "gate": gate,
-        "chosen_T": chosen, "chosen_file": "train/best.pt" if chosen == T0 else f"t{chosen}.pt",
+        "chosen_T": chosen, "chosen_file": registry.artifact("train", "best") if chosen == T0 else chosen_src.name,
         "choice_reason": why, "table": rows, "table_md": table,
     })
 
@@ -94,7 +98,7 @@ def _reduce_one(ctx: StageContext, teacher: torch.nn.Module, ckpt: dict[str, Any
                 teacher_bundle: Any, base: dict[str, Any]) -> dict[str, Any]:
     """Carry the teacher to ``T``, score it, fine-tune it, score it again; write ``t{T}.pt``."""
     cfg, r, t = ctx.cfg, ctx.cfg["reduce_t"], ctx.cfg["train"]
-    out_file = ctx.out / f"t{T}.pt"
+    out_file = ctx.output("reduced", T=T)
     if out_file.is_file():  # finished in an earlier, interrupted run of this stage
         row = read_checkpoint(out_file).get("reduce_t")
         if row and "val_top1" in row:
@@ -103,10 +107,9 @@ def _reduce_one(ctx: StageContext, teacher: torch.nn.Module, ckpt: dict[str, Any
     student = carry_to_T(teacher, T, r["pe_mode"]).to(ctx.device)
     before = _score(ctx, student, bundle, f"T={T} before")
     ctx.log.info("T=%d before fine-tuning: val top-1 %s, test top-1 %.2f%%", T, _pct(before["val_top1"]),
-                 before["test_top1"])
+                 before["test_top1"], extra=LOG_ONLY)  # the console gets it in the "after" line
     start = time.perf_counter()
     fit_dir = ctx.out / f"t{T}_fit"
-    fit_dir.mkdir(exist_ok=True)
     history: list[dict[str, Any]] = []
     if r["epochs"] > 0:
         student, history = _fine_tune(ctx, teacher, student, ckpt, T, bundle, teacher_bundle, fit_dir)
@@ -127,31 +130,23 @@ def _reduce_one(ctx: StageContext, teacher: torch.nn.Module, ckpt: dict[str, Any
 
 def _fine_tune(ctx: StageContext, teacher: torch.nn.Module, student: torch.nn.Module, ckpt: dict[str, Any], T: int,
                bundle: Any, teacher_bundle: Any, fit_dir: Path) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
-    """``fit`` at the new T with the task loss plus (optionally) distillation; returns the best weights."""
+    """The shared fine-tune at the new T with the task loss plus (optionally) distillation."""
     cfg, r, t = ctx.cfg, ctx.cfg["reduce_t"], ctx.cfg["train"]
     distill = bool(r["distill"]) and r["alpha"] > 0
-    teacher_frames = 0
+    teacher_frames, loader = 0, None
     if distill and bundle.is_event:  # the teacher needs its own T-frame view of each recording
         teacher_frames = teacher.T
         loader = make_loader(PairedFrames(bundle.train, teacher_bundle.train), cfg["data"]["batch_size"], train=True,
                              workers=cfg["data"]["workers"], seed=cfg["seed"])
-    else:
-        loader = train_loader(cfg, bundle)
-    val = eval_loader(cfg, bundle.val) if len(bundle.val) else None
-    opt = build_optimizer(student.parameters(), t, lr=r["lr"])  # the train recipe's optimiser, the reduce_t lr
-    sched = warmup_cosine(opt, total_steps(loader, r["epochs"], r["max_batches"]), 0)
-    step_loss = distill_step_loss(teacher if distill else None, r["alpha"], r["temperature"], t["loss"],
-                                  t["label_smoothing"], teacher_frames)
-    fc = FitConfig(epochs=r["epochs"], seed=cfg["seed"] + T, device=ctx.device, amp=t["amp"], cpu_bf16=t["cpu_bf16"],
-                   grad_clip=t["grad_clip"], max_batches=r["max_batches"], desc=f"reduce_t T={T}")
+    ft = FineTune(desc=f"reduce_t T={T}", epochs=r["epochs"], lr=r["lr"], lr_key="reduce_t.lr", seed=cfg["seed"] + T,
+                  max_batches=r["max_batches"], amp=t["amp"], cpu_bf16=t["cpu_bf16"], loader=loader,
+                  step_loss=distill_step_loss(teacher if distill else None, r["alpha"], r["temperature"], t["loss"],
+                                              t["label_smoothing"], teacher_frames))
     try:
-        state = fit(student, loader, val, opt, sched, step_loss, fc, fit_dir,
-                    payload=lambda m: model_payload(m, ckpt["model_cfg"], ckpt["data_meta"]))
+        return fine_tune(student, ft, cfg, bundle, ctx.device, fit_dir, stage_dir=ctx.out,
+                         payload=lambda m: model_payload(m, ckpt["model_cfg"], ckpt["data_meta"]))
     except NonFiniteLoss as exc:
-        raise StageError(f"reduce_t T={T}: {exc} (the learning rate is reduce_t.lr)") from exc
-    best = read_checkpoint(fit_dir / "best.pt")
-    student.load_state_dict(best["model"])
-    return student.eval(), state.history
+        raise StageError(str(exc)) from exc
 
 
 def _check_reloads(path: Path, student: torch.nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""train: the float STAA-SNN at model.T time steps (best/last checkpoints, TensorBoard, test accuracy).
+"""train: the float STAA-SNN at model.T time steps (best/last checkpoints, TensorBoard, history.csv, test accuracy).
 
 Multi-process (``torchrun --nproc_per_node N -m pipeline.stage train``): each rank trains on its
 own GPU (``cuda:LOCAL_RANK``) with ``data.batch_size`` images per step, so the global batch is
@@ -11,15 +11,19 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoint import model_payload
+from pipeline.checkpoint import load_model, model_payload
+from pipeline.console import LOG_ONLY
+from pipeline.data import data_bundle, data_meta, eval_loader, model_config, train_loader
+from pipeline.distributed import wrap_ddp
 from pipeline.models import build_model
 from pipeline.precision import amp_dtype
 from pipeline.runner import StageContext, StageError, StageResult
-from pipeline.setup import data_bundle, data_meta, eval_loader, model_config, train_loader
 from pipeline.training.evaluate import evaluate
+from pipeline.training.history import HISTORY_FILE, history_rows, write_history
 from pipeline.training.loop import FitConfig, NonFiniteLoss, fit, seed_everything, to_channels_last, total_steps
 from pipeline.training.losses import classification_loss
 from pipeline.training.optim import build_optimizer, warmup_cosine
+from pipeline.training.tb import tensorboard_writer
 
 
 class StepsForward(torch.nn.Module):
@@ -51,8 +55,6 @@ def _tet_view_needed(ctx: StageContext, t: dict[str, Any]) -> bool:
 
 def _prepare(net: torch.nn.Module, ctx: StageContext, t: dict[str, Any]) -> torch.nn.Module:
     """The module ``fit`` trains: DDP across ranks, compiled on request (around the TET adapter when needed)."""
-    from pipeline.distributed import wrap_ddp
-
     model: torch.nn.Module = StepsForward(net) if _tet_view_needed(ctx, t) else net
     if ctx.world_size > 1:
         model = wrap_ddp(model, ctx.device)
@@ -81,7 +83,8 @@ def run(ctx: StageContext) -> StageResult:
     global_batch = cfg["data"]["batch_size"] * ctx.world_size
     if ctx.is_main:
         ctx.log.info("batch %d per process x %d process(es) = global batch %d; lr %g as configured (not scaled "
-                     "with the number of processes)", cfg["data"]["batch_size"], ctx.world_size, global_batch, t["lr"])
+                     "with the number of processes)", cfg["data"]["batch_size"], ctx.world_size, global_batch, t["lr"],
+                     extra=None if ctx.world_size > 1 else LOG_ONLY)
 
     if _tet_view_needed(ctx, t):
         view = _TETView(model)
@@ -92,11 +95,7 @@ def run(ctx: StageContext) -> StageResult:
         def step_loss(m, x, y):
             return classification_loss(m, x, y, t["loss"], t["label_smoothing"])
 
-    writer = None
-    if ctx.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(ctx.out / "tb"))
+    writer = tensorboard_writer(ctx.out) if ctx.is_main else None
     fc = FitConfig(epochs=t["epochs"], seed=cfg["seed"], device=ctx.device, amp=t["amp"], cpu_bf16=t["cpu_bf16"],
                    precision=t["precision"], grad_clip=t["grad_clip"], max_batches=t["max_batches"],
                    eval_every=t["eval_every"], rank=ctx.rank, world_size=ctx.world_size)
@@ -110,9 +109,8 @@ def run(ctx: StageContext) -> StageResult:
             writer.close()
     if not ctx.is_main:
         return StageResult()
-    from pipeline.checkpoint import load_model
-
-    best, _ = load_model(ctx.out / "best.pt")
+    write_history(ctx.out / HISTORY_FILE, history_rows(mcfg["T"], state.history))
+    best, _ = load_model(ctx.output("best"))
     test = evaluate(best.to(ctx.device), eval_loader(cfg, bundle.test, cfg["data"]["limit_test"]), ctx.device,
                     desc="test")
     params = sum(p.numel() for p in best.parameters())

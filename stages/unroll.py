@@ -7,45 +7,40 @@ came from on real test images: logits max abs diff, identical top-1, per-layer s
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline import registry
 from pipeline.checkpoint import CheckpointError, load_model
+from pipeline.compress.quantize import load_qat_model
+from pipeline.data import data_bundle, eval_loader
 from pipeline.deploy.parity import compare, torch_with_spikes
 from pipeline.deploy.unroll import (FLOAT_RECIPE, INT8_RECIPE, UnrolledInfo, describe, save_unrolled, unroll_float,
                                     unroll_qat)
 from pipeline.runner import StageContext, StageError, StageResult
-from pipeline.setup import data_bundle, eval_loader
 
 
 def float_checkpoint(reduce_dir: Path) -> Path:
-    """``reduce_t/chosen.pt``, else ``t{chosen_T}.pt`` named by its metrics."""
-    chosen = reduce_dir / "chosen.pt"
-    if chosen.is_file():
-        return chosen
-    metrics = reduce_dir / "metrics.json"
-    if metrics.is_file():
-        T = json.loads(metrics.read_text()).get("chosen_T")
-        if T is not None and (reduce_dir / f"t{T}.pt").is_file():
-            return reduce_dir / f"t{T}.pt"
-    raise StageError(f"no chosen checkpoint in {reduce_dir} (expected chosen.pt); re-run the reduce_t stage "
-                     f"(python -m pipeline.stage reduce_t --config ... --force)")
+    """``reduce_t/chosen.pt``: reduce_t always writes it (a copy of the T it hands on)."""
+    chosen = registry.path(reduce_dir, "reduce_t", "chosen")
+    if not chosen.is_file():
+        raise StageError(f"no chosen checkpoint in {reduce_dir} (expected {chosen.name}); re-run the reduce_t stage "
+                         f"(python -m pipeline.stage reduce_t --config ... --force)")
+    return chosen
 
 
 def load_qat(qat_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    path = qat_dir / "qat.pt"
+    path = registry.path(qat_dir, "qat", "qat")
     if not path.is_file():
         raise StageError(f"the INT8 model {path} is missing; re-run the qat stage "
                          f"(python -m pipeline.stage qat --config ... --force)")
     try:
-        from pipeline.compress.quantize import load_qat_model
-    except ImportError as exc:
-        raise StageError(f"cannot load the INT8 model: pipeline.compress.quantize is not importable ({exc}); "
+        return load_qat_model(path)
+    except ImportError as exc:  # NNCF, imported when the model is rebuilt
+        raise StageError(f"cannot load the INT8 model: pipeline.compress.quantize cannot import NNCF ({exc}); "
                          f"the qat stage's library must be installed") from exc
-    return load_qat_model(path)
 
 
 def _log(ctx: StageContext, what: str, rep: Any) -> None:
@@ -80,7 +75,7 @@ def run(ctx: StageContext) -> StageResult:
     failures += rep.failures(u["max_abs_diff"], u["min_spike_agreement"], "unroll float")
     metrics["float"] = {"source": str(src.relative_to(src.parents[1])), "parity": rep.metrics(), **describe(flat)}
     _log(ctx, "float", rep)
-    save_unrolled(ctx.out / "float.pt", flat.cpu(), UnrolledInfo(
+    save_unrolled(ctx.output("float"), flat.cpu(), UnrolledInfo(
         "float", T, ckpt["model_cfg"], ckpt["data_meta"], bn_folded=True, recipe=FLOAT_RECIPE,
         source=metrics["float"]["source"]))
 
@@ -93,11 +88,12 @@ def run(ctx: StageContext) -> StageResult:
     rep8 = compare(_on(dev, torch_with_spikes(qat.to(dev))),
                    _on(dev, torch_with_spikes(q.to(dev), membranes=False)), loader, tie_tol, u["flip_margin"])
     failures += rep8.failures(u["max_abs_diff"], u["min_spike_agreement"], "unroll int8 (vs QAT model)")
-    metrics["int8"] = {"source": "qat/qat.pt", "parity": rep8.metrics(), **describe(q)}
+    qat_source = registry.artifact("qat", "qat")
+    metrics["int8"] = {"source": qat_source, "parity": rep8.metrics(), **describe(q)}
     _log(ctx, "int8", rep8)
-    save_unrolled(ctx.out / "int8.pt", q.cpu(), UnrolledInfo(
+    save_unrolled(ctx.output("int8"), q.cpu(), UnrolledInfo(
         "int8", T, qckpt.get("model_cfg", ckpt["model_cfg"]), qckpt.get("data_meta", ckpt["data_meta"]),
-        bn_folded=bool(qckpt.get("fold_bn", False)), recipe=INT8_RECIPE, source="qat/qat.pt",
+        bn_folded=bool(qckpt.get("fold_bn", False)), recipe=INT8_RECIPE, source=qat_source,
         extra={"qat_checkpoint": qckpt}))
 
     if failures:

@@ -9,14 +9,14 @@ import datetime as _dt
 import platform
 from typing import Any
 
-from pipeline import __version__
+from pipeline import __version__, registry
 from pipeline.artifacts import write_json_atomic
+from pipeline.data import data_bundle, eval_loader
 from pipeline.report import (BASELINE, CONVENTION, E_AC_PJ, E_MAC_PJ, E_MUL_PJ, EXCLUDED, Settings, apply_gates,
                              build_report, discover, inherit_energy, measure, render, upstream_parity,
                              validate_report)
-from pipeline.report.plots import draw_all
+from pipeline.report.plots import draw_all, draw_training_curves
 from pipeline.runner import StageContext, StageError, StageResult
-from pipeline.setup import data_bundle, eval_loader
 
 
 def _loaders(ctx: StageContext, limit: int | None):
@@ -45,8 +45,9 @@ def run(ctx: StageContext) -> StageResult:
                         max_engine_batch=cfg["build"]["max_batch"], min_seconds=v["min_seconds"])
     artifacts = discover(ctx.inputs, cfg["model"]["T"], ctx.device, (None, *sample.shape))
     if not artifacts or artifacts[0].name != BASELINE or not artifacts[0].path.is_file():
-        raise StageError(f"the float baseline {BASELINE} is missing under {ctx.inputs.get('train')}; "
-                         f"re-run the train stage (python -m pipeline.stage train --force --config ...)")
+        stage = registry.baseline()[0]
+        raise StageError(f"the float baseline {BASELINE} is missing under {ctx.inputs.get(stage)}; "
+                         f"re-run the {stage} stage (python -m pipeline.stage {stage} --force --config ...)")
     rows = []
     for art in artifacts:
         ctx.log.info("[validate] %s (%s %s, T=%s)", art.name, art.backend, art.precision, art.T)
@@ -68,12 +69,15 @@ def run(ctx: StageContext) -> StageResult:
                                             "convention": CONVENTION, "excluded": list(EXCLUDED)},
         parity=upstream_parity(ctx.inputs), failed=failed, plots=[])
     doc["plots"] = draw_all(doc, ctx.out)
+    curves = draw_training_curves(ctx.inputs, ctx.out)
+    if curves:
+        doc["plots"].append(curves)
     problems = validate_report(doc)
     if problems:  # a bug here, not a user error: say so loudly
-        raise StageError("report.json does not match its schema: " + "; ".join(problems))
-    write_json_atomic(ctx.out / "report.json", doc)
+        raise StageError(f"{ctx.output('report_json').name} does not match its schema: " + "; ".join(problems))
+    write_json_atomic(ctx.output("report_json"), doc)
     md = render(doc)
-    (ctx.out / "report.md").write_text(md)
+    ctx.output("report_md").write_text(md)
     ctx.log.debug("[validate] report table:\n%s", md.split("\n\n**Gates")[0])
     shipping = [r for r in doc["rows"] if r["ships"] and r["top1"] is not None]
     ctx.log.info("[validate] %d artifacts measured on %d test images; baseline top-1 %.2f%%%s; gates %s",
@@ -93,6 +97,9 @@ def _summary(doc: dict[str, Any]) -> dict[str, Any]:
             "energy_uj": (r["energy"] or {}).get("energy_uj"), "tied_top1": r["tied_top1"],
             "delta_significant": (r["delta_stats"] or {}).get("significant"),
             "gate_passed": (r["gate"] or {}).get("passed"), "total_gate_passed": (r["total_gate"] or {}).get("passed"),
+            # what the runtime really ran: convs + matmuls on integer kernels, of all, and the conv MAC share
+            "int8_ops": (r["executed"] or {}).get("int8_ops"), "ops": (r["executed"] or {}).get("ops"),
+            "int8_mac_share": (r["executed"] or {}).get("int8_mac_share"),
         }
     return {"schema_version": doc["schema_version"], "baseline_top1": doc["baseline"]["top1"],
             "gates_passed": doc["gates"]["passed"], "failed_gates": doc["gates"]["failed"], "artifacts": rows}

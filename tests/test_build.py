@@ -16,13 +16,12 @@ import torch
 import yaml
 
 from pipeline.deploy.onnx_export import deploy_metadata, export_onnx, neuron_scopes, write_metadata
-from pipeline.deploy.qdq_reference import quantize_convs
 from pipeline.deploy.streaming import build_streaming
-from pipeline.deploy.testing import firing_model, real_images
 from pipeline.deploy.trt_script import TRTEXEC_FLAGS, parse_script, validate_args
 from pipeline.deploy.unroll import UnrolledInfo, unroll_float, unroll_qat
 from pipeline.runtime import get_backend
 from tests.conftest import TINY
+from tests.helpers import firing_model, quantize_convs, real_images
 
 MODEL = {"arch": "resnet19", "width": 0.125, "T": 1, "num_classes": 10, "in_channels": 1, "staa": {"sa": False}}
 TRT_OK, TRT_WHY = get_backend("tensorrt").is_available()
@@ -135,6 +134,40 @@ def test_build_script_commands_are_valid_trtexec(build_run, export_dir):
     assert set(outputs) <= nodes and all(set(t.split("+")) == {"fp32"} for t in outputs.values())
     # the step graph: every membrane input gets the batch profile, the step index stays static
     assert "step:" not in step["--minShapes"] and step["--minShapes"].count("u_in.") == 17
+
+
+def test_engine_plan_and_bundle_follow_the_registry():
+    """The engines come from the build stage's declared outputs and their parent graphs; the bundle copies
+    the export outputs marked ``bundled``."""
+    from pipeline import registry
+    from pipeline.deploy.bundle import COPIED, ENGINE_PLAN
+
+    assert ENGINE_PLAN == (("model_fp16", "model_fp32.onnx", "fp16"), ("model_int8", "model_int8.onnx", "int8"),
+                           ("model_fp32", "model_fp32.onnx", "fp32"), ("step_fp16", "step_fp32.onnx", "fp16"),
+                           ("step_fp32", "step_fp32.onnx", "fp32"))
+    declared = {o.file for o in registry.spec("build").outputs if o.kind == "engine" and not o.fields}
+    assert {f"{name}.engine" for name, _, _ in ENGINE_PLAN} >= declared
+    assert set(COPIED) == {o.file for o in registry.spec("export").outputs if o.bundled}
+
+
+def test_build_request_is_one_checked_object(tmp_path):
+    """``TensorRTBackend.build`` takes one frozen request; a bad engine or a repeated name is refused
+    when the request is made, before TensorRT is touched."""
+    import dataclasses
+    import inspect
+
+    from pipeline.runtime.trt_build import BuildRequest, EngineSpec
+
+    fp16 = EngineSpec("model_fp16", "model_fp32.onnx", "fp16", {"input": [-1, 1, 16, 16]}, 1, 4, 32)
+    req = BuildRequest(str(tmp_path), [fp16])
+    assert req.folder == tmp_path and req.engines == (fp16,) and req.verbose is False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        req.verbose = True  # type: ignore[misc]
+    with pytest.raises(ValueError, match="min_batch <= opt_batch"):
+        BuildRequest(tmp_path, [fp16, EngineSpec("model_int8", "model_int8.onnx", "int8", fp16.inputs, 8, 4, 32)])
+    with pytest.raises(ValueError, match="repeat in one build request: model_fp16"):
+        BuildRequest(tmp_path, [fp16, fp16])
+    assert list(inspect.signature(get_backend("tensorrt").build).parameters) == ["request"]
 
 
 def test_validate_args_rejects_what_trtexec_would():

@@ -10,10 +10,12 @@ import torch
 from pipeline.checkpoint import load_model
 from pipeline.compress.quantize import load_qat_model
 from pipeline.compress.timesteps import choose_T
-from pipeline.setup import data_bundle, eval_loader
+from pipeline.data import data_bundle, eval_loader
 from pipeline.training.evaluate import evaluate
 from pipeline.config import load_config
+from pipeline.report.plots import TRAINING_CURVES, draw_training_curves
 from pipeline.runner import StageError, run_stage
+from pipeline.training.history import read_history
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +60,20 @@ def test_train_reduce_t_qat_end_to_end(write_config):
     module, ckpt = load_qat_model(qdir / "qat.pt")
     with torch.no_grad():
         assert module(torch.rand(2, 1, 16, 16)).shape == (2, 10)
+
+    # training logs: one history.csv row per epoch run (and T), TensorBoard scalars, the curves plot
+    hist = {s: read_history(run_dir / s / "history.csv") for s in ("train", "reduce_t", "qat")}
+    assert [(r["epoch"], r["T"]) for r in hist["train"]] == [(1, 2), (2, 2)]
+    assert [(r["epoch"], r["T"]) for r in hist["reduce_t"]] == [(1, 1)]
+    assert [(r["epoch"], r["T"]) for r in hist["qat"]] == [(1, rm["chosen_T"])]
+    assert [r["val_top1"] for r in hist["reduce_t"]] == [h["val_top1"] for h in row["history"]]
+    assert all(r["train_loss"] > 0 and r["lr"] is not None and r["seconds"] > 0 for h in hist.values() for r in h)
+    for s in ("train", "reduce_t", "qat"):
+        assert list((run_dir / s / "tb").glob("events.out.tfevents.*")), s
+    plots = run_dir / "plots"
+    plots.mkdir()
+    assert draw_training_curves({s: run_dir / s for s in hist}, plots) == TRAINING_CURVES
+    assert (plots / TRAINING_CURVES).stat().st_size > 10_000
 
     bad = load_config(path, ["qat.keep_float=[no_such_layer]"])
     with pytest.raises(StageError, match="no_such_layer"):

@@ -14,8 +14,8 @@ import torch
 from pipeline.checkpoint import load_model, model_payload, save_atomic
 from pipeline.compress.timesteps import carry_to_T
 from pipeline.config import load_config
-from pipeline.deploy.testing import firing_model
 from pipeline.models import GlobalContext, StepAttention
+from tests.helpers import firing_model
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 # dataset -> (num_classes, in_channels, is_event): what the data bundle would report

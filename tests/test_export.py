@@ -13,13 +13,12 @@ import torch
 import yaml
 
 from pipeline.deploy.onnx_export import export_onnx, read_metadata
-from pipeline.deploy.qdq_reference import quantize_convs
 from pipeline.deploy.streaming import STATE_IN, build_streaming, stream_blockers
-from pipeline.deploy.testing import firing_model, real_images
 from pipeline.deploy.unroll import FLOAT_RECIPE, INT8_RECIPE, UnrolledInfo, save_unrolled, unroll_float, unroll_qat
 from pipeline.deploy.verify import Gates, export_streaming_verified, export_verified
 from pipeline.runtime import OrtRunner, StepRunner
 from tests.conftest import TINY, shared_file
+from tests.helpers import firing_model, quantize_convs, real_images
 
 MODEL = {"arch": "resnet19", "width": 0.125, "T": 2, "num_classes": 10, "in_channels": 1}
 NO_SA = dict(MODEL, staa={"sa": False})
@@ -55,7 +54,7 @@ def tiny_cfg(tmp_path_factory):
 def export_run(tmp_path_factory, tiny_cfg, digits):
     """The export stage run on an unroll folder made from a firing STAA model (SA on) and its Q/DQ twin."""
     import stages.export
-    from pipeline.setup import data_bundle, data_meta, model_config
+    from pipeline.data import data_bundle, data_meta, model_config
 
     root = tmp_path_factory.mktemp("export_stage")
     bundle = data_bundle(tiny_cfg)
@@ -91,6 +90,33 @@ def test_int8_onnx_is_qdq_and_matches_its_torch_model(export_run):
     assert m["parity"]["min_local_spike_agreement"] >= 0.999 and m["parity"]["samples_real_mismatch"] == 0
     assert m["check"]["op_counts"]["DequantizeLinear"] > 0 and m["check"]["op_counts"]["BatchNormalization"] == 19
     assert read_metadata(out / "model_int8.onnx")["precision"] == "int8"
+
+
+def test_graphs_are_compacted_before_every_check(export_run):
+    """INT8 weights are int8 initializers feeding DequantizeLinear, both graphs are simplified, and
+    metrics.json records the before/after counts and bytes; parity above ran on these final files."""
+    from pipeline.deploy.compact import qdq_coverage
+
+    result, out, _ = export_run
+    for key in ("fp32", "int8"):
+        c = result.metrics[key]["compact"]
+        assert c["simplified"] and c["after"]["nodes"] < 0.7 * c["before"]["nodes"], c
+        assert "Constant" in c["before"]["top_ops"] and "Constant" not in c["after"]["top_ops"]
+        assert c["after"]["file_bytes"] == (out / f"model_{key}.onnx").stat().st_size
+    c8 = result.metrics["int8"]["compact"]
+    assert c8["folded_weight_quantizers"] == 19  # one per backbone conv of the reference Q/DQ model
+    assert c8["qdq"]["conv_weight_dq"] == c8["qdq"]["conv_input_dq"] == 19
+    assert c8["after"]["initializer_bytes"] < 0.5 * c8["before"]["initializer_bytes"]
+    model = onnx.load(str(out / "model_int8.onnx"))
+    assert qdq_coverage(model) == c8["qdq"]
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    quantized_inputs = [n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert not [i for i in quantized_inputs if i in inits]  # no float weight left behind a QuantizeLinear
+    assert sum(t == onnx.TensorProto.INT8 and n.startswith("onnx::") is False for n, t in inits.items()) >= 19
+    ratio = result.metrics["int8_over_fp32_initializer_bytes"]
+    fp32_bytes = result.metrics["fp32"]["compact"]["after"]["initializer_bytes"]
+    assert ratio == round(c8["after"]["initializer_bytes"] / fp32_bytes, 4) and ratio < 0.6
+    assert 0 < result.metrics["int8_over_fp32_file_bytes"] < 1
 
 
 def test_dynamic_batch_and_metadata(export_run, digits):

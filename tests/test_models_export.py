@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.deploy.testing import firing_model
 from pipeline.models import build_model, fold_batchnorm
+from tests.helpers import firing_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

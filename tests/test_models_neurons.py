@@ -199,3 +199,15 @@ def test_set_time_steps_rejects_bad_mode_and_grows_with_interpolate():
     model.set_time_steps(4, pe_mode="interpolate").eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 16, 16)).shape == (1, 10)
+
+
+def test_neuron_table_matches_the_schema_choices():
+    """``model.neuron.kind``'s allowed values and the constructor table are one set: a kind added to
+    the schema without a constructor (or the reverse) fails here, not at build time."""
+    from pipeline.models.neurons import NEURONS
+    from pipeline.schema import SCHEMA
+
+    assert set(NEURONS) == set(SCHEMA["model"]["neuron"]["kind"].options)
+    for kind in NEURONS:
+        model = build_model(cfg(neuron={"kind": kind}))
+        assert {type(m).__name__ for _, m in neuron_modules(model)} == {"AdaptiveLIF" if kind == "alif" else "LIF"}

@@ -88,7 +88,7 @@ def test_report_json_schema_roundtrip_and_version():
     rows = rows_fixture()
     failed = apply_gates(rows, GATES, BASELINE)
     doc = json.loads(json.dumps(make_doc(rows, failed)))  # must be JSON-serialisable as is
-    assert doc["schema_version"] == SCHEMA_VERSION == 2
+    assert doc["schema_version"] == SCHEMA_VERSION == 3
     assert validate_report(doc) == []
     assert doc["gates"] == {"passed": True, "failed": []}
     assert set(doc["layers"]) == {BASELINE, "reduce_t/t2.pt", "qat/qat.pt", "unroll/int8.pt"}
@@ -96,11 +96,11 @@ def test_report_json_schema_roundtrip_and_version():
 
     bad = copy.deepcopy(doc)
     del bad["rows"][1]["top1"]
-    bad["rows"][2]["backend"] = "openvino"
+    bad["rows"][2]["backend"] = "tflite"
     bad["rows"][3]["gate"].pop("passed")
     errs = validate_report(bad)
     assert any("missing 'top1'" in e for e in errs)
-    assert any("openvino" in e for e in errs)
+    assert any("tflite" in e for e in errs)
     assert any("gate lacks passed" in e for e in errs)
     assert validate_report(dict(doc, schema_version=1))[0].startswith("schema_version is 1")
     bad = copy.deepcopy(doc)
@@ -119,7 +119,7 @@ def test_markdown_and_plots(tmp_path):
     md = render(doc)
     header = next(l for l in md.splitlines() if l.startswith("| artifact"))
     for col in ("size MB", "top-1 %", "top-5 %", "delta", "agreement %", "p50 ms (b1)", "p95 ms (b1)",
-                "img/s (b8)", "energy µJ/img*", "gate"):
+                "img/s (b8)", "energy µJ/img*", "gate", "int8 ops executed", "int8 MACs %"):
         assert col in header
     assert "**FAIL** (qat: drop 4.50 > 1 vs reduce_t/t2.pt)" in md
     assert "**FAIL** (total: drop 5.00 > 3 vs train/best.pt)" in md  # the ONNX row, against the float
@@ -129,3 +129,38 @@ def test_markdown_and_plots(tmp_path):
     assert md.count("\n| ") == 5 + len(rows) + 3 + 1 + 1 + 1
     assert "| stem.sn.lif | 0.2000 | 0.2000 | 0.2000 | 0.2000 |" in md
     assert "| unroll/float | 4 | 1e-07 | 0 | 1 |" in md
+
+
+def executed(int8_convs, convs, int8_matmuls=0, matmuls=0, share=None, reason="float kernels here"):
+    """An executed dict as ``runner.executed_precision()`` returns it."""
+    return {"int8_ops": int8_convs + int8_matmuls, "ops": convs + matmuls, "int8_convs": int8_convs, "convs": convs,
+            "int8_mac_share": share, "conv_macs": 1e6, "int8_conv_macs": None, "kernels": {"Conv": convs},
+            "source": "test", "float_reason": reason if int8_convs == 0 else None}
+
+
+def test_executed_columns_and_fake_quant_label():
+    rows = rows_fixture()
+    by = {r["artifact"]: r for r in rows}
+    by[BASELINE]["executed"] = executed(0, 19, share=0.0, reason="torch eager")
+    by["unroll/int8.pt"]["executed"] = executed(0, 19, share=0.0, reason="torch eager runs fake-quant")
+    by["export/model_int8.onnx"]["executed"] = executed(0, 70, 0, 18, share=0.0, reason="ORT runs DQ -> float Conv")
+    ov = dict(by["export/model_int8.onnx"], artifact="export/model_int8.onnx@openvino", backend="openvino",
+              executed=executed(68, 70, 35, 52, share=0.99998))
+    rows.insert(5, ov)
+    failed = apply_gates(rows, GATES, BASELINE)
+    doc = json.loads(json.dumps(make_doc(rows, failed)))
+    assert validate_report(doc) == []
+    md = render(doc)
+    lines = {l.split(" |")[0][2:]: l for l in md.splitlines() if l.startswith("| ")}
+    assert "| int8 ops executed | int8 MACs % |" in lines["artifact"]
+    assert lines["export/model_int8.onnx (**fake-quant**)"].startswith(
+        "| export/model_int8.onnx (**fake-quant**) | onnxruntime | int8 | 0/88 | 0.0 |")
+    assert "| openvino | int8 | 103/122 | 100.0 |" in lines["export/model_int8.onnx@openvino"]
+    assert "| train/best.pt | torch | fp32 | 0/19 | 0.0 |" in lines[BASELINE]  # fp32 in float: no label
+    assert "| qat/qat.pt | torch | int8 | - | - |" in lines["qat/qat.pt"]  # not measured: no claim either way
+    assert "- `export/model_int8.onnx` (onnxruntime): ORT runs DQ -> float Conv." in md
+    assert "- `unroll/int8.pt` (torch): torch eager runs fake-quant." in md
+    assert md.count("**fake-quant**") == 3  # two rows and the explanation under the table
+    bad = copy.deepcopy(doc)
+    del bad["rows"][4]["executed"]["int8_mac_share"]
+    assert any("executed lacks int8_mac_share" in e for e in validate_report(bad))

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from pipeline.deploy.onnx_export import export_onnx, write_metadata
-from pipeline.deploy.testing import firing_model, real_images
 from pipeline.deploy.unroll import unroll_float
 from pipeline.runtime import (BACKENDS, OrtRunner, Runner, TorchRunner, get_backend, load_runner)
+from tests.helpers import firing_model, real_images
 
 MODEL = {"arch": "resnet19", "width": 0.125, "T": 1, "num_classes": 10, "in_channels": 1, "staa": {"sa": False}}
 
@@ -99,7 +99,7 @@ def test_load_runner_by_suffix(exported, tmp_path):
 
 
 def test_backend_managers_report_instead_of_crashing():
-    assert set(BACKENDS) == {"torch", "onnxruntime", "tensorrt"}
+    assert set(BACKENDS) == {"torch", "onnxruntime", "openvino", "tensorrt"}
     for name, backend in BACKENDS.items():
         ok, reason = backend.is_available()
         assert isinstance(ok, bool) and reason
@@ -107,7 +107,7 @@ def test_backend_managers_report_instead_of_crashing():
         assert env["backend"] == name and env["available"] == ok
     assert BACKENDS["torch"].is_available()[0] and BACKENDS["onnxruntime"].is_available()[0]
     with pytest.raises(KeyError, match="known"):
-        get_backend("openvino")
+        get_backend("tflite")
 
 
 def test_runtime_package_imports_nothing_else_from_the_pipeline():

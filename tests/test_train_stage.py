@@ -31,7 +31,7 @@ def _states(cfg) -> dict[str, str]:
 def _assert_recorded_top1_is_best_pt(cfg: dict, train_dir: Path, metrics: dict) -> None:
     """``test_top1`` is what best.pt scores on the test split, recomputed here."""
     from pipeline.checkpoint import load_model
-    from pipeline.setup import data_bundle, eval_loader
+    from pipeline.data import data_bundle, eval_loader
     from pipeline.training.evaluate import evaluate
 
     best, _ = load_model(train_dir / "best.pt")

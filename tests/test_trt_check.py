@@ -122,9 +122,8 @@ def test_report_json(tmp_path):
 def test_clean_exported_snn_graphs_pass(tmp_path):
     """The real exports (float and Q/DQ) of an unrolled SNN pass every rule."""
     from pipeline.deploy.onnx_export import export_onnx
-    from pipeline.deploy.qdq_reference import quantize_convs
-    from pipeline.deploy.testing import firing_model
     from pipeline.deploy.unroll import unroll_float, unroll_qat
+    from tests.helpers import firing_model, quantize_convs
 
     x = torch.randn(4, 1, 16, 16)
     model = firing_model(TINY_MODEL, x)
@@ -138,3 +137,19 @@ def test_clean_exported_snn_graphs_pass(tmp_path):
     producer = {o: n.op_type for n in graph.node for o in n.output}
     qdq_convs = [n for n in graph.node if n.op_type == "Conv" and producer.get(n.input[1]) == "DequantizeLinear"]
     assert len(qdq_convs) == 19  # every backbone conv (stem, 16 block convs, 2 shortcuts) is Q/DQ
+
+
+def test_folded_int8_weight_graph_passes_and_a_uint8_weight_is_flagged():
+    """The compacted form (int8 weight initializer -> DequantizeLinear) is TensorRT-clean; a weight
+    quantised to uint8 (no int8 zero point) is not."""
+    from pipeline.deploy.compact import fold_weight_qdq
+
+    model = qdq_conv_graph()
+    assert fold_weight_qdq(model) == 1
+    report = check_model(model, "folded")
+    assert report.ok, report.summary()
+    assert "QuantizeLinear" in report.op_counts and report.op_counts["DequantizeLinear"] == 2
+    for init in model.graph.initializer:
+        if init.name == "w_zp":
+            init.CopyFrom(numpy_helper.from_array(np.zeros(4, np.uint8), "w_zp"))
+    assert "qdq_type" in rules_at(check_model(model, "uint8 weight"), "w_dq")

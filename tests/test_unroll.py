@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from pipeline.deploy.parity import ParityReport, compare, torch_with_spikes
-from pipeline.deploy.qdq_reference import QDQConv2d, quantize_convs
-from pipeline.deploy.testing import firing_model, real_images
 from pipeline.deploy.unroll import (FLOAT_RECIPE, INT8_RECIPE, UnrollError, UnrolledInfo, describe, load_unrolled,
                                     save_unrolled, unroll_float, unroll_qat)
 from pipeline.models import STAA, PositionEncoding, neuron_modules
 from stages.unroll import load_qat as REAL_LOAD_QAT
+from tests.helpers import QDQConv2d, firing_model, quantize_convs, real_images
 
 MODEL = {"arch": "resnet19", "width": 0.125, "T": 2, "num_classes": 10, "in_channels": 1}
 
@@ -137,6 +136,24 @@ def test_save_and_load_round_trip(tmp_path, model, qat, digits):
         assert torch.equal(q2(x), q(x))
 
 
+def test_int8_kinds_register_from_outside_the_package(tmp_path, qat, monkeypatch):
+    """The reference Q/DQ model lives in tests/helpers and registers its rebuild recipe on import;
+    a file of a kind nothing registered fails saying so, and the built-in kind cannot be replaced."""
+    import pipeline.deploy.unroll as unroll
+
+    assert "qdq_reference" in unroll.INT8_KINDS
+    info = UnrolledInfo("int8", 2, MODEL, {}, bn_folded=False, recipe=INT8_RECIPE)
+    save_unrolled(tmp_path / "int8.pt", unroll_qat(qat), info)
+    assert torch.load(tmp_path / "int8.pt", weights_only=True)["rebuild"]["from"] == "qdq_reference"
+    monkeypatch.setattr(unroll, "INT8_KINDS", {})
+    with pytest.raises(UnrollError, match="'qdq_reference', which no imported module has registered"):
+        load_unrolled(tmp_path / "int8.pt")
+    with pytest.raises(UnrollError, match="neither of a registered kind"):
+        save_unrolled(tmp_path / "again.pt", unroll_qat(qat), info)
+    with pytest.raises(ValueError, match="built-in"):
+        unroll.register_int8_kind("qat_checkpoint", lambda m: None, lambda m, r: m)
+
+
 def test_load_errors_say_what_to_do(tmp_path):
     with pytest.raises(UnrollError, match="run the unroll stage"):
         load_unrolled(tmp_path / "missing.pt")
@@ -167,7 +184,7 @@ def upstream(tmp_path_factory, digits, model, qat):
     import stages.unroll
     from pipeline.checkpoint import model_payload, save_atomic
     from pipeline.config import deep_merge, load_config
-    from pipeline.setup import data_bundle, data_meta, model_config
+    from pipeline.data import data_bundle, data_meta, model_config
 
     from tests.conftest import TINY
 

@@ -24,11 +24,11 @@ def _fake_run(tmp_path, write_config):
     from pipeline.checkpoint import model_payload, save_atomic
     from pipeline.config import load_config
     from pipeline.deploy.onnx_export import export_onnx, write_metadata
-    from pipeline.deploy.testing import firing_model
+    from tests.helpers import firing_model
     from pipeline.deploy.unroll import FLOAT_RECIPE, UnrolledInfo, save_unrolled, unroll_float
     from pipeline.registry import spec
     from pipeline.runner import StageContext, run_store
-    from pipeline.setup import data_bundle, data_meta, model_config
+    from pipeline.data import data_bundle, data_meta, model_config
 
     cfg = load_config(str(write_config({"validate": {"limit_test": 16, "batch_sizes": [1, 4], "iterations": 2}})), ())
     bundle = data_bundle(cfg)
@@ -69,7 +69,7 @@ def test_validate_stage_rows_report_and_gates(tmp_path, write_config):
     assert validate_report(doc) == []
     rows = {r["artifact"]: r for r in doc["rows"]}
     assert list(rows) == ["train/best.pt", "reduce_t/t1.pt", "unroll/float.pt", "export/model_fp32.onnx",
-                          "build/model_fp16.engine", "build/model_int8.engine"]
+                          "export/model_fp32.onnx@openvino", "build/model_fp16.engine", "build/model_int8.engine"]
     base, onnx = rows["train/best.pt"], rows["export/model_fp32.onnx"]
     assert base["status"] == "ok" and base["delta"] == 0 and base["agreement"] == 100
     assert [b["batch"] for b in base["benchmarks"]] == [1, 4] and base["throughput"]["batch"] == 4
@@ -79,7 +79,7 @@ def test_validate_stage_rows_report_and_gates(tmp_path, write_config):
     assert onnx["backend"] == "onnxruntime" and onnx["T"] == 2 and onnx["ships"]
     # the row's figures are ONNX Runtime's own argmax on the same 16 test images, ties counted
     import onnxruntime as ort
-    from pipeline.setup import data_bundle
+    from pipeline.data import data_bundle
 
     bundle = data_bundle(ctx.cfg)
     x = torch.stack([bundle.test[i][0] for i in range(16)]).numpy()
@@ -93,8 +93,23 @@ def test_validate_stage_rows_report_and_gates(tmp_path, write_config):
     # a deployable graph is held against the float baseline too; the torch rows are not
     assert onnx["total_gate"]["reference"] == "train/best.pt" and rows["unroll/float.pt"]["total_gate"] is None
     assert onnx["delta_stats"]["n"] == 16 and len(onnx["delta_stats"]["ci95"]) == 2
+    # the same graph compiled by OpenVINO: same gate and parent, true FP32, measured like the ONNX Runtime row
+    ov = rows["export/model_fp32.onnx@openvino"]
+    assert ov["backend"] == "openvino" and ov["status"] == "ok" and ov["ships"] and ov["n"] == 16
+    assert ov["gate"]["passed"] and ov["gate"]["reference"] == "unroll/float.pt" and ov["gate"]["name"] == "onnx_fp32"
+    assert ov["total_gate"]["reference"] == "train/best.pt" and ov["agreement"] == onnx["agreement"]
+    assert ov["energy"]["source"] == "unroll/float.pt" and [b["batch"] for b in ov["benchmarks"]] == [1, 4]
+    # every measured row says what its runtime executed; FP32 graphs ran no integer kernel
+    for r in (base, onnx, ov, rows["unroll/float.pt"]):
+        assert r["executed"]["int8_ops"] == 0 and r["executed"]["ops"] > 0, r["artifact"]
+    assert onnx["executed"]["convs"] == ov["executed"]["convs"] and "optimised graph" in onnx["executed"]["source"]
+    summary = result.metrics["artifacts"]
+    assert summary["export/model_fp32.onnx@openvino"]["int8_ops"] == 0
+    assert summary["export/model_fp32.onnx"]["ops"] == onnx["executed"]["ops"]
+    assert summary["export/model_fp32.onnx"]["int8_mac_share"] == 0.0
     eng = rows["build/model_int8.engine"]
     assert eng["status"] == "skipped: TensorRT is not installed" and eng["gate"]["passed"] is None
+    assert eng["executed"] is None
     assert rows["reduce_t/t1.pt"]["gate"]["passed"] is False
     assert result.failed_gates and "reduce_t/t1.pt" in result.failed_gates[0]
     assert doc["gates"]["passed"] is False and doc["parity"]["unroll/float"]["max_abs_diff"] == 1e-8
@@ -102,6 +117,7 @@ def test_validate_stage_rows_report_and_gates(tmp_path, write_config):
         assert (ctx.out / name).stat().st_size > 0
     md = (ctx.out / "report.md").read_text()
     assert "**FAIL** (reduce_t" in md and "| stem.sn.lif | 1 |" in md and "gate (total)" in md
+    assert "int8 ops executed" in md and "fake-quant" not in md.split("\n\n*int8 ops executed*")[0]
 
 
 def _cli(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from pipeline.console import quiet_nncf
+
 log = logging.getLogger("pipeline.qat")
 
 ENV_OVERRIDE = "STAA_NNCF_KERNELS"  # auto (default) | reference | extension
@@ -110,6 +112,7 @@ def prepare_nncf_kernels(device: str) -> str:
         return _CHOSEN["cuda"]
     import torch
     from nncf.torch.quantization import extensions
+    quiet_nncf()  # importing nncf resets its logger: its build messages go to stage.log, not stdout
 
     namespace = extensions.QuantizedFunctionsCUDA
     plan = plan_kernels(find_nvcc(), torch.version.cuda, os.environ.get(ENV_OVERRIDE, "auto"))

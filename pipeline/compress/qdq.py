@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pipeline.models import set_inference_mode
+
 
 class FixedFakeQuant(nn.Module):
     """INT8 fake quantisation with constant parameters (per-tensor, or per-channel on ``axis``)."""
@@ -81,8 +83,6 @@ def to_qdq_module(qmodel: nn.Module, example_input: Any) -> nn.Module:
     from nncf.parameters import StripFormat
     from nncf.torch.function_hook.wrapper import get_hook_storage
     from torch.ao.quantization import FakeQuantize
-
-    from pipeline.models import set_inference_mode
 
     model = copy.deepcopy(qmodel).eval()
     set_inference_mode(model, True)

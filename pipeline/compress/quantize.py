@@ -49,7 +49,12 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from pipeline import registry
+from pipeline.checkpoint import CheckpointError, read_checkpoint
+from pipeline.compress.nncf_env import prepare_nncf_kernels
+from pipeline.compress.qdq import to_qdq_module
 from pipeline.console import quiet_nncf
+from pipeline.models import STAALIF, SeqConvBN, build_model, fold_batchnorm, neuron_modules, set_tsrd_p
 
 QAT_FORMAT = "nncf-qat-v1"
 # NNCF gives its (cached) C++ fake-quant extension 60 s to load and then raises; on a loaded
@@ -69,8 +74,6 @@ def _scope(module_name: str) -> str:
 
 def neuron_patterns(model: nn.Module) -> list[str]:
     """Ignored-scope regexes covering every op inside every neuron module."""
-    from pipeline.models import neuron_modules
-
     return [f"{_scope(name)}/.*" for name, _ in neuron_modules(model)]
 
 
@@ -80,8 +83,6 @@ def _child_name(parent: nn.Module, child: nn.Module) -> str:
 
 def keep_float_patterns(model: nn.Module, keep_float: Sequence[str]) -> list[str]:
     """NNCF op-name regexes for the ``qat.keep_float`` entries (see the module docstring)."""
-    from pipeline.models import STAALIF, SeqConvBN
-
     out: list[str] = []
     for entry in keep_float:
         if entry == "stem":
@@ -125,8 +126,6 @@ def quantize_model(model: nn.Module, calibration: Iterable, n_batches: int, keep
                                                        QuantizationParameters)
     quiet_nncf()  # importing nncf resets its logger; every later nncf call follows this or restore_qat_model
 
-    from pipeline.models import fold_batchnorm, set_tsrd_p
-
     ensure_quant_kernels(device)
     model = copy.deepcopy(model).eval().to(device)
     if fold_bn:
@@ -157,8 +156,6 @@ def ensure_quant_kernels(device: str) -> str:
     the CUDA extension when the toolkit matches torch's CUDA, else NNCF's reference kernels).
     Returns which kernels are in use: "cuda-extension", "reference" or "cpu".
     """
-    from pipeline.compress.nncf_env import prepare_nncf_kernels
-
     return prepare_nncf_kernels(device)
 
 
@@ -195,8 +192,6 @@ def _in_neuron(op: str, neuron_scopes: Sequence[str]) -> bool:
 
 
 def _neuron_scopes(qmodel: nn.Module) -> list[str]:
-    from pipeline.models import neuron_modules
-
     return [name.replace(".", "/") for name, _ in neuron_modules(qmodel)]
 
 
@@ -268,8 +263,6 @@ def _loadable_nncf_config(cfg: Any) -> dict[str, Any]:
     """A stored NNCF config checked (known quantiser classes only) and with its enums restored."""
     from nncf.common.quantization.structs import QuantizationScheme
 
-    from pipeline.checkpoint import CheckpointError
-
     commands = cfg.get("compression_state") if isinstance(cfg, dict) else None
     if not isinstance(commands, list):
         raise CheckpointError("the QAT checkpoint's nncf_config has no compression_state list; re-run the qat stage")
@@ -302,12 +295,10 @@ def restore_qat_model(ckpt: dict[str, Any]) -> nn.Module:
     import nncf.torch
     quiet_nncf()
 
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.models import build_model, fold_batchnorm, set_tsrd_p
-
     if ckpt.get("format") != QAT_FORMAT or "nncf_config" not in ckpt:
         raise CheckpointError(f"not a QAT checkpoint (format {ckpt.get('format')!r}, expected {QAT_FORMAT!r}); "
-                              f"pass the qat stage's qat.pt (float checkpoints load with load_model)")
+                              f"pass the qat stage's {registry.file('qat', 'qat')} (float checkpoints load with "
+                              f"load_model)")
     model = build_model(ckpt["model_cfg"]).eval()
     if ckpt.get("fold_bn"):
         fold_batchnorm(model)
@@ -347,16 +338,12 @@ def load_qat_model(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
     it as a whole (``module(x)``), not its submodules, or the quantisers are bypassed.
     BN is already folded when ``ckpt["fold_bn"]``; TSRD is off.
     """
-    from pipeline.checkpoint import read_checkpoint
-
     ckpt = read_checkpoint(Path(path))
     return qdq_module(ckpt), ckpt
 
 
 def qdq_module(ckpt: dict[str, Any]) -> nn.Module:
     """The exportable Q/DQ module of a loaded QAT checkpoint dict (what :func:`load_qat_model` returns)."""
-    from pipeline.compress.qdq import to_qdq_module
-
     return to_qdq_module(restore_qat_model(ckpt), example_input(ckpt["model_cfg"], ckpt["data_meta"]))
 
 

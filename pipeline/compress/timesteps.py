@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from pipeline import registry
 from pipeline.training.loop import StepLoss
 from pipeline.training.losses import classification_loss, distillation_loss
 
@@ -130,7 +131,7 @@ def format_table(rows: Sequence[dict[str, Any]], T0: int, base: dict[str, Any], 
     lines = [f"| T | val top-1 | test top-1 before fine-tune | test top-1 after | test delta vs T={T0} | "
              f"agreement | file |", "|---|---|---|---|---|---|---|",
              f"| {T0} (baseline){' *' if chosen == T0 else ''} | {pct(base['val_top1'])} | {base['test_top1']:.2f} "
-             f"| - | 0.00 | 100.00 | train/best.pt |"]
+             f"| - | 0.00 | 100.00 | {registry.artifact('train', 'best')} |"]
     for r in rows:
         mark = " *" if r["T"] == chosen else ""
         agree = "-" if r.get("agreement") is None else f"{r['agreement']:.2f}"

@@ -59,7 +59,7 @@ def build_digits(cfg: Mapping[str, Any], seed: int) -> DataBundle:
     size = int(cfg.get("image_size") or DEFAULT_SIZE)
     x_train, y_train, x_test, y_test = load_digits_split(size)
     mean, std = (float(x_train.mean()),), (float(x_train.std()),)
-    padding = min(int(cfg["augment"].get("crop_padding", 1) or 0), 2)
+    padding = min(int(cfg["augment"]["crop_padding"] or 0), 2)
     t_train, t_eval = tensor_image_transforms(padding, mean, std, size)
     test_idx = prefix(len(y_test), cfg.get("limit_test"))
     test = LabelledSubset(TensorImages(x_test, y_test, t_eval), test_idx, y_test)

@@ -125,9 +125,3 @@ class EventFrames(Dataset):
         if self.augment is not None:
             x = self.augment(x)
         return frames_to_input(x), self.targets[i]
-
-    def precompute(self) -> int:
-        """Fill the cache for every sample (e.g. before a multi-worker run); returns the count."""
-        for i in range(len(self)):
-            self.counts(i)
-        return len(self)

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pipeline.distributed import auto_workers, dist_info
+
 
 def _seed_worker(worker_id: int) -> None:
     """Seed numpy and random in each worker from torch's per-worker seed (derived from the generator)."""
@@ -24,8 +26,6 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, workers: int, se
     ``workers=-1``: one per CPU core of this process's share of the node, at most 8;
     ``prefetch``: batches loaded ahead per worker (None: torch's default).
     """
-    from pipeline.distributed import auto_workers, dist_info
-
     generator = torch.Generator()
     generator.manual_seed(int(seed))
     n = len(sampler) if sampler is not None else len(dataset)

@@ -142,7 +142,7 @@ def load_cifar_torchvision(name: str, cfg: Mapping[str, Any]):
            f"or point data.root / data.train_file / data.test_file at npz files (data.format: npz)")
     if root is None:
         raise layout_error(f"{name} (torchvision layout)", None, layout, fix)
-    download = bool(cfg.get("download", False))
+    download = bool(cfg["download"])
     missing = [f for f in spec["tv_files"] if not (root / spec["tv_folder"] / f).is_file()]
     if missing and not download:
         raise layout_error(f"{name} (torchvision layout)", root, layout, fix,
@@ -166,7 +166,7 @@ def _default_classes(name: str) -> list[str]:
 def build_cifar(name: str, cfg: Mapping[str, Any], seed: int) -> DataBundle:
     """CIFAR-10/100 from npz (data.format npz, or auto with npz files present) or torchvision's layout."""
     spec = CIFAR[name]
-    fmt = cfg.get("format", "auto")
+    fmt = cfg["format"]
     files = find_cifar_npz(name, cfg) if fmt in ("auto", "npz") else None
     if fmt == "npz" and files is None:
         raise layout_error(f"{name} npz", opt_path(cfg.get("root")), _npz_layout(name), _npz_fix(name))

@@ -50,13 +50,13 @@ def cifar_transforms(
     """(train, eval) transforms for 32x32 PIL images: crop+pad, flip, AutoAugment, Cutout, optional resize."""
     size = int(image_size or 32)
     resize = [T.Resize(size, antialias=True)] if size != 32 else []
-    train: list = resize + [T.RandomCrop(size, padding=int(augment.get("crop_padding", 4) or 0))]
-    if augment.get("flip", True):
+    train: list = resize + [T.RandomCrop(size, padding=int(augment["crop_padding"] or 0))]
+    if augment["flip"]:
         train.append(T.RandomHorizontalFlip())
-    if augment.get("autoaugment", True):
+    if augment["autoaugment"]:
         train.append(T.AutoAugment(T.AutoAugmentPolicy.CIFAR10))
     train += [T.ToTensor(), T.Normalize(mean, std)]
-    if int(augment.get("cutout", 0) or 0) > 0:
+    if int(augment["cutout"] or 0) > 0:
         train.append(Cutout(int(augment["cutout"])))
     evaluation = resize + [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(train), T.Compose(evaluation)
@@ -66,7 +66,7 @@ def imagenet_transforms(augment: Mapping[str, Any], image_size: int | None) -> t
     """(train, eval): RandomResizedCrop + flip / Resize(size/0.875) + CenterCrop, ImageNet mean/std."""
     size = int(image_size or 224)
     train: list = [T.RandomResizedCrop(size)]
-    if augment.get("flip", True):
+    if augment["flip"]:
         train.append(T.RandomHorizontalFlip())
     train += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     evaluation = [T.Resize(int(round(size / 0.875))), T.CenterCrop(size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]

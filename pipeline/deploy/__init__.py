@@ -11,8 +11,9 @@
 - :mod:`.trt_script`: the trtexec build script and the Jetson guide for targets with TensorRT.
 - :mod:`.bundle`: the self-contained folder (ONNX, sample inputs, runner) copied to a device.
 - :mod:`.verify`: export + every check for one graph (what the export stage calls).
-- :mod:`.qdq_reference`: a minimal symmetric Q/DQ model (TensorRT's explicit-quantisation form).
-- :mod:`.testing`: test helpers (a freshly built SNN whose every layer fires).
+
+Test-only helpers (a freshly built SNN whose every layer fires; a minimal symmetric Q/DQ model in
+TensorRT's explicit-quantisation form) live in ``tests/helpers``, outside the package.
 
 Engine building and running live in :mod:`pipeline.runtime`, which is self-contained so
 it can be copied next to the ONNX files onto a Jetson.

@@ -25,6 +25,9 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from pipeline.deploy.compact import prune_unused
+from pipeline.models import neuron_modules, record_spikes
+
 BATCH = "batch"
 CONTROL_FLOW = ("Loop", "If", "Scan")
 SPIKE_PREFIX = "spike:"
@@ -219,24 +222,7 @@ def strip_outputs(src: Path, dst: Path, keep: Sequence[str]) -> Path:
         raise ExportError(f"{src.name} lacks outputs {sorted(set(keep) - {o.name for o in outputs})}")
     del g.output[:]
     g.output.extend(outputs)
-    needed = set(keep)
-    live = []
-    for node in reversed(g.node):
-        if any(o in needed for o in node.output):
-            live.append(node)
-            needed.update(i for i in node.input if i)
-            for a in node.attribute:  # subgraph inputs (none expected in a static graph)
-                for sub in ([a.g] if a.g.node else []) + list(a.graphs):
-                    needed.update(i for n in sub.node for i in n.input)
-    live.reverse()
-    del g.node[:]
-    g.node.extend(live)
-    inits = [i for i in g.initializer if i.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    vis = [v for v in g.value_info if v.name in needed]
-    del g.value_info[:]
-    g.value_info.extend(vis)
+    prune_unused(model)
     onnx.save(model, str(dst))
     return Path(dst)
 
@@ -252,14 +238,10 @@ class SpikeProbe(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        from pipeline.models import neuron_modules
-
         self.model = model
         self.names = [name for name, _ in neuron_modules(model)]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from pipeline.models import record_spikes
-
         with record_spikes(self.model) as store:
             logits = self.model(x)
             spikes = [store[n].transpose(0, 1) for n in self.names]  # [B, T, ...]: batch first
@@ -278,8 +260,6 @@ def neuron_scopes(model: nn.Module) -> list[str]:
     Rather than re-derive that spelling, match on the last component: every neuron attribute is
     named ``lif`` in the backbones, so its scope is the path segment ``/<attr>/``.
     """
-    from pipeline.models import neuron_modules
-
     return sorted({"/" + name.rsplit(".", 1)[-1] + "/" for name, _ in neuron_modules(model)})
 
 

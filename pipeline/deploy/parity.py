@@ -18,7 +18,10 @@ layer's own arithmetic):
 - real: a flip at the first divergence far from the threshold, i.e. a wrong computation.
 
 Gates (:meth:`ParityReport.failures`):
-- top-1 identical on every sample where the reference's top-2 margin exceeds ``tie_tol``;
+- top-1 identical on every sample where the reference's top-2 margin exceeds ``tie_tol``, except
+  samples whose first divergence is numerical: their top-1 change is the cascade of a rounding-level
+  flip (counted as ``top1_changed_by_numerical_flip``, not a gate: measured on the trained default,
+  one such image in 256 after 15 epochs, with logits max diff 9.5e-7 on the clean ones);
 - logits max abs diff ``<= max_abs_diff`` on clean samples;
 - per-layer *local* spike agreement ``>= min_spike_agreement``: the differences of a layer counted
   only in samples whose first divergence is that layer (a layer's own flip rate);
@@ -32,6 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
+import torch
+
+from pipeline.models import neuron_modules, record_spikes
+from pipeline.precision import strict_fp32
 
 
 def _np(x: Any) -> np.ndarray:
@@ -53,6 +60,7 @@ class ParityReport:
     n_values: int = 0
     top1_mismatches: int = 0
     top1_mismatches_beyond_tol: int = 0
+    top1_changed_by_numerical_flip: int = 0
     clean: int = 0
     numerical: int = 0
     real: int = 0
@@ -82,18 +90,22 @@ class ParityReport:
             margin = top2[:, 1] - top2[:, 0]
         else:
             margin = np.full(batch, np.inf)
-        self.top1_mismatches_beyond_tol += int((mismatch & (margin > self.tie_tol)).sum())
-
         clean = np.ones(batch, bool)
+        numerical = np.zeros(batch, bool)
         if ref_spikes is not None and spikes is not None:
-            clean = self._spikes(ref_spikes, spikes, ref_membranes, batch)
+            clean, numerical = self._spikes(ref_spikes, spikes, ref_membranes, batch)
+        beyond = mismatch & (margin > self.tie_tol)
+        self.top1_mismatches_beyond_tol += int((beyond & ~numerical).sum())
+        self.top1_changed_by_numerical_flip += int((beyond & numerical).sum())
         self.clean += int(clean.sum())
         if clean.any():
             self.max_abs_diff_clean = max(self.max_abs_diff_clean, float(diff[clean].max()))
 
     def _spikes(self, ref_spikes: Mapping[str, Any], spikes: Mapping[str, Any],
-                membranes: Mapping[str, Any] | None, batch: int) -> np.ndarray:
+                membranes: Mapping[str, Any] | None, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Classify each sample; returns (clean, numerical) masks."""
         self.spikes_compared = True
+        numerical = np.zeros(batch, bool)
         names = list(ref_spikes)
         if set(names) != set(spikes):
             raise ValueError(f"spike layers differ between reference and candidate: "
@@ -116,7 +128,8 @@ class ParityReport:
             self.first_divergence[name] = self.first_divergence.get(name, 0) + 1
             self.local_diff[name] += int(differs[name][:, b].sum())
             if membranes is None:
-                self.numerical += 1  # cannot tell without membranes: counted as numerical, margin unknown
+                # cannot tell without membranes: counted as numerical, margin unknown; its top-1 is still gated
+                self.numerical += 1
                 continue
             # only the first diverging step: later steps of the same layer differ through its own state
             d = differs[name][:, b]  # [T, rest]
@@ -126,9 +139,10 @@ class ParityReport:
             self.worst_first_flip_margin = max(self.worst_first_flip_margin, worst)
             if worst <= self.flip_margin:
                 self.numerical += 1
+                numerical[b] = True
             else:
                 self.real += 1
-        return first < 0
+        return first < 0, numerical
 
     @property
     def max_abs_diff(self) -> float:
@@ -189,6 +203,7 @@ class ParityReport:
             "n": self.n, "max_abs_diff": self.max_abs_diff, "max_abs_diff_all": self.max_abs_diff_all,
             "mean_abs_diff": self.mean_abs_diff, "top1_mismatches": self.top1_mismatches,
             "top1_mismatches_beyond_tol": self.top1_mismatches_beyond_tol, "tie_tol": self.tie_tol,
+            "top1_changed_by_numerical_flip": self.top1_changed_by_numerical_flip,
             "samples_clean": self.clean, "samples_numerical_flip": self.numerical, "samples_real_mismatch": self.real,
             "flip_margin": self.flip_margin, "worst_first_flip_margin": self.worst_first_flip_margin,
             "first_divergence": dict(self.first_divergence),
@@ -203,10 +218,6 @@ SpikeFn = Callable[[Any], tuple]  # x -> (logits, {layer: spikes}[, {layer: h - 
 @contextlib.contextmanager
 def record_membranes(model: Any) -> Iterator[dict[str, Any]]:
     """Yield ``{neuron name: h - v_th [T, B, ...]}`` of the last forward pass (wraps each neuron's ``fire``)."""
-    import torch
-
-    from pipeline.models import neuron_modules
-
     steps: dict[str, list[Any]] = {}
     store: dict[str, Any] = {}
     patched = []
@@ -230,11 +241,6 @@ def record_membranes(model: Any) -> Iterator[dict[str, Any]]:
 def torch_with_spikes(model: Any, membranes: bool = True) -> SpikeFn:
     """``x -> (logits, spikes, membranes)`` for a torch model (record_spikes + record_membranes),
     computed in strict FP32 (no TF32: see :mod:`pipeline.precision`)."""
-    import torch
-
-    from pipeline.models import record_spikes
-    from pipeline.precision import strict_fp32
-
     @torch.no_grad()
     def run(x: Any) -> tuple:
         with strict_fp32(), record_spikes(model) as store:
@@ -257,8 +263,6 @@ def compare(reference: SpikeFn, candidate: SpikeFn, batches: Iterable[Any], tie_
     strict FP32: with TF32 (cuDNN's default for convolutions on Ampere and newer) a conv differs by
     ~5e-4, more than ``flip_margin``, so rounding would pass for real mismatches.
     """
-    from pipeline.precision import strict_fp32
-
     report = ParityReport(tie_tol=tie_tol, flip_margin=flip_margin)
     for batch in batches:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -23,13 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pipeline.models import PositionEncoding, neuron_modules, record_spikes
+from pipeline.models.staa import STAA
+
 STATE_IN, STATE_OUT = "u_in.", "u_out."
 
 
 def stream_blockers(model: nn.Module) -> list[str]:
     """Why ``model`` cannot run one step at a time (empty when it can)."""
-    from pipeline.models.staa import STAA
-
     sa = [name for name, m in model.named_modules() if isinstance(m, STAA) and m.sa is not None]
     if sa:
         return [f"step attention (SA) mixes all T steps in {len(sa)} STAA blocks (first: {sa[0]}); a step "
@@ -76,8 +77,6 @@ class StreamingNet(nn.Module):
 
     def __init__(self, unrolled: nn.Module, state_shapes: list[tuple[int, ...]]) -> None:
         super().__init__()
-        from pipeline.models import PositionEncoding, neuron_modules
-
         blockers = stream_blockers(unrolled)
         if blockers:
             raise ValueError(blockers[0])
@@ -147,8 +146,6 @@ class StreamingNet(nn.Module):
 
 def state_shapes(unrolled: nn.Module, example: Tensor) -> list[tuple[int, ...]]:
     """Per-sample membrane shapes (``[C, H, W]``) of every neuron, from one probe forward pass."""
-    from pipeline.models import neuron_modules, record_spikes
-
     with torch.no_grad(), record_spikes(unrolled) as store:
         unrolled(example[:1])
     return [tuple(store[name].shape[2:]) for name, _ in neuron_modules(unrolled)]

@@ -19,6 +19,7 @@ import re
 import shlex
 from typing import Callable, Sequence
 
+from pipeline import registry
 from pipeline.runtime.base import BENCH_DEFAULTS
 from pipeline.runtime.trt_build import EngineSpec
 
@@ -202,10 +203,11 @@ def render_jetson_guide(specs: Sequence[EngineSpec], meta: dict[str, str]) -> st
     """``JETSON.md``: copy, build on the device, check accuracy, time it."""
     engines = "\n".join(f"| `{s.engine}` | `{s.onnx}` | {s.precision} | {s.min_batch}/{s.opt_batch}/{s.max_batch} |"
                         for s in specs)
-    first = specs[0].engine if specs else "model_fp16.engine"
+    first = specs[0].engine if specs else registry.file("build", "engine_fp16")
+    graph, step, samples = (registry.file("export", r) for r in ("onnx_fp32", "step_fp32", "samples"))
     return f"""# Running this model on a Jetson (or any GPU with TensorRT 10)
 
-This folder is self-contained: ONNX graphs, `sample_inputs.npz` (real test images, labels and
+This folder is self-contained: ONNX graphs, `{samples}` (real test images, labels and
 the float model's logits), `bundle.json` (the engine recipes), `build_engines.sh` (trtexec) and
 `staa_runtime/` (a runner for ONNX Runtime and TensorRT engines; needs numpy, and for engines
 `tensorrt` + `torch` with CUDA, as in NVIDIA's JetPack wheels).
@@ -242,7 +244,7 @@ shared `timing.cache` (reused by later builds on the same device).
     python3 -m staa_runtime check                      # which backends work here
     python3 -m staa_runtime predict {first}    # top-1 and agreement with the float model
     python3 -m staa_runtime bench {first} --batch 1
-    python3 -m staa_runtime predict model_fp32.onnx    # ONNX Runtime, no engine needed
+    python3 -m staa_runtime predict {graph}    # ONNX Runtime, no engine needed
 
 `staa_runtime bench` times `predict` the way the pipeline's report does, with the same defaults
 ({BENCH_DEFAULTS['warmup']} warm-up calls, then at least {BENCH_DEFAULTS['iters']} calls and {BENCH_DEFAULTS['min_seconds']} s, \
@@ -268,7 +270,7 @@ To time another batch size, rerun the timing line from `build_engines.sh` with
 `--shapes=input:<B>x...` (within the engine's min/max batch).
 
 ## Streaming (event cameras)
-If `step_fp32.onnx` is present the model can run one time step at a time: inputs `input`
+If `{step}` is present the model can run one time step at a time: inputs `input`
 (one frame), `step` (int64, 0..T-1) and the membranes `u_in.<i>` (zeros at step 0); outputs
 `logits_step` and `u_out.<i>` (feed them back as `u_in.<i>`). The clip's logits are the mean of
 `logits_step` over the T steps. `staa_runtime.StepRunner` does this bookkeeping.

@@ -27,10 +27,15 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import torch
 from torch import nn
+
+from pipeline.checkpoint import CheckpointError, load_plain, save_atomic
+from pipeline.compress.qdq import FixedFakeQuant
+from pipeline.compress.quantize import qdq_module
+from pipeline.models import (BaseLIF, PositionEncoding, build_model, fold_batchnorm, neuron_modules, set_inference_mode,
+                             set_tsrd_p)
 
 UNROLLED_FORMAT = "staa-unrolled/2"  # /2: int8 as state + rebuild recipe, never a pickled module
 # what an int8 file keeps of its QAT checkpoint: enough for load_qat_model to rebuild it
@@ -57,6 +62,31 @@ class UnrolledInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Int8Kind:
+    """An int8 module that is not rebuilt from a QAT checkpoint, e.g. the tests' reference Q/DQ model
+    (``tests/helpers/qdq_reference.py``): the package does not ship it, so it registers itself here.
+
+    ``record(module)``: the plain data that rebuilds ``module``, or None when it is not of this kind;
+    ``rebuild(model, record)``: that structure around a freshly built float model (in eval mode, BN
+    already folded when the file says so); the stored state dict is loaded next.
+    """
+
+    record: Callable[[nn.Module], dict[str, Any] | None]
+    rebuild: Callable[[nn.Module, dict[str, Any]], nn.Module]
+
+
+INT8_KINDS: dict[str, Int8Kind] = {}  # stored as rebuild["from"]; "qat_checkpoint" is built in
+
+
+def register_int8_kind(name: str, record: Callable[[nn.Module], dict[str, Any] | None],
+                       rebuild: Callable[[nn.Module, dict[str, Any]], nn.Module]) -> None:
+    """Let :func:`save_unrolled` / :func:`load_unrolled` handle another int8 module kind (see :class:`Int8Kind`)."""
+    if name == "qat_checkpoint":
+        raise ValueError("'qat_checkpoint' is the built-in int8 kind; register another name")
+    INT8_KINDS[name] = Int8Kind(record, rebuild)
+
+
 def _to_buffer(module: nn.Module, name: str) -> None:
     """Replace parameter ``module.name`` with a buffer of the same value and name (a constant)."""
     value = getattr(module, name)
@@ -67,8 +97,6 @@ def _to_buffer(module: nn.Module, name: str) -> None:
 
 def constant_time_tensors(model: nn.Module) -> nn.Module:
     """Turn the position encodings and the learnable neuron coefficients into buffers."""
-    from pipeline.models import BaseLIF, PositionEncoding
-
     for m in model.modules():
         if isinstance(m, PositionEncoding):
             _to_buffer(m, "pe")
@@ -81,8 +109,6 @@ def constant_time_tensors(model: nn.Module) -> nn.Module:
 
 def _static(model: nn.Module) -> nn.Module:
     """The rewrites both kinds share: eval, plain-comparison spikes, TSRD off, frozen weights."""
-    from pipeline.models import set_inference_mode, set_tsrd_p
-
     model.eval()
     set_inference_mode(model, True)
     set_tsrd_p(model, 0.0)
@@ -93,8 +119,6 @@ def _static(model: nn.Module) -> nn.Module:
 
 def unroll_float(model: nn.Module) -> nn.Module:
     """A static copy of a float ``SpikingNet``: BN folded, hard spikes, TSRD off, constant PE."""
-    from pipeline.models import fold_batchnorm
-
     m = copy.deepcopy(model).eval()
     fold_batchnorm(m)
     constant_time_tensors(m)
@@ -111,11 +135,9 @@ def save_unrolled(path: Path, module: nn.Module, info: UnrolledInfo) -> None:
 
     Float: the model config and the rewrites (:data:`FLOAT_RECIPE`). Int8: the QAT checkpoint
     it came from (``info.extra["qat_checkpoint"]``: model config, NNCF config, QAT weights),
-    or, for the reference Q/DQ model (``pipeline.deploy.qdq_reference``), its input scales.
+    or the record of a registered :class:`Int8Kind` (e.g. the tests' reference Q/DQ model: its input scales).
     :func:`load_unrolled` rebuilds the module and loads the state dict strictly.
     """
-    from pipeline.checkpoint import save_atomic
-
     payload: dict[str, Any] = {
         "format": UNROLLED_FORMAT, "kind": info.kind, "T": int(info.T), "model_cfg": dict(info.model_cfg),
         "data_meta": dict(info.data_meta), "bn_folded": info.bn_folded, "recipe": list(info.recipe),
@@ -128,17 +150,17 @@ def save_unrolled(path: Path, module: nn.Module, info: UnrolledInfo) -> None:
 
 
 def _int8_rebuild(module: nn.Module, info: UnrolledInfo) -> dict[str, Any]:
-    """How to rebuild an int8 module: from its QAT checkpoint (NNCF) or its reference Q/DQ input scales."""
-    from pipeline.deploy.qdq_reference import QDQConv2d
-
+    """How to rebuild an int8 module: from its QAT checkpoint (NNCF) or the record of its registered kind."""
     qat = info.extra.get("qat_checkpoint")
     if isinstance(qat, dict) and "nncf_config" in qat:
         return {"from": "qat_checkpoint", "qat": {k: qat[k] for k in QAT_KEYS if k in qat}}
-    scales = {name: m.input_scale for name, m in module.named_modules() if isinstance(m, QDQConv2d)}
-    if scales:
-        return {"from": "qdq_reference", "input_scales": scales}
-    raise UnrollError("the int8 module is neither the reference Q/DQ model nor given with the QAT checkpoint it came "
-                      "from; pass that checkpoint as UnrolledInfo.extra['qat_checkpoint'] (the unroll stage does)")
+    for name, kind in INT8_KINDS.items():
+        record = kind.record(module)
+        if record:
+            return {"from": name, **record}
+    raise UnrollError("the int8 module is neither of a registered kind (e.g. the reference Q/DQ model) nor given with "
+                      "the QAT checkpoint it came from; pass that checkpoint as UnrolledInfo.extra['qat_checkpoint'] "
+                      "(the unroll stage does)")
 
 
 def load_unrolled(path: Path) -> tuple[nn.Module, UnrolledInfo]:
@@ -146,8 +168,6 @@ def load_unrolled(path: Path) -> tuple[nn.Module, UnrolledInfo]:
 
     Read with ``torch.load(weights_only=True)``: a file carrying pickled code is refused unopened.
     """
-    from pipeline.checkpoint import load_plain
-
     path = Path(path)
     if not path.is_file():
         raise UnrollError(f"unrolled model not found: {path}; run the unroll stage "
@@ -180,53 +200,36 @@ def _build_cfg(module: nn.Module, info: UnrolledInfo) -> dict[str, Any]:
 
 def _skeleton(payload: dict[str, Any], info: UnrolledInfo, path: Path) -> nn.Module:
     """The unrolled module rebuilt from its recipe, with whatever weights: the state dict comes next."""
-    from pipeline.models import build_model
-
     if info.kind == "float":
         return unroll_float(build_model(payload["build_cfg"]))
     rebuild = payload.get("rebuild") or {}
     if rebuild.get("from") == "qat_checkpoint":
         return _rebuild_qat(rebuild["qat"], path)
-    if rebuild.get("from") == "qdq_reference":
-        return _rebuild_qdq_reference(build_model(payload["build_cfg"]), info.bn_folded, rebuild["input_scales"])
-    raise UnrollError(f"{path} holds an int8 model without a rebuild recipe ({rebuild.get('from')!r}); "
-                      f"re-run the unroll stage")
+    if rebuild.get("from") in INT8_KINDS:
+        model = build_model(payload["build_cfg"]).eval()
+        if info.bn_folded:
+            fold_batchnorm(model)
+        return _static(INT8_KINDS[rebuild["from"]].rebuild(model, rebuild))
+    if rebuild.get("from"):
+        raise UnrollError(f"{path} holds an int8 model of kind {rebuild['from']!r}, which no imported module has "
+                          f"registered (register_int8_kind; the tests' reference Q/DQ model registers when "
+                          f"tests.helpers is imported)")
+    raise UnrollError(f"{path} holds an int8 model without a rebuild recipe; re-run the unroll stage")
 
 
 def _rebuild_qat(ckpt: dict[str, Any], path: Path) -> nn.Module:
-    """Rebuild an int8 unrolled module from its embedded QAT checkpoint (needs the quantiser)."""
-    from pipeline.checkpoint import CheckpointError
-
-    try:
-        from pipeline.compress.quantize import qdq_module
-    except ImportError as exc:
-        raise UnrollError(f"{path} holds an int8 model that is rebuilt with pipeline.compress.quantize, "
-                          f"which cannot be imported ({exc})") from exc
+    """Rebuild an int8 unrolled module from its embedded QAT checkpoint (needs the quantiser, NNCF)."""
     try:
         return unroll_qat(qdq_module(ckpt))
+    except ImportError as exc:
+        raise UnrollError(f"{path} holds an int8 model that is rebuilt with NNCF (pipeline.compress.quantize), "
+                          f"which cannot be imported ({exc})") from exc
     except CheckpointError as exc:
         raise UnrollError(f"{path}: its QAT checkpoint does not rebuild ({exc})") from exc
 
 
-def _rebuild_qdq_reference(model: nn.Module, bn_folded: bool, input_scales: dict[str, float]) -> nn.Module:
-    """The reference Q/DQ model's structure: every listed conv wrapped in a ``QDQConv2d`` with its input scale."""
-    from pipeline.deploy.qdq_reference import QDQConv2d
-    from pipeline.models import fold_batchnorm
-
-    model.eval()
-    if bn_folded:
-        fold_batchnorm(model)
-    for name, scale in input_scales.items():
-        parent, _, attr = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        setattr(owner, attr, QDQConv2d(getattr(owner, attr), float(scale)))
-    return _static(model)
-
-
 def _sync_constants(module: nn.Module) -> None:
     """Per-tensor fake-quant scales are also Python numbers (constants for the exporters): match the loaded buffers."""
-    from pipeline.compress.qdq import FixedFakeQuant
-
     for m in module.modules():
         if isinstance(m, FixedFakeQuant) and m.axis is None:
             m.scale_value, m.zero_value = float(m.scale[0]), int(m.zero_point[0])
@@ -234,8 +237,6 @@ def _sync_constants(module: nn.Module) -> None:
 
 def describe(module: nn.Module) -> dict[str, Any]:
     """Facts for the metrics: neurons, trainable tensors left (0 when static), BN layers left."""
-    from pipeline.models import neuron_modules
-
     bns = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
     return {
         "neurons": len(neuron_modules(module)),

@@ -1,4 +1,8 @@
-"""Export one graph and prove it: ONNX check, metadata, ONNX Runtime parity, TensorRT static check.
+"""Export one graph and prove it: compaction, ONNX check, metadata, ONNX Runtime parity, TensorRT static check.
+
+Every check runs on the final file: the graph is compacted (weight Q/DQ folded to int8
+initializers, simplified by onnxslim: :mod:`pipeline.deploy.compact`) before it is checked,
+compared with torch and statically checked for TensorRT.
 
 The export stage calls :func:`export_verified` for the FP32 and INT8 graphs and
 :func:`export_streaming_verified` for the one-step graph; each returns its metrics, the gate
@@ -14,9 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.runtime import OrtRunner, StepRunner
+from pipeline.runtime.ort_runner import EXACT_QDQ
+from .compact import compact_onnx, file_stats
 from .onnx_export import (SPIKE_PREFIX, SpikeProbe, check_onnx, export_onnx, neuron_scopes, strip_outputs,
                           write_metadata)
 from .parity import ParityReport, SpikeFn, compare, torch_with_spikes
+from .streaming import STATE_IN, build_streaming
 from .trt_check import TrtCheckReport, check_model
 
 
@@ -41,9 +49,6 @@ def ort_candidate(graph: Path, probe: Path | None = None, threads: int | None = 
 
     Exact graph semantics unless ``ort_defaults`` (see ``pipeline.runtime.ort_runner``).
     """
-    from pipeline.runtime import OrtRunner
-    from pipeline.runtime.ort_runner import EXACT_QDQ
-
     disabled = () if ort_defaults else EXACT_QDQ
     real = OrtRunner(graph, threads=threads, disabled_optimizers=disabled)
     spy = OrtRunner(probe, threads=threads, disabled_optimizers=disabled) if probe is not None else None
@@ -62,25 +67,31 @@ def ort_candidate(graph: Path, probe: Path | None = None, threads: int | None = 
 
 def export_verified(module: nn.Module, x: torch.Tensor, path: Path, *, opset: int, dynamo: bool,
                     metadata: Mapping[str, Any], gates: Gates, what: str, work_dir: Path,
-                    batch_size: int = 64) -> tuple[dict[str, Any], list[str], TrtCheckReport]:
-    """Export ``module`` to ``path`` and run every check on the real inputs ``x``.
+                    batch_size: int = 64, simplify: bool = True) -> tuple[dict[str, Any], list[str], TrtCheckReport]:
+    """Export ``module`` to ``path``, compact it, and run every check on the real inputs ``x``.
 
     One trace: the module is exported with its spikes as extra outputs (the probe graph, kept in
-    ``work_dir``), and the deployed graph is that graph with the extra outputs stripped.
+    ``work_dir``); the probe is compacted (weight Q/DQ folded, simplified unless ``simplify`` is
+    false), and the deployed graph is that graph with the extra outputs stripped, so spikes are
+    measured on the computation that ships. ``metrics["compact"]`` holds node counts and bytes
+    before (the exporter's graph) and after.
     """
     example = (x[:2],)
     probe_module = SpikeProbe(module)
     probe = export_onnx(probe_module, example, Path(work_dir) / f"{path.stem}.probe.onnx", opset=opset,
                         dynamo=dynamo, output_names=probe_module.output_names)
+    raw = strip_outputs(probe, Path(work_dir) / f"{path.stem}.raw.onnx", keep=["logits"])
+    compaction = compact_onnx(probe, fold_weights=True, slim=simplify)
     strip_outputs(probe, path, keep=["logits"])
     summary = check_onnx(path)
     write_metadata(path, dict(metadata, neuron_scopes=neuron_scopes(module)))
+    compaction.update(before=file_stats(raw), after=file_stats(path))
     reference = torch_with_spikes(module)
     report = compare(reference, ort_candidate(path, probe), batches(x, batch_size), gates.tie_tol, gates.flip_margin)
     failures = report.failures(gates.max_abs_diff, gates.min_spike_agreement, what)
     if summary["control_flow"]:
         failures.append(f"{what}: the graph has control flow ({', '.join(summary['control_flow'])}); it must be static")
-    metrics: dict[str, Any] = {"check": summary, "parity": report.metrics()}
+    metrics: dict[str, Any] = {"check": summary, "parity": report.metrics(), "compact": compaction}
     if any(op in summary["op_counts"] for op in ("QuantizeLinear", "DequantizeLinear")):
         # information, not a gate: ONNX Runtime with every default transformer (it quantises conv biases)
         defaults = compare(reference, ort_candidate(path, probe, ort_defaults=True), batches(x, batch_size),
@@ -91,20 +102,19 @@ def export_verified(module: nn.Module, x: torch.Tensor, path: Path, *, opset: in
 
 def export_streaming_verified(unrolled: nn.Module, x: torch.Tensor, path: Path, *, opset: int, dynamo: bool,
                               metadata: Mapping[str, Any], gates: Gates, reference: Path | None,
-                              batch_size: int = 64) -> tuple[dict[str, Any], list[str], TrtCheckReport]:
-    """Export the one-step graph and check that T steps reproduce the unrolled graph on ``x``.
+                              batch_size: int = 64, simplify: bool = True) -> tuple[dict[str, Any], list[str], TrtCheckReport]:
+    """Export the one-step graph, simplify it, and check that T steps reproduce the unrolled graph on ``x``.
 
     Gated against the exported full graph ``reference`` in ONNX Runtime when given (else against
     the unrolled torch module); the torch comparison is always recorded.
     """
-    from pipeline.runtime import OrtRunner, StepRunner
-
-    from .streaming import STATE_IN, build_streaming
-
     net = build_streaming(unrolled, x[:2])
     frame = x[:2, 0] if x.dim() == 5 else x[:2]  # events [B, T, C, H, W]: one frame per step
     export_onnx(net, net.example_inputs(frame), path, opset=opset, dynamo=dynamo, input_names=net.input_names,
                 output_names=net.output_names, static_inputs=("step",))
+    before = file_stats(path)
+    compaction = compact_onnx(path, fold_weights=False, slim=simplify)
+    compaction.update(before=before, after=file_stats(path))
     summary = check_onnx(path)
     write_metadata(path, dict(metadata, **net.metadata(), neuron_scopes=neuron_scopes(unrolled)))
     shapes = {f"{STATE_IN}{i}": list(s) for i, s in enumerate(net.state_shapes)}
@@ -125,5 +135,5 @@ def export_streaming_verified(unrolled: nn.Module, x: torch.Tensor, path: Path, 
         failures = vs_torch.failures(gates.max_abs_diff, None, "streaming vs unrolled torch")
     metrics = {"check": summary, "parity_vs_torch": vs_torch.metrics(),
                "parity_vs_onnx": vs_graph.metrics() if full is not None else None,
-               "state_tensors": len(net.state_shapes), "T": net.T}
+               "state_tensors": len(net.state_shapes), "T": net.T, "compact": compaction}
     return metrics, failures, check_model(path)

@@ -23,9 +23,11 @@ def build_model(cfg: Mapping[str, Any]) -> SpikingNet:
     """Build the ``SpikingNet`` described by ``cfg``.
 
     ``cfg`` is the ``model`` config section (arch, width, T, neuron{...}, staa{...}; missing
-    keys take the schema defaults) plus ``num_classes`` and ``in_channels`` from the dataset.
+    keys take the schema defaults, ``arch`` included) plus ``num_classes`` and ``in_channels`` from
+    the dataset. An unknown arch is a ConfigError (a ValueError) from the schema, naming the choices.
     """
-    arch = cfg.get("arch", "resnet19")
-    if arch not in ARCHS:
-        raise ValueError(f"unknown model.arch {arch!r}; valid: {', '.join(sorted(ARCHS))}")
-    return ARCHS[arch](resolve_model_cfg(cfg))
+    spec = resolve_model_cfg(cfg)
+    if spec.arch not in ARCHS:  # the schema allows it but no backbone is registered under that name
+        raise ValueError(f"model.arch {spec.arch!r} has no backbone in pipeline/models/resnet.py ARCHS; "
+                         f"registered: {', '.join(sorted(ARCHS))}")
+    return ARCHS[spec.arch](spec)

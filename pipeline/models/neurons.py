@@ -10,6 +10,13 @@ Dynamics (docs/architecture.md §4), per step t with input current ``I_t``::
 call, so there is no state to reset between batches and a traced graph is stateless.
 ``step`` exposes one step with explicit membrane in/out (for a streaming export).
 
+Training runs the whole T loop as one autograd node (``MultiStepLIF``): the forward loop runs
+without autograd (4 small ops per step, in place) and the backward is written out by hand (2 ops
+per step), instead of ~6 autograd nodes per step. Spikes are bit-identical to the per-step loop
+(same products and sums, in the same rounding); gradients equal autograd's through that loop,
+reset path included, up to float rounding (tests/test_fused_step.py). Inference mode keeps the
+plain per-step loop, which is what tracing and ONNX export see.
+
 All neuron arithmetic stays inside these modules and every class name contains ``LIF``, so a
 quantiser's ignored scope can exclude neuron internals by class name (``(Adaptive)?LIF``) or
 by module name (the backbones name every neuron attribute ``lif``).
@@ -17,12 +24,13 @@ by module name (the backbones name every neuron attribute ``lif``).
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from .spec import NeuronSpec
-from .surrogate import SURROGATES, spike
+from .surrogate import SURROGATES, float_mask, spike, surrogate_grad
 
 
 def _fp32_region(x: Tensor) -> contextlib.AbstractContextManager:
@@ -43,6 +51,65 @@ def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
+def _per_channel(value: Tensor | float, step_dim: int) -> Tensor | float:
+    """Broadcast a per-channel coefficient ``[C]`` over ``[..., C, *spatial]`` (``step_dim`` = dims of one step)."""
+    if isinstance(value, Tensor):
+        return value.view(-1, *([1] * (step_dim - 2)))
+    return value
+
+
+def tracing() -> bool:
+    """Whether a graph is being traced or exported (TorchScript, ONNX, torch.export): custom autograd nodes
+    stay out of such graphs (the TorchScript ONNX exporter cannot inline them), plain ops go in."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
+class MultiStepLIF(torch.autograd.Function):
+    """The whole ``[T, B, C, ...]`` neuron loop as one autograd node (fp32 in, spikes in ``x.dtype``).
+
+    Backward, with ``a_t = dL/dS_t * sg(h_t)``, ``b_t = dU_t/dH_t = (1 - S_t) - h_t * sg(h_t)``
+    (the reset path ``U = H (1 - S)`` differentiated through the surrogate, as autograd does):
+    ``dL/dH_t = a_t + M * dL/dH_{t+1} * b_t``; then ``dL/dI = N * dL/dH``,
+    ``dL/dM = sum dL/dH_t * U_{t-1}``, ``dL/dN = sum dL/dH_t * I_t`` (over all but the channel axis).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, decay: Tensor | float, gain: Tensor | float, v_th: float,  # type: ignore[override]
+                surrogate: str, param: float) -> Tensor:
+        m, n = _per_channel(decay, x.dim() - 1), _per_channel(gain, x.dim() - 1)
+        h = x * n  # h_t starts as N I_t; the loop adds M U_{t-1} in place
+        for t in range(1, x.shape[0]):
+            prev = h[t - 1]
+            h[t] += prev * float_mask(torch.lt, prev, v_th) * m  # M * U_{t-1}, U = H (1 - S): the same products
+        ctx.save_for_backward(h, x if ctx.needs_input_grad[2] else None,
+                              decay if isinstance(decay, Tensor) else None, gain if isinstance(gain, Tensor) else None)
+        ctx.coeffs = (None if isinstance(decay, Tensor) else decay, None if isinstance(gain, Tensor) else gain)
+        ctx.v_th, ctx.surrogate, ctx.param = v_th, surrogate, param
+        return float_mask(torch.ge, h, v_th).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_s: Tensor):  # type: ignore[override]
+        h, x, decay, gain = ctx.saved_tensors
+        m_float, n_float = ctx.coeffs
+        m = _per_channel(decay, h.dim() - 1) if decay is not None else m_float
+        n = _per_channel(gain, h.dim() - 1) if gain is not None else n_float
+        sg = SURROGATES[ctx.surrogate]((h - ctx.v_th).to(grad_s.dtype), ctx.param)
+        rest = float_mask(torch.lt, h, ctx.v_th)  # 1 - S
+        gh = grad_s * sg  # a_t, turned into dL/dH_t in place below
+        b = rest.to(sg.dtype) - h * sg
+        for t in range(h.shape[0] - 2, -1, -1):
+            gh[t].addcmul_(gh[t + 1] * m, b[t])
+        reduce = [d for d in range(h.dim()) if d != 2]
+        g_decay = g_gain = None
+        if ctx.needs_input_grad[1] and h.shape[0] > 1:  # T = 1 never uses M: no gradient, as autograd
+            u = h * rest
+            g_decay = (gh[1:] * u[:-1]).sum(reduce)
+        if ctx.needs_input_grad[2]:
+            g_gain = (gh * x).sum(reduce)
+        gx = gh * n if ctx.needs_input_grad[0] else None
+        return gx, g_decay, g_gain, None, None, None
+
+
 class BaseLIF(nn.Module):
     """Shared multi-step loop; subclasses provide ``decay`` (M) and ``gain`` (N)."""
 
@@ -51,8 +118,7 @@ class BaseLIF(nn.Module):
 
     def __init__(self, v_th: float = 0.5, surrogate: str = "rect", surrogate_param: float = 1.0) -> None:
         super().__init__()
-        if surrogate not in SURROGATES:
-            raise ValueError(f"unknown surrogate {surrogate!r}; valid: {', '.join(SURROGATES)}")
+        surrogate_grad(surrogate)  # an unknown name raises here, naming the valid ones
         self.v_th = float(v_th)
         self.surrogate = surrogate
         self.surrogate_param = float(surrogate_param)
@@ -61,9 +127,7 @@ class BaseLIF(nn.Module):
 
     def _coeff(self, value: Tensor | float, step_dim: int) -> Tensor | float:
         """Broadcast a per-channel coefficient over a per-step tensor ``[B, C, ...]``."""
-        if isinstance(value, Tensor):
-            return value.view(-1, *([1] * (step_dim - 2)))
-        return value
+        return _per_channel(value, step_dim)
 
     def fire(self, h: Tensor) -> Tensor:
         """Spike where ``h >= v_th``: surrogate-gradient path, or a plain comparison in inference mode."""
@@ -95,13 +159,23 @@ class BaseLIF(nn.Module):
         (0 and 1 are exact in every float type). For fp32 input without autocast every cast is a no-op
         and no autocast region is entered, so exported graphs are unchanged.
         """
-        u: Tensor | None = None
-        out = []
         with _fp32_region(x):
+            if self._fused():
+                s = MultiStepLIF.apply(_fp32(x), self.decay, self.gain, self.v_th, self.surrogate,
+                                       self.surrogate_param)
+                return _cast(s, x.dtype)
+            u: Tensor | None = None
+            out = []
             for x_t in _fp32(x).unbind(0):
                 s, u = self._step(x_t, u)
                 out.append(s)
         return _cast(torch.stack(out), x.dtype)
+
+    def _fused(self) -> bool:
+        """Whether ``forward`` runs ``MultiStepLIF``: only when it pays, i.e. a gradient is wanted. Without
+        one (evaluation, tracing, export, parity checks that wrap ``fire`` on an instance) the per-step loop
+        runs, so every inspected or exported graph is the one it always was."""
+        return not self.inference and torch.is_grad_enabled() and "fire" not in self.__dict__ and not tracing()
 
     def extra_repr(self) -> str:
         return f"v_th={self.v_th}, surrogate={self.surrogate}({self.surrogate_param}), inference={self.inference}"
@@ -131,15 +205,28 @@ class AdaptiveLIF(BaseLIF):
         return f"channels={self.decay.numel()}, " + super().extra_repr()
 
 
+def _alif(spec: NeuronSpec, channels: int, **kw) -> BaseLIF:
+    return AdaptiveLIF(channels, decay=spec.decay, gain=spec.gain, **kw)
+
+
+def _lif(spec: NeuronSpec, channels: int, **kw) -> BaseLIF:
+    return LIF(decay=spec.decay, gain=spec.gain, **kw)
+
+
+NeuronFactory = Callable[..., BaseLIF]
+# model.neuron.kind -> constructor (spec, channels, v_th=, surrogate=, surrogate_param=); its keys are
+# the schema's choices (tests/test_models_neurons.py checks), so a new kind is one function and one row.
+NEURONS: dict[str, NeuronFactory] = {"alif": _alif, "lif": _lif}
+
+
 def make_neuron(spec: NeuronSpec, channels: int) -> BaseLIF:
     """The neuron ``spec`` asks for, sized for ``channels``."""
+    try:
+        factory = NEURONS[spec.kind]
+    except KeyError:
+        raise ValueError(f"unknown neuron kind {spec.kind!r}; valid: {', '.join(NEURONS)}") from None
     param = spec.surrogate_width if spec.surrogate == "rect" else spec.surrogate_k
-    kw = dict(v_th=spec.v_th, surrogate=spec.surrogate, surrogate_param=param)
-    if spec.kind == "alif":
-        return AdaptiveLIF(channels, decay=spec.decay, gain=spec.gain, **kw)
-    if spec.kind == "lif":
-        return LIF(decay=spec.decay, gain=spec.gain, **kw)
-    raise ValueError(f"unknown neuron kind {spec.kind!r}; valid: alif, lif")
+    return factory(spec, channels, v_th=spec.v_th, surrogate=spec.surrogate, surrogate_param=param)
 
 
 def neuron_modules(model: nn.Module) -> list[tuple[str, BaseLIF]]:

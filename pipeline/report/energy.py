@@ -45,6 +45,8 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from pipeline.models import BaseLIF, GlobalContext, PositionEncoding, StepAttention
+
 E_MAC_PJ = 4.6  # pJ per 32-bit float multiply-accumulate, 45 nm
 E_AC_PJ = 0.9  # pJ per 32-bit float accumulate / add (synaptic operation, element-wise add), 45 nm
 E_MUL_PJ = 3.7  # pJ per 32-bit float multiply (element-wise), 45 nm
@@ -183,8 +185,6 @@ def _neuron_ops(m: nn.Module, x: Tensor) -> tuple[float, float]:
 
 def _install(model: nn.Module, counter: OpCounter) -> list[Any]:
     """Hooks on every Conv2d / Linear, GC and SA gate, position encoding, neuron, and the root (images)."""
-    from pipeline.models import BaseLIF, GlobalContext, PositionEncoding, StepAttention
-
     def root_hook(_mod: nn.Module, inp: tuple) -> None:
         counter.images += int(inp[0].shape[0])  # inputs are batch first
 

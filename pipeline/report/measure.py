@@ -1,4 +1,6 @@
-"""Measure one artifact through its runner: accuracy, agreement, latency, throughput, ops.
+"""Measure one artifact through its runner: accuracy, agreement, latency, throughput, ops, and
+the precision the runtime really executed (``executed``: convolutions and matmuls on integer
+kernels, read from the runtime's own executed graph by ``runner.executed_precision()``).
 
 Why one path for every backend: the report compares rows against each other, so the torch
 baseline, an ONNX Runtime session and a TensorRT engine must be fed the same test images in
@@ -17,8 +19,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.models import record_firing_rates
 from pipeline.report.energy import count_ops, summarize
 from pipeline.report.inventory import Artifact
+from pipeline.runtime.base import benchmark
+from pipeline.training.evaluate import evaluate
 
 
 @dataclass
@@ -55,8 +60,6 @@ def measure_speed(runner: Any, sample: np.ndarray, settings: Settings, max_batch
     Torch's global thread count is restored afterwards so that later accuracy passes are not
     pinned to the timing thread count.
     """
-    from pipeline.runtime.base import benchmark
-
     sizes = sorted({min(b, max_batch) if max_batch else b for b in settings.batch_sizes})
     prev = torch.get_num_threads()
     try:
@@ -75,13 +78,9 @@ def measure_speed(runner: Any, sample: np.ndarray, settings: Settings, max_batch
 
 def _accuracy(runner: Any, module: Any, loader: DataLoader, chunk: int | None) -> tuple[dict, dict | None, list | None]:
     """evaluate() through the runner; for torch rows also firing rates and per-layer ops."""
-    from pipeline.training.evaluate import evaluate
-
     predict = runner_predict(runner, chunk)
     if module is None:
         return evaluate(predict, loader, "cpu", progress=False), None, None
-    from pipeline.models import record_firing_rates
-
     with record_firing_rates(module) as rates, count_ops(module) as counter:
         res = evaluate(predict, loader, "cpu", progress=False)
         layers = counter.layers()
@@ -100,6 +99,7 @@ def measure(art: Artifact, loader: DataLoader, settings: Settings, log: Any = No
         "notes": list(art.notes), "ships": art.ships,
         "top1": None, "top5": None, "loss": None, "n": 0, "tied_top1": None, "labels": None, "latency": None, "throughput": None, "benchmarks": [],
         "firing_rates": None, "mean_firing_rate": None, "energy": None, "preds": None, "layers": None,
+        "executed": None,
     }
     if art.status != "ok" or art.opener is None:
         return row
@@ -121,6 +121,7 @@ def measure(art: Artifact, loader: DataLoader, settings: Settings, log: Any = No
                 row["energy"] = dict(summarize(layers), source=art.name)
             first = next(iter(loader))[0].numpy()
             row.update(measure_speed(loaded.runner, first, settings, max_batch))
+            row["executed"] = executed(loaded.runner, art.name, log)
         finally:
             loaded.runner.close()
     except Exception as exc:  # one broken artifact must not hide the others
@@ -128,6 +129,17 @@ def measure(art: Artifact, loader: DataLoader, settings: Settings, log: Any = No
         if log is not None:
             log.error("[validate] %s failed: %s\n%s", art.name, exc, traceback.format_exc())
     return row
+
+
+def executed(runner: Any, name: str, log: Any = None) -> dict[str, Any] | None:
+    """``runner.executed_precision()``, or None (logged) when the runtime cannot say: the row's
+    accuracy and speed stand without it."""
+    try:
+        return runner.executed_precision()
+    except Exception as exc:
+        if log is not None:
+            log.warning("[validate] %s: executed precision not readable: %s: %s", name, type(exc).__name__, exc)
+        return None
 
 
 def inherit_energy(rows: Sequence[dict[str, Any]], sources: dict[str, str | None]) -> None:
@@ -139,4 +151,4 @@ def inherit_energy(rows: Sequence[dict[str, Any]], sources: dict[str, str | None
             r["energy"] = dict(by_name[src]["energy"], source=src)
 
 
-__all__ = ["Settings", "inherit_energy", "measure", "measure_speed", "runner_predict", "tile_batch"]
+__all__ = ["Settings", "executed", "inherit_energy", "measure", "measure_speed", "runner_predict", "tile_batch"]

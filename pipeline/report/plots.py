@@ -3,7 +3,9 @@
 Why Agg: the stage runs headless (CI, a training box, a Jetson over ssh); no display needed.
 Three plots: accuracy vs latency per artifact (what each compression buys and costs),
 firing rate per layer (where the spikes, hence the synaptic operations, are) and accuracy
-vs T (the time-step reduction curve). A plot with nothing to show is not written.
+vs T (the time-step reduction curve). A fourth, the training curves, is drawn from the
+fitting stages' ``history.csv`` files rather than the report (:func:`draw_training_curves`).
+A plot with nothing to show is not written.
 """
 from __future__ import annotations
 
@@ -14,8 +16,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-MARKERS = {"torch": "o", "onnxruntime": "s", "tensorrt": "^"}
+from pipeline import registry  # noqa: E402
+from pipeline.training.history import HISTORY_FILE, read_history  # noqa: E402
+
+MARKERS = {"torch": "o", "onnxruntime": "s", "openvino": "D", "tensorrt": "^"}
+TRAINING_CURVES = registry.file("validate", "plot", plot="training_curves")
 
 
 def accuracy_vs_latency(doc: Mapping[str, Any], path: Path) -> bool:
@@ -31,7 +38,7 @@ def accuracy_vs_latency(doc: Mapping[str, Any], path: Path) -> bool:
     batch = rows[0]["latency"]["batch"]
     ax.set_xscale("log")  # latencies span orders of magnitude (eager fake-quant vs ONNX Runtime)
     ax.set(xlabel=f"p50 latency at batch {batch} (ms, log scale)", ylabel="top-1 (%)",
-           title=f"{doc['run']}: accuracy vs latency (o torch, s ONNX Runtime, ^ TensorRT)")
+           title=f"{doc['run']}: accuracy vs latency (o torch, s ONNX Runtime, D OpenVINO, ^ TensorRT)")
     ax.margins(x=0.15, y=0.25)  # room for the labels
     ax.grid(alpha=0.3)
     _save(fig, path)
@@ -77,14 +84,54 @@ def accuracy_vs_T(doc: Mapping[str, Any], path: Path) -> bool:
     return True
 
 
+def draw_training_curves(inputs: Mapping[str, Path], out: Path) -> str | None:
+    """Val top-1 and loss per epoch, one line per stage and T, from each upstream stage's
+    ``history.csv`` (``inputs``: stage name -> its committed folder, as ``StageContext.inputs``).
+
+    Writes ``out/training_curves.png`` and returns its name; None when no stage has a history.
+    Train loss is solid, validation loss dashed; a fit without a validation split has no val line.
+    """
+    fits: list[tuple[str, list[dict[str, Any]]]] = []
+    for stage, folder in inputs.items():
+        path = Path(folder) / HISTORY_FILE
+        if not path.is_file():
+            continue
+        rows = read_history(path)
+        for T in dict.fromkeys(r["T"] for r in rows):  # in file order: reduce_t's largest T first
+            fits.append((f"{stage} T={T}", [r for r in rows if r["T"] == T]))
+    if not any(rows for _, rows in fits):
+        return None
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (label, rows) in enumerate(fits):
+        color = f"C{i % 10}"
+        epochs = [r["epoch"] for r in rows]
+        val = [(r["epoch"], r["val_top1"]) for r in rows if r["val_top1"] is not None]
+        if val:
+            acc.plot(*zip(*val), marker=".", color=color, label=label)
+        loss.plot(epochs, [r["train_loss"] for r in rows], marker=".", color=color, label=f"{label} train")
+        val_loss = [(r["epoch"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
+        if val_loss:
+            loss.plot(*zip(*val_loss), linestyle="--", marker="x", color=color, label=f"{label} val")
+    acc.set(xlabel="epoch (of each fit)", ylabel="validation top-1 (%)", title="validation top-1 per epoch")
+    loss.set(xlabel="epoch (of each fit)", ylabel="loss (train: the fit's objective, distillation included)",
+             title="loss per epoch (solid train, dashed val)")
+    for ax in (acc, loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    _save(fig, Path(out) / TRAINING_CURVES)
+    return TRAINING_CURVES
+
+
 def _save(fig: Any, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-PLOTS = {"accuracy_vs_latency.png": accuracy_vs_latency, "firing_rates.png": firing_rates,
-         "accuracy_vs_T.png": accuracy_vs_T}
+PLOTS = {registry.file("validate", "plot", plot=name): fn for name, fn in (
+    ("accuracy_vs_latency", accuracy_vs_latency), ("firing_rates", firing_rates), ("accuracy_vs_T", accuracy_vs_T))}
 
 
 def draw_all(doc: Mapping[str, Any], folder: Path) -> list[str]:
@@ -92,4 +139,5 @@ def draw_all(doc: Mapping[str, Any], folder: Path) -> list[str]:
     return [name for name, fn in PLOTS.items() if fn(doc, Path(folder) / name)]
 
 
-__all__ = ["PLOTS", "accuracy_vs_T", "accuracy_vs_latency", "draw_all", "firing_rates"]
+__all__ = ["PLOTS", "TRAINING_CURVES", "accuracy_vs_T", "accuracy_vs_latency", "draw_all", "draw_training_curves",
+           "firing_rates"]

@@ -5,11 +5,12 @@ Why versioned: dashboards and CI compare reports across runs and releases; a rea
 Bump ``SCHEMA_VERSION`` on any change that removes or renames a field or changes its unit;
 adding an optional field keeps the version.
 
-Schema version 2 (units in the names or stated here; 2 added the paired statistics, the
-total gate, tied top-1 counts and ``ships``)::
+Schema version 3 (units in the names or stated here; 2 added the paired statistics, the
+total gate, tied top-1 counts and ``ships``; 3 added the ``openvino`` backend and the required
+``executed`` field, which a version-2 reader would reject or misread)::
 
     {
-      "schema_version": 2,
+      "schema_version": 3,
       "run": str, "dataset": str, "num_classes": int, "test_images": int,
       "created": ISO-8601 str, "pipeline_version": str, "device": str,
       "settings": {"batch_sizes": [int], "warmup": int, "iterations": int, "threads": int|null,
@@ -18,7 +19,7 @@ total gate, tied top-1 counts and ``ships``)::
       "energy_model": {"e_mac_pj": float, "e_ac_pj": float, "e_mul_pj": float, "convention": str,
                        "excluded": [str]},                 # what the estimate leaves out
       "rows": [{
-          "artifact": str, "stage": str, "backend": "torch"|"onnxruntime"|"tensorrt",
+          "artifact": str, "stage": str, "backend": "torch"|"onnxruntime"|"openvino"|"tensorrt",
           "precision": "fp32"|"fp16"|"int8", "T": int|null,
           "status": "ok" | "skipped: <reason>" | "error: <message>",
           "size_mb": float|null, "n": int,                 # test images scored
@@ -38,6 +39,7 @@ total gate, tied top-1 counts and ``ships``)::
           "firing_rates": {neuron: float} | null, "mean_firing_rate": float|null,
           "parent": str|null, "notes": [str],
           "ships": bool,                                   # a deployable graph: also total-gated
+          "executed": EXECUTED | null,                     # what the runtime really ran (null: not measured)
           "gate": CHECK | null,                            # vs the parent (or baseline, gate_reference)
           "total_gate": CHECK | null                       # ships only: vs the baseline, gates.total
       }],
@@ -52,12 +54,18 @@ total gate, tied top-1 counts and ``ships``)::
              "drop": float|null, "passed": bool|null, "stats": STATS|null}   # passed null: skipped row
     STATS = {"delta": float, "ci95": [float, float], "p_value": float, "significant": bool,
              "only_row": int, "only_reference": int, "n": int}      # see pipeline.report.stats
+    EXECUTED = {"int8_ops": int, "ops": int,          # convs + matmuls/gemms on integer kernels / all
+                "int8_convs": int, "convs": int,
+                "int8_mac_share": float|null,         # share of convolution MACs on integer kernels
+                "conv_macs": float|null, "int8_conv_macs": float|null,   # per image and time step
+                "kernels": {str: int}, "source": str, # kernel histogram; how it was read
+                "float_reason": str|null, ...}        # see pipeline.runtime.executed
 """
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 ROW_FIELDS: dict[str, tuple[type, ...]] = {
     "artifact": (str,), "stage": (str,), "backend": (str,), "precision": (str,), "T": (int, type(None)),
@@ -67,7 +75,7 @@ ROW_FIELDS: dict[str, tuple[type, ...]] = {
     "benchmarks": (list,), "energy": (dict, type(None)), "firing_rates": (dict, type(None)),
     "mean_firing_rate": (float, int, type(None)), "parent": (str, type(None)), "notes": (list,),
     "gate": (dict, type(None)), "total_gate": (dict, type(None)), "delta_stats": (dict, type(None)),
-    "tied_top1": (int, type(None)), "ships": (bool,),
+    "tied_top1": (int, type(None)), "ships": (bool,), "executed": (dict, type(None)),
 }
 TOP_FIELDS: dict[str, tuple[type, ...]] = {
     "schema_version": (int,), "run": (str,), "dataset": (str,), "num_classes": (int,), "test_images": (int,),
@@ -77,7 +85,8 @@ TOP_FIELDS: dict[str, tuple[type, ...]] = {
 }
 GATE_FIELDS = ("name", "max_drop", "reference", "reference_top1", "drop", "passed", "stats")
 STATS_FIELDS = ("delta", "ci95", "p_value", "significant", "only_row", "only_reference", "n")
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+EXECUTED_FIELDS = ("int8_ops", "ops", "int8_mac_share", "kernels", "source")
 STATUS_PREFIXES = ("ok", "skipped", "error")
 
 
@@ -90,7 +99,7 @@ def build_report(rows: Sequence[Mapping[str, Any]], *, run: str, dataset: str, n
                  created: str, pipeline_version: str, device: str, settings: Mapping[str, Any], baseline: str,
                  energy_model: Mapping[str, Any], parity: Mapping[str, Any], failed: Sequence[str],
                  plots: Sequence[str]) -> dict[str, Any]:
-    """The report.json document (schema version 2) from measured, gated rows."""
+    """The report.json document (schema version 3) from measured, gated rows."""
     base = next((r for r in rows if r["artifact"] == baseline), None)
     return {
         "schema_version": SCHEMA_VERSION, "run": run, "dataset": dataset, "num_classes": int(num_classes),
@@ -127,6 +136,8 @@ def validate_report(doc: Mapping[str, Any]) -> list[str]:
                     errs.append(f"{where}: {field} lacks {', '.join(missing)}")
                 elif isinstance(check["stats"], dict):
                     errs += _missing(check["stats"], STATS_FIELDS, f"{where}: {field}.stats")
+        if isinstance(row.get("executed"), dict):
+            errs += _missing(row["executed"], EXECUTED_FIELDS, f"{where}: executed")
         if isinstance(row.get("delta_stats"), dict):
             errs += _missing(row["delta_stats"], STATS_FIELDS, f"{where}: delta_stats")
         lat = row.get("latency")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-COLUMNS = ("artifact", "backend", "precision", "T", "status", "size MB", "top-1 %", "top-5 %", "tied top-1",
+COLUMNS = ("artifact", "backend", "precision", "int8 ops executed", "int8 MACs %", "T", "status", "size MB",
+           "top-1 %", "top-5 %", "tied top-1",
            "delta [95% CI]", "agreement %", "p50 ms (b{b1})", "p95 ms (b{b1})", "img/s (b{bn})", "energy µJ/img*",
            "gate (step)", "gate (total)")
 
@@ -45,16 +46,41 @@ def _gate(check: Mapping[str, Any] | None, empty: str = "-") -> str:
     return f"{mark} ({g['name']}: drop {g['drop']:.2f} {op} {g['max_drop']:g} vs {g['reference']}{sig})"
 
 
+def fake_quant(row: Mapping[str, Any]) -> str | None:
+    """Why an "int8" row ran its convolutions in float (its runtime's own words), or None.
+
+    Decided from the executed graph only (``executed.int8_convs == 0``), never from the name.
+    """
+    ex = row.get("executed")
+    if row.get("precision") != "int8" or not isinstance(ex, Mapping):
+        return None
+    integer = ex.get("int8_convs", ex.get("int8_ops"))
+    if integer != 0 or not ex.get("convs", ex.get("ops")):
+        return None
+    return ex.get("float_reason") or "every convolution ran on a float kernel"
+
+
+def _executed_cells(row: Mapping[str, Any]) -> list[str]:
+    """``k/n`` ops on integer kernels and the share of conv MACs on them (``-``: not measured)."""
+    ex = row.get("executed")
+    if not isinstance(ex, Mapping):
+        return ["-", "-"]
+    share = ex.get("int8_mac_share")
+    return [f"{ex['int8_ops']}/{ex['ops']}", "-" if share is None else f"{100 * share:.1f}"]
+
+
 def _row_cells(row: Mapping[str, Any], baseline: str) -> list[str]:
     lat, thr, en = row.get("latency") or {}, row.get("throughput") or {}, row.get("energy") or {}
     status = row["status"] if len(row["status"]) < 90 else row["status"][:87] + "..."
     energy = _f(en.get("energy_uj"), 3) if en else "-"
     if en and en.get("source") not in (None, row["artifact"]):
         energy += "†"
-    name = row["artifact"] + (f" ({', '.join(row['notes'])})" if row.get("notes") else "")
+    notes = list(row.get("notes") or []) + (["**fake-quant**"] if fake_quant(row) else [])
+    name = row["artifact"] + (f" ({', '.join(notes)})" if notes else "")
     ties = "-" if row.get("tied_top1") is None else str(row["tied_top1"])
     step = _gate(row.get("gate"), "baseline" if row["artifact"] == baseline else "-")
-    return [name, row["backend"], row["precision"], "-" if row["T"] is None else str(row["T"]), status,
+    return [name, row["backend"], row["precision"], *_executed_cells(row), "-" if row["T"] is None else str(row["T"]),
+            status,
             _f(row.get("size_mb")), _f(row.get("top1")), _f(row.get("top5")), ties, _delta(row),
             _f(row.get("agreement"), 1), _f(lat.get("p50_ms"), 3), _f(lat.get("p95_ms"), 3),
             _f(thr.get("images_per_s"), 1), energy, step, _gate(row.get("total_gate"))]
@@ -67,7 +93,7 @@ def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
 
 
 def render(doc: Mapping[str, Any]) -> str:
-    """The markdown report for a report.json document (schema version 2)."""
+    """The markdown report for a report.json document (schema version 3)."""
     s = doc["settings"]
     sizes = s.get("batch_sizes") or [1]
     header = [c.format(b1=min(sizes), bn=max(sizes)) for c in COLUMNS]
@@ -85,6 +111,7 @@ def render(doc: Mapping[str, Any]) -> str:
              "*delta*: top-1 points vs the baseline with a 95% interval from the paired predictions on the same "
              "images; `~` marks a delta within noise (exact McNemar p ≥ 0.05): neither a gain nor a loss.", ""]
     lines += _table(header, [_row_cells(r, doc["baseline"]["artifact"]) for r in doc["rows"]])
+    lines += executed_note(doc)
     g = doc["gates"]
     lines += ["", f"**Gates: {'all passed' if g['passed'] else 'FAILED'}**"]
     lines += [f"- {msg}" for msg in g["failed"]]
@@ -95,6 +122,22 @@ def render(doc: Mapping[str, Any]) -> str:
     if doc.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in doc["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def executed_note(doc: Mapping[str, Any]) -> list[str]:
+    """What the two executed-precision columns mean, and why each fake-quant row ran in float."""
+    lines = ["", "*int8 ops executed*: convolutions and matmuls/gemms the runtime ran on integer (u8/i8) kernels, of "
+             "all it ran, read from the runtime's own executed graph (OpenVINO's runtime model, ONNX Runtime's "
+             "optimised graph, TensorRT's engine inspector; torch counts its conv/linear modules), never from the "
+             "file name. *int8 MACs %*: share of the convolution multiply-accumulates that ran on integer kernels. "
+             "An int8 row whose convolutions all ran in float is labelled **fake-quant**: its INT8 is simulated "
+             "(quantise -> dequantise -> float op), so its accuracy is the INT8 model's but its speed is not "
+             "INT8 speed."]
+    fakes = [(r, fake_quant(r)) for r in doc["rows"]]
+    fakes = [(r, why) for r, why in fakes if why]
+    if fakes:
+        lines += ["", "Fake-quant rows:"] + [f"- `{r['artifact']}` ({r['backend']}): {why}." for r, why in fakes]
+    return lines
 
 
 def energy_note(doc: Mapping[str, Any]) -> list[str]:
@@ -175,4 +218,4 @@ def _g(value: Any) -> str:
     return "-" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-__all__ = ["energy_note", "render"]
+__all__ = ["energy_note", "executed_note", "fake_quant", "render"]

@@ -6,6 +6,9 @@ In the bundle this package is ``staa_runtime``::
     python3 -m staa_runtime build                        # every engine listed in bundle.json
     python3 -m staa_runtime predict model_int8.engine    # accuracy on sample_inputs.npz
     python3 -m staa_runtime bench model_int8.engine --batch 1
+    python3 -m staa_runtime bench model_int8.onnx --backend openvino     # Intel CPU, real INT8 kernels
+    python3 -m staa_runtime executed model_int8.onnx --backend openvino  # which convs ran in int8
+    python3 -m staa_runtime openvino-adapt model_int8.onnx -o model_int8_ov.onnx  # for benchmark_app (needs onnx)
 """
 from __future__ import annotations
 
@@ -16,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import BACKENDS, get_backend, load_runner
+from .backends import BACKENDS, GRAPH_BACKENDS, get_backend, load_runner
 from .base import BENCH_DEFAULTS, Runner, benchmark
-from .trt_build import EngineSpec
+from .trt_build import BuildRequest, EngineSpec
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,16 +41,20 @@ def _existing(path: str | Path, what: str, fix: str) -> Path:
     return p
 
 
-def _open_runner(model: str) -> Runner:
-    """A runner for ``model``, or a UsageError that says why it cannot run here."""
+def _open_runner(model: str, backend: str | None = None) -> Runner:
+    """A runner for ``model`` (``backend``: onnxruntime or openvino for .onnx), or a UsageError that says why
+    it cannot run here."""
     path = _existing(model, "model", "pass an .onnx or .engine file of this bundle (ls *.onnx *.engine)")
     if path.suffix not in (".onnx", ".engine", ".plan", ".trt"):
         raise UsageError(f"no runner for {path.name}: expected .onnx or .engine")
-    if path.suffix != ".onnx":
-        ok, reason = get_backend("tensorrt").is_available()
-        if not ok:
-            raise UsageError(f"cannot run {path.name} here: {reason}")
-    return load_runner(path)
+    name = backend or ("onnxruntime" if path.suffix == ".onnx" else "tensorrt")
+    if (path.suffix == ".onnx") != (name in GRAPH_BACKENDS):
+        raise UsageError(f"--backend {name} cannot run {path.name}: .onnx runs on {' or '.join(GRAPH_BACKENDS)}, "
+                         f".engine on tensorrt")
+    ok, reason = get_backend(name).is_available()
+    if not ok:
+        raise UsageError(f"cannot run {path.name} here: {reason}")
+    return load_runner(path, backend=name)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -66,7 +73,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     ok, reason = backend.is_available()
     if not ok:
         raise UsageError(f"cannot build engines here: {reason}")
-    results = backend.build(specs, folder, verbose=args.verbose)
+    results = backend.build(BuildRequest(folder, tuple(specs), verbose=args.verbose))
     print(json.dumps(results, indent=2))
     return 1 if any("error" in r for r in results.values()) else 0
 
@@ -74,10 +81,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     samples = np.load(_existing(args.samples, "samples", "pass --samples sample_inputs.npz (in the bundle folder)"))
     x, y = samples["x"], samples["y"]
-    with _open_runner(args.model) as runner:
+    with _open_runner(args.model, args.backend) as runner:
         logits = runner.predict_all(x, args.batch)
     pred = logits.argmax(1)
-    report = {"model": args.model, "n": int(len(y)), "top1": float((pred == y).mean() * 100)}
+    report = {"model": args.model, "backend": runner.name, "n": int(len(y)),
+              "top1": float((pred == y).mean() * 100)}
     if "logits" in samples:
         ref = samples["logits"]
         report["agreement_with_float"] = float((pred == ref.argmax(1)).mean() * 100)
@@ -88,10 +96,43 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     threads = None if args.threads == 0 else args.threads
-    with _open_runner(args.model) as runner:
+    with _open_runner(args.model, args.backend) as runner:
         print(json.dumps(benchmark(runner, args.batch, args.warmup, args.iters, threads,
                                    min_seconds=args.min_seconds), indent=2))
     return 0
+
+
+def cmd_executed(args: argparse.Namespace) -> int:
+    """The precision the runtime really executed (int8 ops k/n, conv MAC share, kernels), as the report counts it."""
+    with _open_runner(args.model, args.backend) as runner:
+        info = runner.executed_precision()
+        print(json.dumps({"model": args.model, **runner.describe(), "executed": info}, indent=2))
+    return 0
+
+
+def cmd_openvino_adapt(args: argparse.Namespace) -> int:
+    """Write the Q/DQ graph OpenVINO computes exactly (what the openvino runner compiles) for other tools."""
+    src = _existing(args.model, "model", "pass the INT8 .onnx file (e.g. model_int8.onnx)")
+    out = Path(args.output) if args.output else src.with_name(f"{src.stem}_ov.onnx")
+    if out.resolve() == src.resolve():
+        raise UsageError(f"-o {out} is the input file: the input stays TensorRT's graph; write the adapted one "
+                         f"elsewhere")
+    try:
+        from .openvino_qdq import adapt_file
+    except ImportError as exc:
+        raise UsageError(f"adapting needs onnx ({exc}): python3 -m pip install onnx") from exc
+    counts = adapt_file(str(src), str(out))
+    if not counts.adapted:
+        print(f"staa_runtime openvino-adapt: note: {src.name} has no activation Q/DQ pair to adapt "
+              f"(an FP32 graph?); {out.name} is the same graph", file=sys.stderr)
+    print(json.dumps({"model": str(src), "output": str(out), **counts.to_dict()}, indent=2))
+    return 0
+
+
+def _backend_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default=None,
+                        help="runtime for the model (default: onnxruntime for .onnx, tensorrt for .engine; "
+                             "openvino runs .onnx on Intel CPUs with real INT8 kernels)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("model", help=".onnx or .engine")
     pr.add_argument("--samples", default=str(HERE.parent / "sample_inputs.npz"))
     pr.add_argument("--batch", type=int, default=32)
+    _backend_arg(pr)
     pr.set_defaults(fn=cmd_predict)
     be = sub.add_parser("bench", help="latency (p50/p95/p99, min, max, std) and throughput; defaults = the report's")
     be.add_argument("model")
@@ -118,7 +160,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="and at least this long (seconds)")
     be.add_argument("--threads", type=int, default=BENCH_DEFAULTS["threads"],
                     help="CPU threads while timing, as in the report (0: the runtime's default)")
+    _backend_arg(be)
     be.set_defaults(fn=cmd_bench)
+    ex = sub.add_parser("executed", help="which convolutions/matmuls the runtime ran on int8 kernels (k/n, MAC share)")
+    ex.add_argument("model", help=".onnx or .engine")
+    _backend_arg(ex)
+    ex.set_defaults(fn=cmd_executed)
+    oa = sub.add_parser("openvino-adapt", help="write the INT8 graph adapted for OpenVINO (what --backend openvino "
+                                               "compiles; for benchmark_app and other OpenVINO tools; needs onnx)")
+    oa.add_argument("model", help="the INT8 .onnx file")
+    oa.add_argument("-o", "--output", help="adapted .onnx to write (default: <model>_ov.onnx next to it)")
+    oa.set_defaults(fn=cmd_openvino_adapt)
     args = p.parse_args(argv)
     try:
         return int(args.fn(args))

@@ -8,9 +8,10 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .base import Runner
+from .trt_build import BuildRequest, build_all
 
 
 def _version(dist: str) -> str | None:
@@ -79,6 +80,41 @@ class OnnxRuntimeBackend(Backend):
         return OrtRunner(model, **kwargs)
 
 
+class OpenVinoBackend(Backend):
+    """OpenVINO on an Intel CPU (iGPU/NPU through ``device=``): compiles the exported ONNX directly."""
+
+    name = "openvino"
+
+    def is_available(self) -> tuple[bool, str]:
+        from .openvino_runner import allocator_conflict
+
+        conflict = allocator_conflict()
+        if conflict:
+            return False, conflict
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            return False, f"openvino is not installed ({exc}); pip install openvino (x86-64 or ARM64 CPU)"
+        try:
+            devices = ov.Core().available_devices
+        except Exception as exc:  # a broken plugin install is a state to report, not a crash
+            return False, f"openvino {ov.get_version()} is installed but cannot list devices ({exc})"
+        return True, f"openvino {ov.get_version()} ({', '.join(devices)})"
+
+    def check_env(self) -> dict[str, Any]:
+        env = super().check_env()
+        env["openvino"] = _version("openvino")
+        return env
+
+    def build(self, onnx_path: Path) -> Path:
+        return Path(onnx_path)  # compiled when the runner loads it
+
+    def runner(self, model: Any, **kwargs: Any) -> Runner:
+        from .openvino_runner import OpenVinoRunner
+
+        return OpenVinoRunner(model, **kwargs)
+
+
 class TensorRTBackend(Backend):
     """TensorRT 10 through its Python API; needs the ``tensorrt`` package and a CUDA GPU."""
 
@@ -104,10 +140,9 @@ class TensorRTBackend(Backend):
                     "torch": _version("torch")})
         return env
 
-    def build(self, specs: Sequence[Any], folder: Path, verbose: bool = False) -> dict[str, Any]:
-        from .trt_build import build_all
-
-        return build_all(Path(folder), list(specs), verbose)
+    def build(self, request: BuildRequest) -> dict[str, Any]:
+        """Build ``request``'s engines in its folder: ``{engine name: result or {"error": ...}}``."""
+        return build_all(request)
 
     def runner(self, model: Any, **kwargs: Any) -> Runner:
         from .trt_runner import TrtRunner
@@ -126,7 +161,9 @@ def _cuda_device() -> tuple[bool, str]:
     return True, torch.cuda.get_device_name(0)
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (TorchBackend(), OnnxRuntimeBackend(), TensorRTBackend())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (TorchBackend(), OnnxRuntimeBackend(), OpenVinoBackend(),
+                                                     TensorRTBackend())}
+GRAPH_BACKENDS = ("onnxruntime", "openvino")  # what can run an .onnx file
 
 
 def get_backend(name: str) -> Backend:
@@ -136,14 +173,22 @@ def get_backend(name: str) -> Backend:
         raise KeyError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}") from None
 
 
-def load_runner(path: Path | str, **kwargs: Any) -> Runner:
-    """A runner for a file, chosen by suffix: ``.onnx`` -> ONNX Runtime, ``.engine``/``.plan`` -> TensorRT."""
+def load_runner(path: Path | str, backend: str | None = None, **kwargs: Any) -> Runner:
+    """A runner for a file, chosen by suffix: ``.onnx`` -> ONNX Runtime (``backend="openvino"``: OpenVINO),
+    ``.engine``/``.plan`` -> TensorRT. An unavailable backend raises RuntimeError with the reason."""
     path = Path(path)
     if path.suffix == ".onnx":
-        return get_backend("onnxruntime").runner(path, **kwargs)
-    if path.suffix in (".engine", ".plan", ".trt"):
-        ok, reason = get_backend("tensorrt").is_available()
-        if not ok:
-            raise RuntimeError(f"cannot run {path.name}: {reason}")
-        return get_backend("tensorrt").runner(path, **kwargs)
-    raise ValueError(f"no runner for {path.name}: expected .onnx or .engine")
+        name = backend or "onnxruntime"
+        if name not in GRAPH_BACKENDS:
+            raise ValueError(f"{path.name} is an ONNX graph: backend must be one of {', '.join(GRAPH_BACKENDS)}, "
+                             f"got {name!r}")
+    elif path.suffix in (".engine", ".plan", ".trt"):
+        name = backend or "tensorrt"
+        if name != "tensorrt":
+            raise ValueError(f"{path.name} is a TensorRT engine: only backend 'tensorrt' runs it, got {name!r}")
+    else:
+        raise ValueError(f"no runner for {path.name}: expected .onnx or .engine")
+    ok, reason = get_backend(name).is_available()
+    if not ok:
+        raise RuntimeError(f"cannot run {path.name}: {reason}")
+    return get_backend(name).runner(path, **kwargs)

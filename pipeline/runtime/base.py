@@ -20,7 +20,7 @@ import numpy as np
 class Runner(abc.ABC):
     """A loaded model behind a numpy interface.
 
-    Attributes: ``name`` (backend: "torch", "onnxruntime", "tensorrt"), ``precision``
+    Attributes: ``name`` (backend: "torch", "onnxruntime", "openvino", "tensorrt"), ``precision``
     ("fp32", "fp16", "int8"), ``input_names`` / ``output_names``, ``input_shape`` (of the first
     input; ``None`` marks the dynamic batch axis).
     """
@@ -55,6 +55,11 @@ class Runner(abc.ABC):
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "precision": self.precision, "input_shape": list(self.input_shape),
                 "inputs": list(self.input_names), "outputs": list(self.output_names)}
+
+    def executed_precision(self) -> dict[str, Any] | None:
+        """What the runtime really executed: convolutions and matmuls by kernel precision, read from
+        its own executed graph (see :mod:`.executed` for the keys); ``None`` where a backend cannot say."""
+        return None
 
     def close(self) -> None:
         """Release the model (sessions, CUDA contexts)."""

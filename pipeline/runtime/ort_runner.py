@@ -11,11 +11,15 @@ Pass ``disabled_optimizers=()`` to measure ONNX Runtime with all its defaults.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from .base import Runner
+from .executed import onnxruntime_executed
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 
 def _precision_from_metadata(session: object) -> str:
@@ -51,7 +55,8 @@ class OrtRunner(Runner):
         self._open(threads)
         self.precision = precision or _precision_from_metadata(self.session)
 
-    def _open(self, threads: int | None) -> None:
+    def session_options(self, threads: int | None = None) -> "ort.SessionOptions":
+        """The options every session of this runner is built with (the executed-precision count reuses them)."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -64,8 +69,13 @@ class OrtRunner(Runner):
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=self.providers,
-                                            disabled_optimizers=self.disabled_optimizers)
+        return opts
+
+    def _open(self, threads: int | None) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(self.path), sess_options=self.session_options(threads),
+                                            providers=self.providers, disabled_optimizers=self.disabled_optimizers)
         self.threads = threads
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -79,6 +89,32 @@ class OrtRunner(Runner):
     def set_threads(self, threads: int | None) -> None:
         if threads and threads != self.threads:
             self._open(threads)
+
+    def executed_precision(self, compare_defaults: bool | None = None) -> dict[str, Any]:
+        """Convolutions and matmuls by kernel precision in the graph this runner's session runs.
+
+        ``compare_defaults`` (default: for int8 rows with disabled optimisers) also counts the graph
+        ONNX Runtime would run with all its defaults, so the report can say what the disabled
+        fusion would have changed (``ort_defaults``).
+        """
+        disabled = tuple(self.disabled_optimizers)
+        got = onnxruntime_executed(self.path, lambda: self.session_options(self.threads), self.providers, disabled)
+        if compare_defaults is None:
+            compare_defaults = bool(disabled) and self.precision == "int8"
+        if compare_defaults and disabled:
+            alt = onnxruntime_executed(self.path, lambda: self.session_options(self.threads), self.providers, ())
+            got["ort_defaults"] = {k: alt[k] for k in ("int8_ops", "ops", "int8_convs", "convs", "int8_mac_share")}
+            if got["float_reason"] is not None:
+                got["float_reason"] += (f"; with ONNX Runtime's defaults {alt['int8_convs']}/{alt['convs']} convs "
+                                        f"would run on integer kernels")
+        return got
+
+    def describe(self) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        return dict(super().describe(), runtime=f"onnxruntime {ort.__version__}", providers=list(self.providers),
+                    threads=self.threads, optimization=self.optimization,
+                    disabled_optimizers=list(self.disabled_optimizers))
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]

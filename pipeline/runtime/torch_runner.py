@@ -6,6 +6,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .base import Runner
+from .executed import torch_executed
 from .precision import strict_fp32
 
 
@@ -40,3 +41,7 @@ class TorchRunner(Runner):
     def set_threads(self, threads: int | None) -> None:
         if threads:
             self._torch.set_num_threads(int(threads))
+
+    def executed_precision(self) -> dict[str, Any]:
+        """Float kernels by construction: QAT and unrolled INT8 modules are fake-quant in eager torch."""
+        return torch_executed(self.module, self.precision)

@@ -2,7 +2,8 @@
 
 One :class:`EngineSpec` describes an engine; the build stage writes them to ``bundle.json`` so
 that the device (``python3 -m staa_runtime build``) and the trtexec script build the very same
-engines. Recipes:
+engines. A :class:`BuildRequest` (the specs, the bundle folder, the log level) is what a build call
+takes. Recipes:
 
 - ``fp16``: weakly typed network, ``BuilderFlag.FP16``. With ``fp32_scopes`` every layer whose
   name falls in a neuron scope (membrane arithmetic, threshold compare) is pinned to FP32
@@ -77,6 +78,32 @@ class EngineSpec:
     def from_dict(cls, d: dict[str, Any]) -> "EngineSpec":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """One call to build engines: what :meth:`TensorRTBackend.build` takes, so that the build stage and
+    the device CLI (``python3 -m staa_runtime build``) ask for the very same thing.
+
+    ``engines`` carry everything per engine (ONNX file, precision, batch profile, workspace, FP32
+    scopes, timing cache name); ``folder`` is the bundle folder: the ONNX graphs are read from it and
+    the engines, build logs, layer information and the shared timing cache are written into it.
+    Every spec is checked when the request is made, before anything is built.
+    """
+
+    folder: Path
+    engines: tuple[EngineSpec, ...]
+    verbose: bool = False  # the builder log at VERBOSE instead of INFO
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folder", Path(self.folder))
+        object.__setattr__(self, "engines", tuple(self.engines))
+        names = [e.name for e in self.engines]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"engine names repeat in one build request: {', '.join(repeated)}")
+        for spec in self.engines:
+            spec.validate()
 
 
 class BuildError(RuntimeError):
@@ -187,12 +214,12 @@ def build_engine(spec: EngineSpec, folder: Path, verbose: bool = False) -> dict[
             "layer_info": spec.layer_info}
 
 
-def build_all(folder: Path, specs: Sequence[EngineSpec], verbose: bool = False) -> dict[str, dict[str, Any]]:
-    """Build every spec; one failure is recorded (with its message) and the others still build."""
+def build_all(request: BuildRequest) -> dict[str, dict[str, Any]]:
+    """Build every engine of ``request``; one failure is recorded (with its message) and the others still build."""
     results: dict[str, dict[str, Any]] = {}
-    for spec in specs:
+    for spec in request.engines:
         try:
-            results[spec.name] = build_engine(spec, folder, verbose)
+            results[spec.name] = build_engine(spec, request.folder, request.verbose)
         except Exception as exc:  # keep going: one bad graph must not hide the others' results
             results[spec.name] = {"error": f"{type(exc).__name__}: {exc}"}
     return results

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .base import Runner
+from .executed import tensorrt_executed
 
 
 class TrtRunner(Runner):
@@ -71,6 +72,23 @@ class TrtRunner(Runner):
                 raise RuntimeError(f"TensorRT execution failed for {self.path.name}")
         self.stream.synchronize()
         return {n: t.cpu().numpy() for n, t in outs.items()}
+
+    def executed_precision(self) -> dict[str, Any]:
+        """The engine's layers by precision, from TensorRT's engine inspector (JSON).
+
+        With the execution context attached the inspector reports the formats of this context's
+        shapes; the engine must have been built with ``ProfilingVerbosity.DETAILED`` (trt_build does).
+        """
+        inspector = self.engine.create_engine_inspector()
+        try:
+            inspector.execution_context = self.context
+        except (AttributeError, TypeError):  # older bindings name it differently: engine-wide info still works
+            pass
+        return tensorrt_executed(inspector.get_engine_information(self._trt.LayerInformationFormat.JSON))
+
+    def describe(self) -> dict[str, Any]:
+        return dict(super().describe(), runtime=f"tensorrt {self._trt.__version__}", device=str(self.device),
+                    engine=str(self.path))
 
     def close(self) -> None:
         self.context = None

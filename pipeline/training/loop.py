@@ -16,6 +16,7 @@ optimisers keep GradScaler's inf check on the GPU.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -26,16 +27,23 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from pipeline import registry
 from pipeline.checkpoint import model_payload, read_checkpoint, save_atomic
+from pipeline.console import LOG_ONLY
 from pipeline.console import progress as progress_bar
 from pipeline.distributed import any_rank, barrier
 from pipeline.precision import amp_dtype, autocast, device_type, needs_grad_scaler, training_precision
 from pipeline.training.evaluate import evaluate
+from pipeline.training.tb import tb_tag
 
 log = logging.getLogger("pipeline.train")
 
 StepLoss = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 CUDA_CHECK_EVERY = 50  # steps between non-finite checks on a GPU (each check is one host sync)
+CONSOLE_EPOCH_LINES = 3  # epoch lines a fit shows on the console: first, evenly spaced, last (the log has all)
+CONSOLE_HEARTBEAT_S = 600.0  # ... plus any epoch ending this long after the last one shown (long runs)
+# the checkpoints a fit keeps in its folder: the train stage's outputs (fine-tune folders use the same names)
+BEST, LAST = registry.file("train", "best"), registry.file("train", "last")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -59,6 +67,7 @@ class FitConfig:
     desc: str = "train"
     check_every: int | None = None  # steps between non-finite checks; None: 1 on the CPU, 50 on CUDA
     postfix_s: float = 2.0  # seconds between progress-postfix refreshes (each is one host sync)
+    console_lines: int = CONSOLE_EPOCH_LINES  # see on_console
 
 
 @dataclass
@@ -67,6 +76,16 @@ class FitState:
     best_top1: float = -1.0
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int | None = None
+    shown_at: float = field(default_factory=time.monotonic)  # when an epoch line last reached the console
+
+
+def on_console(epoch: int, epochs: int, lines: int = CONSOLE_EPOCH_LINES) -> bool:
+    """Whether epoch ``epoch`` (1-based) of ``epochs`` gets a console line: the first, the last and
+    every k-th so that about ``lines`` show (15 epochs: 1, 8, 15). Every epoch is in stage.log."""
+    if epoch in (1, epochs) or lines <= 0:
+        return lines > 0
+    step = math.ceil(epochs / max(lines - 1, 1))
+    return epoch % step == 0
 
 
 def seed_everything(seed: int) -> None:
@@ -161,15 +180,15 @@ def fit(model: torch.nn.Module, train_loader: DataLoader, val_loader: DataLoader
     dtype = amp_dtype(fc.device, fc.precision, fc.amp, fc.cpu_bf16)
     scaler = torch.amp.GradScaler(device_type(fc.device), enabled=needs_grad_scaler(fc.device, dtype))
     state = FitState()
-    last = ckpt_dir / "last.pt"
+    last = ckpt_dir / LAST
     bare = unwrap(model)
     if last.is_file():
         _resume(last, bare, optimizer, scheduler, scaler, state)
         if is_main:
             log.info("resumed from %s: %d of %d epochs already done", last, state.epoch, fc.epochs)
-    if is_main and state.epoch < fc.epochs:
+    if is_main and state.epoch < fc.epochs:  # worth a console line only when mixed precision is on
         log.info("%s on %s: autocast %s%s", fc.desc, fc.device, str(dtype).replace("torch.", "") if dtype else "off",
-                 ", GradScaler" if scaler.is_enabled() else "")
+                 ", GradScaler" if scaler.is_enabled() else "", extra=None if dtype else LOG_ONLY)
 
     with training_precision(fc.device):
         for epoch in range(state.epoch, fc.epochs):
@@ -253,30 +272,30 @@ def _end_of_epoch(bare: torch.nn.Module, row: dict[str, Any], state: FitState, f
                   optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
                   payload: Callable[[torch.nn.Module], dict[str, Any]], ckpt_dir: Path, writer: Any,
                   has_val: bool) -> None:
-    """Log the epoch, write TensorBoard scalars, ``best.pt`` (on improvement) and ``last.pt`` (rank 0)."""
-    log.info("%s epoch %d/%d: loss %.4f train %.2f%% %s(%.0f img/s)", fc.desc, row["epoch"], fc.epochs,
+    """Log the epoch (console: see :func:`on_console`), write TensorBoard scalars, ``best.pt`` (on
+    improvement) and ``last.pt`` (rank 0)."""
+    now = time.monotonic()
+    shown = on_console(row["epoch"], fc.epochs, fc.console_lines) or now - state.shown_at >= CONSOLE_HEARTBEAT_S
+    if shown:
+        state.shown_at = now
+    log.info("%s epoch %d/%d: loss %.4f train %.2f%% %s(%.0f img/s, %.1f s)", fc.desc, row["epoch"], fc.epochs,
              row["train_loss"], row["train_top1"], f"val {row['val_top1']:.2f}% " if "val_top1" in row else "",
-             row["images_per_s"])
+             row["images_per_s"], row["epoch_s"], extra=None if shown else LOG_ONLY)
     if writer is not None:
+        tag = tb_tag(fc.desc)
         for k, v in row.items():
             if k != "epoch":
-                writer.add_scalar(f"{fc.desc}/{k}", v, row["epoch"])
+                writer.add_scalar(f"{tag}/{k}", v, row["epoch"])
         writer.flush()
     improved = "val_top1" in row and row["val_top1"] > state.best_top1
     if improved or not has_val:
         state.best_top1 = row.get("val_top1", state.best_top1)
-        save_atomic(payload(bare) | {"epoch": row["epoch"], "val_top1": row.get("val_top1")}, ckpt_dir / "best.pt")
+        save_atomic(payload(bare) | {"epoch": row["epoch"], "val_top1": row.get("val_top1")}, ckpt_dir / BEST)
     save_atomic(payload(bare) | {
         "epoch": row["epoch"], "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict(), "best_top1": state.best_top1, "history": state.history,
-    }, ckpt_dir / "last.pt")
-
-
-def check_finite_params(model: torch.nn.Module) -> None:
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise NonFiniteLoss(f"non-finite weights in {bad[:5]}; lower the learning rate")
+    }, ckpt_dir / LAST)
 
 
 def total_steps(loader: DataLoader, epochs: int, max_batches: int | None) -> int:
@@ -285,4 +304,4 @@ def total_steps(loader: DataLoader, epochs: int, max_batches: int | None) -> int
 
 
 __all__ = ["fit", "FitConfig", "FitState", "NonFiniteLoss", "seed_everything", "total_steps", "model_payload",
-           "unwrap", "to_channels_last"]
+           "unwrap", "to_channels_last", "on_console"]

@@ -1,4 +1,4 @@
-"""Helpers for testing deployment code without a trained checkpoint (like ``torch.testing``).
+"""Models that fire, for testing deployment code without a trained checkpoint (like ``torch.testing``).
 
 A freshly initialised SNN barely fires past its first layers, so its logits are the classifier
 bias and every parity test would pass trivially. :func:`firing_model` calibrates BN on real
@@ -12,6 +12,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from pipeline.data import build_datasets
+from pipeline.models import build_model, set_tsrd_p
+
 
 @torch.no_grad()
 def firing_model(model_cfg: Mapping[str, Any], x: torch.Tensor, bias: float = 1.0, pe_std: float = 0.3,
@@ -23,8 +26,6 @@ def firing_model(model_cfg: Mapping[str, Any], x: torch.Tensor, bias: float = 1.
     is about ``N(bias, 1)``; position encodings get random values (``pe_std``) so that
     per-step constants matter.
     """
-    from pipeline.models import build_model, set_tsrd_p
-
     torch.manual_seed(seed)
     model = build_model(dict(model_cfg))
     set_tsrd_p(model, 0.0)
@@ -46,8 +47,6 @@ def firing_model(model_cfg: Mapping[str, Any], x: torch.Tensor, bias: float = 1.
 
 def real_images(dataset: str = "digits", n: int = 16, T: int = 2, **data: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """The first ``n`` test images (normalised, as the pipeline feeds them), labels and the bundle."""
-    from pipeline.data import build_datasets
-
     cfg = {"dataset": dataset, "limit_test": n, **data}
     if dataset == "digits":
         cfg.setdefault("image_size", 16)

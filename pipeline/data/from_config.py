@@ -1,15 +1,17 @@
-"""Glue the stages share: datasets, loaders and model configs built from one run config."""
+"""Datasets, loaders and model facts built from one run config: the data glue every stage shares.
+
+Why here: the stages (train, reduce_t, qat, unroll, export, validate) all read ``cfg["data"]``
+the same way; one module keeps their batch sizes, workers, seeds and limits identical.
+"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
-import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from pipeline.data import DataBundle, build_datasets, make_loader
-
-if TYPE_CHECKING:
-    from pipeline.runner import StageContext
+from .build import build_datasets
+from .bundle import DataBundle
+from .loader import make_loader
 
 
 def data_bundle(cfg: Mapping[str, Any], T: int | None = None) -> DataBundle:
@@ -32,6 +34,7 @@ def data_meta(bundle: DataBundle) -> dict[str, Any]:
 
 
 def train_loader(cfg: Mapping[str, Any], bundle: DataBundle, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """The shuffled training loader; under several processes each rank reads its own shard."""
     d = cfg["data"]
     if world_size > 1:
         sampler = DistributedSampler(bundle.train, num_replicas=world_size, rank=rank, shuffle=True,
@@ -42,26 +45,10 @@ def train_loader(cfg: Mapping[str, Any], bundle: DataBundle, rank: int = 0, worl
                        prefetch=d.get("prefetch"))
 
 
-def eval_loader(cfg: Mapping[str, Any], dataset: torch.utils.data.Dataset, limit: int | None = None) -> DataLoader:
+def eval_loader(cfg: Mapping[str, Any], dataset: Dataset, limit: int | None = None) -> DataLoader:
+    """An ordered evaluation loader over ``dataset`` (its first ``limit`` samples when given)."""
     if limit is not None and limit < len(dataset):
-        dataset = torch.utils.data.Subset(dataset, range(limit))
+        dataset = Subset(dataset, range(limit))
     d = cfg["data"]
     return make_loader(dataset, d["eval_batch_size"], train=False, workers=d["workers"], seed=cfg["seed"],
                        prefetch=d.get("prefetch"))
-
-
-def load_upstream_model(ctx: "StageContext", stage: str, file: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The common start of a fine-tuning stage: fix threads and seed, then load ``<stage>/<file>``
-    onto the stage's device; a damaged or foreign checkpoint becomes a StageError that names it."""
-    from pipeline.checkpoint import CheckpointError, load_model
-    from pipeline.runner import StageError
-    from pipeline.training.loop import seed_everything
-
-    if ctx.cfg["train"]["threads"]:
-        torch.set_num_threads(ctx.cfg["train"]["threads"])
-    seed_everything(ctx.cfg["seed"])
-    try:
-        model, ckpt = load_model(ctx.inputs[stage] / file)
-    except CheckpointError as exc:
-        raise StageError(str(exc)) from exc
-    return model.to(ctx.device), ckpt

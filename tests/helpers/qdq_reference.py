@@ -4,15 +4,20 @@ Why it exists: it is the exact Q/DQ form TensorRT's explicit quantisation wants 
 point 0, per-channel weight scales on axis 0, per-tensor activation scales), produced by plain
 torch ops that the ONNX exporter turns into QuantizeLinear/DequantizeLinear pairs. The INT8
 export, its ONNX Runtime parity and the static TensorRT check are tested on it without NNCF,
-and it is a reference to compare the QAT stage's export against.
+and it is a reference to compare the QAT stage's export against. The pipeline never produces
+it, so it lives with the tests and registers its rebuild recipe with ``pipeline.deploy.unroll``
+on import (an unrolled file of it then saves and loads like the QAT one).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from pipeline.deploy.unroll import register_int8_kind
+from pipeline.models import SeqConvBN
 
 QMIN, QMAX = -128, 127
 
@@ -46,8 +51,6 @@ def quantize_convs(model: nn.Module, calibration: Iterable[Tensor]) -> nn.Module
     Input scales are ``max|x| / 127`` over the calibration batches (a spike input gives 1/127,
     so 0/1 spikes stay exact). Returns ``model``.
     """
-    from pipeline.models import SeqConvBN
-
     convs = [m for m in model.modules() if isinstance(m, SeqConvBN)]
     peaks = {id(m): 0.0 for m in convs}
     hooks = [m.conv.register_forward_pre_hook(
@@ -61,3 +64,21 @@ def quantize_convs(model: nn.Module, calibration: Iterable[Tensor]) -> nn.Module
     for m in convs:
         m.conv = QDQConv2d(m.conv, max(peaks[id(m)], 1e-6) / QMAX)
     return model
+
+
+def _record(module: nn.Module) -> dict[str, Any] | None:
+    """What rebuilds ``module`` in ``pipeline.deploy.unroll``: the input scale of every wrapped conv."""
+    scales = {name: m.input_scale for name, m in module.named_modules() if isinstance(m, QDQConv2d)}
+    return {"input_scales": scales} if scales else None
+
+
+def _rebuild(model: nn.Module, record: dict[str, Any]) -> nn.Module:
+    """The reference Q/DQ structure: every recorded conv wrapped in a ``QDQConv2d`` with its input scale."""
+    for name, scale in record["input_scales"].items():
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, attr, QDQConv2d(getattr(owner, attr), float(scale)))
+    return model
+
+
+register_int8_kind("qdq_reference", _record, _rebuild)
