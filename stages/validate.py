@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline import __version__, registry
 from pipeline.artifacts import write_json_atomic
+from pipeline.console import LOG_ONLY
 from pipeline.data import data_bundle, eval_loader
 from pipeline.report import (BASELINE, CONVENTION, E_AC_PJ, E_MAC_PJ, E_MUL_PJ, EXCLUDED, Settings, apply_gates,
                              build_report, discover, inherit_energy, measure, render, upstream_parity,
@@ -50,7 +51,8 @@ def run(ctx: StageContext) -> StageResult:
                          f"re-run the {stage} stage (python -m pipeline.stage {stage} --force --config ...)")
     rows = []
     for art in artifacts:
-        ctx.log.info("[validate] %s (%s %s, T=%s)", art.name, art.backend, art.precision, art.T)
+        # one line per artifact in stage.log; the console gets the summary line below
+        ctx.log.info("[validate] %s (%s %s, T=%s)", art.name, art.backend, art.precision, art.T, extra=LOG_ONLY)
         rows.append(measure(art, loader_for(art.T), settings, ctx.log))
     if rows[0]["top1"] is None:
         raise StageError(f"the float baseline {BASELINE} could not be evaluated ({rows[0]['status']}); "
