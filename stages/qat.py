@@ -19,7 +19,9 @@ from pipeline.checkpoint import read_checkpoint, save_atomic
 from pipeline.compress.nncf_env import prepare_nncf_kernels
 from pipeline.compress.quantize import (QuantizeError, load_qat_model, nncf_config, qat_payload, quantize_model,
                                         quantizer_summary, restore_on)
+from pipeline.console import LOG_ONLY
 from pipeline.data import data_bundle, eval_loader
+from pipeline.deploy.parity import compare, torch_with_spikes
 from pipeline.runner import StageContext, StageError, StageResult
 from pipeline.training.evaluate import agreement, evaluate
 from pipeline.training.finetune import FineTune, fine_tune
@@ -76,11 +78,12 @@ def run(ctx: StageContext) -> StageResult:
     ctx.output("nncf_config").write_text(json.dumps(nncf_config(qmodel, plain=True), indent=1))
     # the deployment path: the reloaded, Q/DQ-exportable module must predict what the QAT model predicts
     exportable, _ = load_qat_model(ctx.output("qat"))
-    exp = evaluate(exportable.to(ctx.device), test, ctx.device, desc="test QAT (Q/DQ module)")
-    same = agreement(exp["preds"], qat["preds"])
+    exportable = exportable.to(ctx.device)
+    exp = evaluate(exportable, test, ctx.device, desc="test QAT (Q/DQ module)")
+    same = _qdq_module_agreement(ctx, qmodel, exportable, test)
     if same < 99.0:
-        raise StageError(f"the Q/DQ export module agrees with the QAT model on only {same:.2f}% of test images; "
-                         f"see pipeline/compress/qdq.py")
+        raise StageError(f"the Q/DQ export module agrees with the QAT model on only {same:.2f}% of test images "
+                         f"(ties excused); see pipeline/compress/qdq.py")
     for leftover in ("ptq.pt", "qat_fit"):  # the start point and resume state are not deliverables
         path = ctx.out / leftover
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -113,6 +116,27 @@ def _fine_tune(ctx: StageContext, qmodel: torch.nn.Module, bundle, mcfg: dict, m
 def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
     """NNCF's quantiser parameters and biases/gains (1-D) train without weight decay."""
     return "nncf" in name or p.dim() <= 1
+
+
+def _qdq_module_agreement(ctx: StageContext, qmodel: torch.nn.Module, exportable: torch.nn.Module,
+                          test: DataLoader) -> float:
+    """Top-1 agreement (%) of the exportable Q/DQ module with the QAT model, excusing near-ties.
+
+    Why not raw agreement: quantised logits tie often, and the two modules' logits differ by float
+    rounding (~1e-7), so a tied image's first-index top-1 may go either way (measured: 2 of 100
+    N-MNIST test images, every spike identical, logits within 2.4e-7). An image counts as a
+    disagreement only when the QAT model's top-2 margin exceeds twice ``export.max_abs_diff``.
+    """
+    def on_device(model: torch.nn.Module):
+        run = torch_with_spikes(model, membranes=False)
+        return lambda x: run(x.to(ctx.device))
+
+    rep = compare(on_device(qmodel.eval()), on_device(exportable), test,
+                  tie_tol=2 * ctx.cfg["export"]["max_abs_diff"], spikes=False)
+    ctx.log.info("Q/DQ module vs QAT model: %d test images, %d top-1 differences beyond ties (%d within), "
+                 "logits max |diff| %.3g", rep.n, rep.top1_mismatches_beyond_tol,
+                 rep.top1_mismatches - rep.top1_mismatches_beyond_tol, rep.max_abs_diff_all, extra=LOG_ONLY)
+    return 100.0 * (1 - rep.top1_mismatches_beyond_tol / max(rep.n, 1))
 
 
 def _table(T: int, float_top1: float, ptq_top1: float, qat_top1: float) -> str:
