@@ -27,9 +27,9 @@ install: .venv/.installed
 .venv/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv .venv
 	@echo "installing the pinned requirements into .venv (a few minutes the first time) ..."
-	$(PYTHON) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PYTHON) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
-	$(PYTHON) -m pip install -q --disable-pip-version-check --no-deps -e . > .venv/install-editable.log 2>&1 \
+	$(PYTHON) -m pip install -qq --disable-pip-version-check --upgrade pip
+	$(PYTHON) -m pip install -qq --disable-pip-version-check -r requirements-dev.txt
+	$(PYTHON) -m pip install -qq --disable-pip-version-check --no-deps -e . > .venv/install-editable.log 2>&1 \
 		|| (cat .venv/install-editable.log; exit 1)  # setuptools' editable-install banner: log only
 	touch $@
 
