@@ -21,7 +21,7 @@ from pipeline.compress.quantize import (QuantizeError, load_qat_model, nncf_conf
                                         quantizer_summary, restore_on)
 from pipeline.console import LOG_ONLY
 from pipeline.data import data_bundle, eval_loader
-from pipeline.deploy.parity import compare, torch_with_spikes
+from pipeline.deploy.parity import ParityReport
 from pipeline.runner import StageContext, StageError, StageResult
 from pipeline.training.evaluate import agreement, evaluate
 from pipeline.training.finetune import FineTune, fine_tune
@@ -68,7 +68,7 @@ def run(ctx: StageContext) -> StageResult:
     if q["epochs"] > 0:
         qmodel, history = _fine_tune(ctx, qmodel, bundle, mcfg, meta)
     write_history(ctx.out / HISTORY_FILE, history_rows(T, history))
-    qat = evaluate(qmodel, test, ctx.device, desc="test QAT")
+    qat = evaluate(qmodel, test, ctx.device, desc="test QAT", keep_logits=True)
     summary = quantizer_summary(qmodel)
     if summary["neuron_internal_quantizers"]:
         raise StageError(f"{summary['neuron_internal_quantizers']} quantisers ended up inside neurons; the ignored "
@@ -79,8 +79,8 @@ def run(ctx: StageContext) -> StageResult:
     # the deployment path: the reloaded, Q/DQ-exportable module must predict what the QAT model predicts
     exportable, _ = load_qat_model(ctx.output("qat"))
     exportable = exportable.to(ctx.device)
-    exp = evaluate(exportable, test, ctx.device, desc="test QAT (Q/DQ module)")
-    same = _qdq_module_agreement(ctx, qmodel, exportable, test)
+    exp = evaluate(exportable, test, ctx.device, desc="test QAT (Q/DQ module)", keep_logits=True)
+    same = _qdq_module_agreement(ctx, qat["logits"], exp["logits"])
     if same < 99.0:
         raise StageError(f"the Q/DQ export module agrees with the QAT model on only {same:.2f}% of test images "
                          f"(ties excused); see pipeline/compress/qdq.py")
@@ -118,21 +118,17 @@ def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
     return "nncf" in name or p.dim() <= 1
 
 
-def _qdq_module_agreement(ctx: StageContext, qmodel: torch.nn.Module, exportable: torch.nn.Module,
-                          test: DataLoader) -> float:
+def _qdq_module_agreement(ctx: StageContext, qat_logits: torch.Tensor, exp_logits: torch.Tensor) -> float:
     """Top-1 agreement (%) of the exportable Q/DQ module with the QAT model, excusing near-ties.
 
     Why not raw agreement: quantised logits tie often, and the two modules' logits differ by float
     rounding (~1e-7), so a tied image's first-index top-1 may go either way (measured: 2 of 100
     N-MNIST test images, every spike identical, logits within 2.4e-7). An image counts as a
     disagreement only when the QAT model's top-2 margin exceeds twice ``export.max_abs_diff``.
+    Reads the logits both test evaluations already kept: no extra pass over the test set.
     """
-    def on_device(model: torch.nn.Module):
-        run = torch_with_spikes(model, membranes=False)
-        return lambda x: run(x.to(ctx.device))
-
-    rep = compare(on_device(qmodel.eval()), on_device(exportable), test,
-                  tie_tol=2 * ctx.cfg["export"]["max_abs_diff"], spikes=False)
+    rep = ParityReport(tie_tol=2 * ctx.cfg["export"]["max_abs_diff"])
+    rep.update(qat_logits, exp_logits)
     ctx.log.info("Q/DQ module vs QAT model: %d test images, %d top-1 differences beyond ties (%d within), "
                  "logits max |diff| %.3g", rep.n, rep.top1_mismatches_beyond_tol,
                  rep.top1_mismatches - rep.top1_mismatches_beyond_tol, rep.max_abs_diff_all, extra=LOG_ONLY)
