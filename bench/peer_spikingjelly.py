@@ -141,6 +141,28 @@ def time_steps(model, opt, x, y, reset, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+# the ops both sides share (the same oneDNN convolutions and batch norms), by profiler name
+SHARED_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::native_batch_norm",
+              "aten::native_batch_norm_backward")
+
+
+def shared_op_share(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, reset, steps: int = 2) -> float:
+    """Fraction of a training step's CPU time spent in convolutions and batch norms (torch.profiler).
+
+    Why: those kernels are identical on both sides, so they bound what a faster neuron can give: with
+    ``share`` of our step in them, ours / theirs cannot exceed ``theirs_ms / (share * ours_ms)``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step_fn(model, opt, x, y, reset)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    shared = sum(e.self_cpu_time_total for e in events if e.key in SHARED_OPS)
+    return shared / total if total else float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--width", type=float, default=0.125)
@@ -191,6 +213,11 @@ def main() -> None:
     print(f"ratio ours / spikingjelly (images/s): {ips['ours'] / ips['spikingjelly']:.2f}x (target >= 1.5)")
     if "ours_staa" in ips:
         print(f"ratio all-STAA step / plain step (time): {ips['ours'] / ips['ours_staa']:.2f}x (target <= 1.25)")
+    share = shared_op_share(models["ours"], opts["ours"], x, y, None)
+    ours_ms, theirs_ms = statistics.median(per_step["ours"]), statistics.median(per_step["spikingjelly"])
+    print(f"convolutions + batch norms (the same kernels on both sides): {100 * share:.0f}% of our plain step; "
+          f"with a neuron that cost nothing, ours / spikingjelly could reach at most "
+          f"{theirs_ms / (share * ours_ms):.2f}x")
 
 
 if __name__ == "__main__":

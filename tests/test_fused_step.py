@@ -1,7 +1,7 @@
 """The fast training step computes what the per-step eager step computed.
 
 ``MultiStepLIF`` (one autograd node for the whole T loop, hand-written backward) and the batched STAA
-must fire bit-identical spikes and give the same gradients (1e-5 relative) as the straightforward
+must fire bit-identical spikes and give the same gradients (``GRAD_RTOL`` relative) as the straightforward
 implementation they replaced. That implementation is frozen here as a small functional reference (a
 Python loop over T through autograd, the earlier STAA forwards), run on the same modules' parameters,
 on a tiny STAA ResNet fed real digits images.
@@ -98,6 +98,12 @@ def ref_staalif(unit: STAALIF, x: Tensor) -> Tensor:
 
 
 # --- the comparison ------------------------------------------------------------------------
+# The neuron's backward is exact up to rounding (1e-5 relative held before the STAA training kernels);
+# GC's training kernels (staa.AttentionPool, the transform as linear layers) sum in another order than the
+# eval ops, and that float32 rounding is carried through the net: measured max 1.1e-5 relative (GC
+# transform bias, tanh-add-after). Exactness of those kernels is tested in float64 in test_staa_fast.py.
+GRAD_RTOL = 5e-5
+
 
 CASES = {
     "all-staa-alif-rect": {"neuron": {"kind": "alif"}, "staa": {}},
@@ -150,7 +156,7 @@ def test_fast_step_matches_the_per_step_reference(case, monkeypatch):
     for k, g in ref_grads.items():
         err = float((fast_grads[k] - g).abs().max())
         scale = float(g.abs().max())
-        assert err <= 1e-5 * scale + 1e-12, f"{k}: max |diff| {err:.3g} vs max |grad| {scale:.3g}"
+        assert err <= GRAD_RTOL * scale + 1e-12, f"{k}: max |diff| {err:.3g} vs max |grad| {scale:.3g}"
 
 
 def test_fused_neuron_handles_features_and_one_step():

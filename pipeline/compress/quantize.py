@@ -54,7 +54,8 @@ from pipeline.checkpoint import CheckpointError, read_checkpoint
 from pipeline.compress.nncf_env import prepare_nncf_kernels
 from pipeline.compress.qdq import to_qdq_module
 from pipeline.console import quiet_nncf
-from pipeline.models import STAALIF, SeqConvBN, build_model, fold_batchnorm, neuron_modules, set_tsrd_p
+from pipeline.models import (STAALIF, SeqConvBN, build_model, fold_batchnorm, neuron_modules, set_hand_backward,
+                             set_tsrd_p)
 
 QAT_FORMAT = "nncf-qat-v1"
 # NNCF gives its (cached) C++ fake-quant extension 60 s to load and then raises; on a loaded
@@ -128,6 +129,7 @@ def quantize_model(model: nn.Module, calibration: Iterable, n_batches: int, keep
 
     ensure_quant_kernels(device)
     model = copy.deepcopy(model).eval().to(device)
+    set_hand_backward(model, False)  # QAT trains the ops NNCF hooks (see set_hand_backward)
     if fold_bn:
         fold_batchnorm(model)
     set_tsrd_p(model, 0.0)
@@ -299,7 +301,7 @@ def restore_qat_model(ckpt: dict[str, Any]) -> nn.Module:
         raise CheckpointError(f"not a QAT checkpoint (format {ckpt.get('format')!r}, expected {QAT_FORMAT!r}); "
                               f"pass the qat stage's {registry.file('qat', 'qat')} (float checkpoints load with "
                               f"load_model)")
-    model = build_model(ckpt["model_cfg"]).eval()
+    model = set_hand_backward(build_model(ckpt["model_cfg"]).eval(), False)
     if ckpt.get("fold_bn"):
         fold_batchnorm(model)
     set_tsrd_p(model, 0.0)

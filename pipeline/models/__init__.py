@@ -9,13 +9,14 @@ from .neurons import LIF, AdaptiveLIF, BaseLIF, make_neuron, neuron_modules, set
 from .probes import record_firing_rates, record_spikes
 from .resnet import ARCHS
 from .spec import ModelSpec, NeuronSpec, STAASpec, resolve_model_cfg
-from .staa import PE_MODES, STAA, STAALIF, GlobalContext, PositionEncoding, StepAttention, set_tsrd_p
+from .staa import (PE_MODES, STAA, STAALIF, GlobalContext, PositionEncoding, StepAttention, set_hand_backward,
+                   set_tsrd_p)
 
 __all__ = [
     "ARCHS", "LIF", "PE_MODES", "STAA", "STAALIF", "AdaptiveLIF", "BaseLIF", "GlobalContext", "ModelSpec",
     "NeuronSpec", "PositionEncoding", "STAASpec", "SeqConvBN", "SeqModule", "SpikingNet", "StepAttention",
     "build_model", "fold_batchnorm", "make_neuron", "merge_time", "neuron_modules", "record_firing_rates",
-    "record_spikes", "resolve_model_cfg", "set_inference_mode", "set_tsrd_p", "split_time",
+    "record_spikes", "resolve_model_cfg", "set_hand_backward", "set_inference_mode", "set_tsrd_p", "split_time",
 ]
 
 

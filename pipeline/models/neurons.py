@@ -96,7 +96,7 @@ class MultiStepLIF(torch.autograd.Function):
         sg = SURROGATES[ctx.surrogate]((h - ctx.v_th).to(grad_s.dtype), ctx.param)
         rest = float_mask(torch.lt, h, ctx.v_th)  # 1 - S
         gh = grad_s * sg  # a_t, turned into dL/dH_t in place below
-        b = rest.to(sg.dtype) - h * sg
+        b = torch.addcmul(rest.to(sg.dtype), h, sg, value=-1.0)  # (1 - S) - h sg in one pass
         for t in range(h.shape[0] - 2, -1, -1):
             gh[t].addcmul_(gh[t + 1] * m, b[t])
         reduce = [d for d in range(h.dim()) if d != 2]
@@ -106,7 +106,9 @@ class MultiStepLIF(torch.autograd.Function):
             g_decay = (gh[1:] * u[:-1]).sum(reduce)
         if ctx.needs_input_grad[2]:
             g_gain = (gh * x).sum(reduce)
-        gx = gh * n if ctx.needs_input_grad[0] else None
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = gh if isinstance(n, float) and n == 1.0 else gh * n  # N = 1 (the plain LIF): no pass
         return gx, g_decay, g_gain, None, None, None
 
 

@@ -16,6 +16,13 @@ Parts (docs/architecture.md §4), each switchable by config:
 
 ``STAALIF`` = optional ``STAA`` (attribute ``staa``) + the neuron (attribute ``lif``).
 
+Training kernels: when a gradient is wanted, GC pools through ``AttentionPool`` and runs its transform as
+linear layers, and SA pools through ``SpatialMean`` (hand-written backward, same maths; tests/test_staa_fast.py).
+Evaluation, tracing, export and quantisation see the eval ops (1x1 convs, softmax, matmul, mean), and
+``set_hand_backward(model, False)`` keeps a quantiser-wrapped model on them in training too. Measured on the
+CPU (width 1/8, T=4, batch 16, one thread, ``bench/peer_spikingjelly.py``): the all-STAA step went from 1.69x
+to 1.38x the plain-LIF step (docs/bench-runs/2026-12-01-cpu/train_step.txt).
+
 Changing T (``set_time_steps``): PE is resampled along T (``resample_time``). SA's two
 Linear layers act on the T axis; they are resampled too, not re-initialised: the hidden width
 is kept, fc1's input columns and fc2's output rows / bias are resampled with the same mode,
@@ -38,6 +45,7 @@ Choices made here (implementation details the paper does not fix):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import merge_time, split_time
@@ -110,34 +118,74 @@ class PositionEncoding(nn.Module):
         self.pe = nn.Parameter(resample_time(self.pe.detach(), 0, T_new, mode))
 
 
-class WeightedSum(torch.autograd.Function):
-    """GC's context ``f [N, C, HW] @ w [N, HW, 1]``: the same batched matmul forward (same bits), a
-    cheaper backward.
+class AttentionPool(torch.autograd.Function):
+    """GC's context in training: ``softmax_P(a . f) f``, ``f [N, C, P]``, ``a [C]`` -> ``[N, C]``, backward by hand.
 
-    Autograd's backward of that matmul is two more batched matmuls, and ``f^T @ g`` (``[N, HW, C] @
-    [N, C, 1]``) was the slowest op of the STAA training step on the CPU (about 4x a broadcast multiply
-    and sum). Here: ``dL/df = g w^T`` as a broadcast product (exact: one product per entry, as the
-    matmul), ``dL/dw = sum_C f g`` (equal up to float summation order).
+    Why: the eval path (a 1x1 conv C->1, softmax, a batched matmul) is the graph NNCF and the exporters see,
+    but on the CPU its training cost was most of GC's: the conv's backward and the ``[C, P] @ [P, 1]``
+    matmul are small-matrix kernels (measured 5-6x a broadcast multiply and sum of the same size, one
+    thread). Here the logits are ``a @ f`` (one ``[1, C] @ [C, P]`` product per sample), the weighted sum a
+    broadcast product and sum; backward, with ``w = softmax(l)`` and ``g = dL/dctx``::
+
+        dL/dw = g @ f,   dL/dl = w (dL/dw - <w, dL/dw>),   dL/df = g w^T + a dL/dl^T,   dL/da = sum f dL/dl
+
+    Equal to autograd through the eval ops up to float summation order (tests/test_staa_fast.py).
     """
 
     @staticmethod
-    def forward(ctx, f: Tensor, w: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(f, w)
-        return torch.matmul(f, w)
+    def forward(ctx, f: Tensor, a: Tensor) -> Tensor:  # type: ignore[override]
+        # an explicit batched [1, C] @ [C, P]: matmul(a, f) with a 1-D ``a`` copies f transposed first
+        w = torch.bmm(a.view(1, 1, -1).expand(f.shape[0], 1, -1), f).squeeze(1).softmax(-1)  # [N, P]
+        ctx.save_for_backward(f, a, w)
+        return (f * w.unsqueeze(1)).sum(-1)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        f, w = ctx.saved_tensors
-        gf = g * w.transpose(1, 2) if ctx.needs_input_grad[0] else None  # [N, C, 1] * [N, 1, HW]
-        gw = (f * g).sum(1, keepdim=True).transpose(1, 2) if ctx.needs_input_grad[1] else None
-        return gf, gw
+        f, a, w = ctx.saved_tensors
+        gw = torch.bmm(g.unsqueeze(1), f).squeeze(1)  # [N, P]
+        gl = w * (gw - (w * gw).sum(-1, keepdim=True))
+        gf = torch.addcmul(g.unsqueeze(-1) * w.unsqueeze(1), a.view(1, -1, 1), gl.unsqueeze(1)) \
+            if ctx.needs_input_grad[0] else None
+        ga = (f * gl.unsqueeze(1)).sum((0, 2)) if ctx.needs_input_grad[1] else None
+        return gf, ga
 
 
-def weighted_sum(f: Tensor, w: Tensor) -> Tensor:
-    """``torch.matmul(f, w)``; through ``WeightedSum`` when a gradient is wanted (training)."""
-    if torch.is_grad_enabled() and (f.requires_grad or w.requires_grad) and not tracing():
-        return WeightedSum.apply(f, w)
-    return torch.matmul(f, w)
+class SpatialMean(torch.autograd.Function):
+    """Mean over the trailing spatial axes ``[T, B, C, *S]`` -> ``[T, B, C]`` whose gradient is a broadcast view.
+
+    Why: autograd's mean backward writes ``grad / |S|`` out at full size and then adds it to the input's
+    other gradient (SA multiplies the same input by its gate); an expanded (stride-0) gradient skips
+    that write, the accumulation reads it in place. Same forward op as the eval path.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.shape = x.shape
+        return x.flatten(3).mean(-1)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        shape = ctx.shape
+        spatial = shape[3:].numel()
+        return (g / spatial).view(*g.shape, *([1] * (len(shape) - 3))).expand(shape)
+
+
+def hand_backward(module: nn.Module) -> bool:
+    """Whether ``module`` runs its hand-written training kernels now: asked for (``module.hand_backward``), a
+    gradient wanted, and no graph being traced or exported (those must see the eval ops)."""
+    return module.hand_backward and torch.is_grad_enabled() and not tracing()
+
+
+def set_hand_backward(model: nn.Module, enabled: bool) -> nn.Module:
+    """Switch the STAA parts' hand-written training kernels on or off in ``model``; returns ``model``.
+
+    Off for a model a quantiser wraps (QAT): NNCF hooks the eval ops (the attention conv's weight, the
+    matmul's output) and its quantisers only learn through autograd, so QAT must train exactly those ops.
+    """
+    for m in model.modules():
+        if isinstance(m, (GlobalContext, StepAttention)):
+            m.hand_backward = bool(enabled)
+    return model
 
 
 class GlobalContext(nn.Module):
@@ -151,6 +199,7 @@ class GlobalContext(nn.Module):
         hidden = max(channels // ratio, 2)
         self.fusion = fusion
         self.gate = gate
+        self.hand_backward = True  # training kernels (AttentionPool, linear transform); see set_hand_backward
         self.attn = nn.Conv2d(channels, 1, 1, bias=False)
         self.transform = nn.Sequential(
             nn.Conv2d(channels, hidden, 1),
@@ -167,10 +216,24 @@ class GlobalContext(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         f = merge_time(x)  # [N, C, H, W]
-        w = self.attn(f).flatten(1).softmax(-1)  # [N, HW]
-        context = weighted_sum(f.flatten(2), w.unsqueeze(-1)).unsqueeze(-1)  # [N, C, 1, 1]
-        t = split_time(self.transform(context), x.shape[0])  # [T, B, C, 1, 1]
+        if hand_backward(self):
+            t = self._transform_flat(AttentionPool.apply(f.flatten(2), self.attn.weight.view(-1)))
+        else:
+            w = self.attn(f).flatten(1).softmax(-1)  # [N, HW]
+            t = self.transform(torch.matmul(f.flatten(2), w.unsqueeze(-1)).unsqueeze(-1))  # [N, C, 1, 1]
+        t = split_time(t, x.shape[0])  # [T, B, C, 1, 1]
         return x * gate_fn(t, self.gate) if self.fusion == "mul" else x + t
+
+    def _transform_flat(self, context: Tensor) -> Tensor:
+        """``self.transform`` on ``[N, C]`` as linear layers with the convs' weights -> ``[N, C, 1, 1]``.
+
+        Why: the same arithmetic as the 1x1 convs on ``[N, C, 1, 1]``, without a conv kernel's set-up per call
+        (about 0.2 ms each on the CPU, three per GC block and step, for a few hundred multiply-adds)."""
+        conv1, norm, _, conv2 = self.transform
+        z = F.linear(context, conv1.weight.flatten(1), conv1.bias)
+        z = F.layer_norm(z, z.shape[-1:], norm.weight.flatten(), norm.bias.flatten(), norm.eps)
+        z = F.linear(torch.relu(z), conv2.weight.flatten(1), conv2.bias)
+        return z[..., None, None]
 
 
 class StepAttention(nn.Module):
@@ -183,6 +246,7 @@ class StepAttention(nn.Module):
         if hidden < 1:
             raise ValueError(f"step attention needs a hidden width >= 1, got {hidden}")
         self.gate = gate
+        self.hand_backward = True  # SpatialMean in training; see set_hand_backward
         self.fc1 = nn.Linear(T, hidden)
         self.fc2 = nn.Linear(hidden, T)
         # Hidden units start as positive time averages of the pooled current, zero bias: a
@@ -197,7 +261,10 @@ class StepAttention(nn.Module):
             nn.init.constant_(self.fc2.bias, LEGACY_GATE_BIAS)
 
     def forward(self, x: Tensor) -> Tensor:
-        pooled = x.flatten(3).mean(-1) if x.dim() > 3 else x  # [T, B, C]
+        if x.dim() <= 3:
+            pooled = x  # [T, B, C]
+        else:
+            pooled = SpatialMean.apply(x) if hand_backward(self) else x.flatten(3).mean(-1)
         g = gate_fn(self.fc2(torch.relu(self.fc1(pooled.permute(1, 2, 0)))), self.gate)  # [B, C, T]
         g = g.permute(2, 0, 1)  # [T, B, C]
         for _ in range(x.dim() - 3):

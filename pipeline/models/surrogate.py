@@ -36,7 +36,7 @@ def float_mask(compare: Callable[..., Tensor], a: Tensor, b: float) -> Tensor:
 
 def rect_grad(x: Tensor, width: float) -> Tensor:
     """``1/width`` inside ``|x| < width/2``, else 0."""
-    return float_mask(torch.lt, x.abs(), width / 2) / width
+    return float_mask(torch.lt, x.abs(), width / 2).mul_(1.0 / width)
 
 
 def tanh_grad(x: Tensor, k: float) -> Tensor:
@@ -46,7 +46,9 @@ def tanh_grad(x: Tensor, k: float) -> Tensor:
 
 def atan_grad(x: Tensor, k: float) -> Tensor:
     """``(k/2) / (1 + (pi/2 * k x)^2)``."""
-    return (k / 2) / (1 + (math.pi / 2 * k * x) ** 2)
+    # 1 + c x^2 in one pass, then one division into the same buffer (3 passes instead of 5 allocating ones)
+    d = torch.addcmul(torch.ones((), dtype=x.dtype, device=x.device), x, x, value=(math.pi / 2 * k) ** 2)
+    return d.reciprocal_().mul_(k / 2)
 
 
 SURROGATES: dict[str, SurrogateGrad] = {"rect": rect_grad, "tanh": tanh_grad, "atan": atan_grad}
