@@ -85,3 +85,25 @@ def test_qat_models_train_through_the_eval_ops():
     assert len(wrapped) == len(staa_parts)
     assert not any(m.hand_backward for m in wrapped)
     assert all(m.hand_backward for m in staa_parts), "the float model handed in must not change"
+
+
+def test_attention_pool_runs_in_its_input_precision():
+    """Under autocast GC's input is half precision and its attention weight fp32; backward runs without autocast,
+    so the kernel must cast on its own: output and gradients in their tensors' dtypes, values as in fp32."""
+    from pipeline.models.staa import AttentionPool
+
+    torch.manual_seed(0)
+    f32 = torch.rand(6, 8, 20)
+    a32 = torch.randn(8)
+    weights = torch.randn(6, 8)
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        f = f32.to(dtype).detach().clone().requires_grad_(True)
+        a = a32.clone().requires_grad_(True)
+        out = AttentionPool.apply(f, a)
+        assert out.dtype == dtype
+        (out.float() * weights).sum().backward()
+        assert f.grad.dtype == dtype and a.grad.dtype == torch.float32
+        grads[dtype] = (out.float(), f.grad.float(), a.grad)
+    for ref, low in zip(grads[torch.float32], grads[torch.bfloat16]):
+        torch.testing.assert_close(low, ref, rtol=5e-2, atol=5e-2)

@@ -130,21 +130,27 @@ class AttentionPool(torch.autograd.Function):
         dL/dw = g @ f,   dL/dl = w (dL/dw - <w, dL/dw>),   dL/df = g w^T + a dL/dl^T,   dL/da = sum f dL/dl
 
     Equal to autograd through the eval ops up to float summation order (tests/test_staa_fast.py).
+    Mixed precision: the products run in ``f``'s dtype (fp16/bf16 under autocast, as the eval ops' conv and
+    matmul do), the softmax and its backward in at least fp32; backward runs without autocast, so every
+    operand is cast to ``f``'s dtype there explicitly.
     """
 
     @staticmethod
     def forward(ctx, f: Tensor, a: Tensor) -> Tensor:  # type: ignore[override]
+        a = a.to(f.dtype)
         # an explicit batched [1, C] @ [C, P]: matmul(a, f) with a 1-D ``a`` copies f transposed first
-        w = torch.bmm(a.view(1, 1, -1).expand(f.shape[0], 1, -1), f).squeeze(1).softmax(-1)  # [N, P]
+        logits = torch.bmm(a.view(1, 1, -1).expand(f.shape[0], 1, -1), f).squeeze(1)  # [N, P]
+        w = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
         ctx.save_for_backward(f, a, w)
-        return (f * w.unsqueeze(1)).sum(-1)
+        return (f * w.to(f.dtype).unsqueeze(1)).sum(-1)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         f, a, w = ctx.saved_tensors
-        gw = torch.bmm(g.unsqueeze(1), f).squeeze(1)  # [N, P]
-        gl = w * (gw - (w * gw).sum(-1, keepdim=True))
-        gf = torch.addcmul(g.unsqueeze(-1) * w.unsqueeze(1), a.view(1, -1, 1), gl.unsqueeze(1)) \
+        g = g.to(f.dtype)
+        gw = torch.bmm(g.unsqueeze(1), f).squeeze(1).to(w.dtype)  # [N, P]
+        gl = (w * (gw - (w * gw).sum(-1, keepdim=True))).to(f.dtype)
+        gf = torch.addcmul(g.unsqueeze(-1) * w.to(f.dtype).unsqueeze(1), a.view(1, -1, 1), gl.unsqueeze(1)) \
             if ctx.needs_input_grad[0] else None
         ga = (f * gl.unsqueeze(1)).sum((0, 2)) if ctx.needs_input_grad[1] else None
         return gf, ga
@@ -173,7 +179,7 @@ class SpatialMean(torch.autograd.Function):
 def hand_backward(module: nn.Module) -> bool:
     """Whether ``module`` runs its hand-written training kernels now: asked for (``module.hand_backward``), a
     gradient wanted, and no graph being traced or exported (those must see the eval ops)."""
-    return module.hand_backward and torch.is_grad_enabled() and not tracing()
+    return getattr(module, "hand_backward", True) and torch.is_grad_enabled() and not tracing()
 
 
 def set_hand_backward(model: nn.Module, enabled: bool) -> nn.Module:
