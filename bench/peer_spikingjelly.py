@@ -26,9 +26,7 @@ loguru; installed with ``--no-deps`` so that torch is left alone).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.models import LIF, build_model  # noqa: E402
 from pipeline.models.resnet import scale_channels  # noqa: E402
+from step_timing import add_step_args, interleaved_seconds, sgd_step  # noqa: E402
 
 STAGES = [(128, 3, 1), (256, 3, 2), (512, 2, 2)]  # ResNet-19 (channels, blocks, stride)
 ATAN_ALPHA = 2.0
@@ -125,22 +124,6 @@ def check_same_neuron(T: int) -> bool:
     return bool(torch.equal(mine, theirs))
 
 
-def step_fn(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, reset) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    if reset is not None:
-        reset(model)
-
-
-def time_steps(model, opt, x, y, reset, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        step_fn(model, opt, x, y, reset)
-    return (time.perf_counter() - start) / steps
-
-
 # the ops both sides share (the same oneDNN convolutions and batch norms), by profiler name
 SHARED_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::native_batch_norm",
               "aten::native_batch_norm_backward")
@@ -156,7 +139,7 @@ def shared_op_share(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, res
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            step_fn(model, opt, x, y, reset)
+            sgd_step(model, opt, x, y, reset)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     shared = sum(e.self_cpu_time_total for e in events if e.key in SHARED_OPS)
@@ -165,15 +148,7 @@ def shared_op_share(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, res
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--width", type=float, default=0.125)
-    ap.add_argument("--T", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--image", type=int, default=32)
-    ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds (median taken)")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    add_step_args(ap, rounds=4, steps=3, threads=2)
     ap.add_argument("--no-staa", action="store_true", help="skip the all-STAA model (STAA / plain step ratio)")
     args = ap.parse_args()
     functional, _, _, _ = _sj()
@@ -191,15 +166,11 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.image, args.image)
     y = torch.randint(0, args.classes, (args.batch,))
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
-    for k, m in models.items():
+    for m in models.values():
         m.train()
-        time_steps(m, opts[k], x, y, resets[k], args.warmup)
-    per_step: dict[str, list[float]] = {k: [] for k in models}
-    for r in range(args.rounds):
-        order = list(models) if r % 2 == 0 else list(models)[::-1]  # alternate who goes first
-        for k in order:
-            per_step[k].append(time_steps(models[k], opts[k], x, y, resets[k], args.steps))
-    ips = {k: args.batch / statistics.median(v) for k, v in per_step.items()}
+    steps = {k: (lambda k=k: sgd_step(models[k], opts[k], x, y, resets[k])) for k in models}
+    seconds = interleaved_seconds(steps, args.rounds, args.steps, args.warmup)
+    ips = {k: args.batch / sec for k, sec in seconds.items()}
 
     print(f"Training step, plain spiking ResNet-19 (STAA off, LIF), CPU, {args.threads} threads, torch "
           f"{torch.__version__}, spikingjelly {getattr(spikingjelly, '__version__', '2.0.0')}")
@@ -209,12 +180,12 @@ def main() -> None:
           f"parameters: ours {params['ours']:,}, spikingjelly {params['spikingjelly']:,}")
     print(f"{'implementation':<16}{'ms/step':>10}{'images/s':>12}")
     for k in models:
-        print(f"{k:<16}{1e3 * statistics.median(per_step[k]):>10.1f}{ips[k]:>12.1f}")
+        print(f"{k:<16}{1e3 * seconds[k]:>10.1f}{ips[k]:>12.1f}")
     print(f"ratio ours / spikingjelly (images/s): {ips['ours'] / ips['spikingjelly']:.2f}x (target >= 1.5)")
     if "ours_staa" in ips:
         print(f"ratio all-STAA step / plain step (time): {ips['ours'] / ips['ours_staa']:.2f}x (target <= 1.25)")
     share = shared_op_share(models["ours"], opts["ours"], x, y, None)
-    ours_ms, theirs_ms = statistics.median(per_step["ours"]), statistics.median(per_step["spikingjelly"])
+    ours_ms, theirs_ms = seconds["ours"], seconds["spikingjelly"]
     print(f"convolutions + batch norms (the same kernels on both sides): {100 * share:.0f}% of our plain step; "
           f"with a neuron that cost nothing, ours / spikingjelly could reach at most "
           f"{theirs_ms / (share * ours_ms):.2f}x")

@@ -13,9 +13,7 @@ Interleaving cancels slow drifts of the machine, not a busy neighbour: run it wi
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.models import build_model  # noqa: E402
+from step_timing import add_step_args, interleaved_seconds, sgd_step  # noqa: E402
 
 PARTS = ("pe", "gc", "sa", "tsrd")
 
@@ -40,47 +39,24 @@ def make_step(cfg: dict, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]
     torch.manual_seed(0)
     model = build_model(cfg).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return step
+    return lambda: sgd_step(model, opt, x, y)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--width", type=float, default=0.125)
-    ap.add_argument("--T", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--image", type=int, default=32)
-    ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median taken)")
-    ap.add_argument("--steps", type=int, default=2, help="timed steps per variant and round")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
+    add_step_args(ap, rounds=5, steps=2, threads=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     x = torch.randn(args.batch, 3, args.image, args.image)
     y = torch.randint(0, args.classes, (args.batch,))
     steps = {k: make_step(c, x, y) for k, c in variants(args.width, args.T, args.classes).items()}
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for r in range(args.rounds):
-        for k in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                steps[k]()
-            times[k].append((time.perf_counter() - start) / args.steps)
+    seconds = interleaved_seconds(steps, args.rounds, args.steps, args.warmup)
     print(f"STAA parts, training step, CPU, {args.threads} thread(s), torch {torch.__version__}; width {args.width}, "
           f"T={args.T}, batch {args.batch}, {args.image}x{args.image}x3; {args.rounds} interleaved rounds x "
           f"{args.steps} steps (median)")
-    plain = statistics.median(times["plain"])
     print(f"{'variant':<8}{'ms/step':>10}{'x plain':>9}")
-    for k, v in times.items():
-        print(f"{k:<8}{1e3 * statistics.median(v):>10.1f}{statistics.median(v) / plain:>9.2f}")
+    for k, sec in seconds.items():
+        print(f"{k:<8}{1e3 * sec:>10.1f}{sec / seconds['plain']:>9.2f}")
 
 
 if __name__ == "__main__":
