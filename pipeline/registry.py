@@ -51,8 +51,7 @@ class Output:
     ``file`` may hold ``{field}`` placeholders (``t{T}.pt``): a family, one file per value.
     An output with ``backends`` is a model the report measures, one row per backend; ``parent``
     (``"stage.role"`` or :data:`FLOAT_AT_T`) is what it is gated against, ``gate`` the key of
-    ``validate.gates``, and ``backend_gates`` the key for a further backend whose own kernels hold it
-    to another tolerance; ``ships`` marks deployable graphs (also gated against the float baseline).
+    ``validate.gates``; ``ships`` marks deployable graphs (also gated against the float baseline).
     """
 
     role: str
@@ -62,7 +61,6 @@ class Output:
     precision: str | None = None
     parent: str | None = None
     gate: str | None = None
-    backend_gates: tuple[tuple[str, str], ...] = ()  # (backend, validate.gates key) where not ``gate``
     ships: bool = False
     baseline: bool = False  # the float reference every delta is measured against (exactly one)
     steps_from: str | None = None  # one of STEPS_FROM, for measured outputs
@@ -70,10 +68,6 @@ class Output:
     bundled: bool = False  # copied into the device bundle (the build stage's folder)
     notes: tuple[str, ...] = ()  # shown next to the report row
     help: str = ""
-
-    def gate_for(self, backend: str) -> str | None:
-        """The ``validate.gates`` key of this output's row on ``backend``."""
-        return dict(self.backend_gates).get(backend, self.gate)
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -165,8 +159,7 @@ _BUILTIN: tuple[StageSpec, ...] = (
     ), "static, stateless modules: fixed T, BN folded, hard spikes; parity gates"),
     StageSpec("export", ("unroll",), ("export",), (
         Output("onnx_fp32", "model_fp32.onnx", "onnx", ("onnxruntime", "openvino"), "fp32", parent="unroll.float",
-               gate="onnx_fp32", backend_gates=(("openvino", "openvino_fp32"),), ships=True, steps_from="metadata",
-               bundled=True),
+               gate="onnx_fp32", ships=True, steps_from="metadata", bundled=True),
         Output("onnx_int8", "model_int8.onnx", "onnx", ("onnxruntime", "openvino"), "int8", parent="unroll.int8",
                gate="onnx_int8", ships=True, steps_from="metadata", bundled=True),
         Output("step_fp32", "step_fp32.onnx", "onnx", (), "fp32", parent="unroll.float", optional=True, bundled=True,
@@ -316,11 +309,8 @@ def check(rows: tuple[StageSpec, ...] | list[StageSpec] | None = None) -> list[s
             problems += [f"{where}: backend {b!r} is not one of {BACKENDS}" for b in o.backends if b not in BACKENDS]
             if o.precision is not None and o.precision not in PRECISIONS:
                 problems.append(f"{where}: precision {o.precision!r} is not one of {PRECISIONS}")
-            for backend, key in ((None, o.gate), *o.backend_gates):
-                if key is not None and key not in gates:
-                    problems.append(f"{where}: gate {key!r} is no key of validate.gates in pipeline/schema.py")
-                if backend is not None and backend not in o.backends:
-                    problems.append(f"{where}: backend_gates names {backend!r}, not one of its backends")
+            if o.gate is not None and o.gate not in gates:
+                problems.append(f"{where}: gate {o.gate!r} is no key of validate.gates in pipeline/schema.py")
             if o.steps_from is not None and o.steps_from not in STEPS_FROM:
                 problems.append(f"{where}: steps_from {o.steps_from!r} is not one of {STEPS_FROM}")
             if o.backends and (o.precision is None or o.steps_from is None):

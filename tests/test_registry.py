@@ -76,12 +76,6 @@ def test_export_hashes_every_upstream_config_section():
     (StageSpec("bad", (), (), (Output("a", "a.pt", "blob"),), "x"), "kind 'blob'"),
     (StageSpec("bad", (), (), (Output("a", "a.onnx", "onnx", ("onnxruntime",), "fp32", gate="onnx_fp33",
                                        steps_from="metadata"),), "x"), "gate 'onnx_fp33'"),
-    (StageSpec("bad", (), (), (Output("a", "a.onnx", "onnx", ("onnxruntime", "openvino"), "fp32", gate="onnx_fp32",
-                                       backend_gates=(("openvino", "openvino_fp33"),), steps_from="metadata"),), "x"),
-     "gate 'openvino_fp33'"),
-    (StageSpec("bad", (), (), (Output("a", "a.onnx", "onnx", ("onnxruntime",), "fp32", gate="onnx_fp32",
-                                       backend_gates=(("openvino", "openvino_fp32"),), steps_from="metadata"),), "x"),
-     "backend_gates names 'openvino'"),
     (StageSpec("train", (), (), (), "x"), "registered twice"),
 ])
 def test_a_bad_row_is_refused_and_changes_nothing(row, problem):

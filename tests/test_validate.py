@@ -63,7 +63,7 @@ def test_validate_stage_rows_report_and_gates(tmp_path, write_config):
     from stages import validate
 
     ctx = _fake_run(tmp_path, write_config)  # 16 test images, batch sizes 1 and 4
-    ctx.cfg["validate"]["gates"].update(reduce_t=-100.0, onnx_fp32=100.0, openvino_fp32=100.0)  # reduced T fails, ONNX passes
+    ctx.cfg["validate"]["gates"].update(reduce_t=-100.0, onnx_fp32=100.0)  # reduced T must fail, ONNX pass
     result = validate.run(ctx)
     doc = json.loads((ctx.out / "report.json").read_text())
     assert validate_report(doc) == []
@@ -93,11 +93,10 @@ def test_validate_stage_rows_report_and_gates(tmp_path, write_config):
     # a deployable graph is held against the float baseline too; the torch rows are not
     assert onnx["total_gate"]["reference"] == "train/best.pt" and rows["unroll/float.pt"]["total_gate"] is None
     assert onnx["delta_stats"]["n"] == 16 and len(onnx["delta_stats"]["ci95"]) == 2
-    # the same graph compiled by OpenVINO: same parent, its own gate (another runtime's float kernels), true
-    # FP32, measured like the ONNX Runtime row
+    # the same graph compiled by OpenVINO: same gate and parent, true FP32, measured like the ONNX Runtime row
     ov = rows["export/model_fp32.onnx@openvino"]
     assert ov["backend"] == "openvino" and ov["status"] == "ok" and ov["ships"] and ov["n"] == 16
-    assert ov["gate"]["passed"] and ov["gate"]["reference"] == "unroll/float.pt" and ov["gate"]["name"] == "openvino_fp32"
+    assert ov["gate"]["passed"] and ov["gate"]["reference"] == "unroll/float.pt" and ov["gate"]["name"] == "onnx_fp32"
     assert ov["total_gate"]["reference"] == "train/best.pt" and ov["agreement"] == onnx["agreement"]
     assert ov["energy"]["source"] == "unroll/float.pt" and [b["batch"] for b in ov["benchmarks"]] == [1, 4]
     # every measured row says what its runtime executed; FP32 graphs ran no integer kernel
@@ -156,7 +155,7 @@ def test_pipeline_end_to_end_gate_failure_exit_code(write_config):
     line = next(l for l in res.stdout.splitlines() if l.startswith("validate"))
     assert line.split()[1] == "failed" and "gate(s) failed" in line
 
-    sets = [a for g in ("qat", "unroll", "onnx_fp32", "openvino_fp32", "onnx_int8", "engine", "total")
+    sets = [a for g in ("qat", "unroll", "onnx_fp32", "onnx_int8", "engine", "total")
             for a in ("--set", f"validate.gates.{g}=100")] + ["--set", LOOSE_REDUCE_T]
     res = _cli("pipeline.stage", "validate", "--config", str(cfg), *sets)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -275,8 +275,7 @@ def _rows_of(stage: str, o: Output, path: Path, values: dict[str, str], metrics:
             available[backend] = get_backend(backend).is_available()
         ok, reason = available[backend] if backend != o.backends[0] else (True, "")
         out.append(Artifact(
-            _row_name(stage, o, backend, values), stage, backend, o.precision, T, path, gate=o.gate_for(backend),
-            parent=parent,
+            _row_name(stage, o, backend, values), stage, backend, o.precision, T, path, gate=o.gate, parent=parent,
             status="ok" if ok else f"skipped: {reason}",
             opener=_opener(o.kind, backend, path, o.precision, T, device, input_shape) if ok else None,
             energy_from=_energy_from(stage, o, T), notes=list(o.notes), ships=o.ships, kind=o.kind))
@@ -288,7 +287,7 @@ def _skipped_row(stage: str, o: Output, backend: str, rows: list[Artifact], stat
     (and its parent's T, where the output takes its T from the parent)."""
     parent = _parent(o, rows, None)
     T = next((a.T for a in rows if a.name == parent), None) if o.steps_from == "parent" else None
-    return Artifact(_row_name(stage, o, backend, {}), stage, backend, o.precision, T, None, gate=o.gate_for(backend),
+    return Artifact(_row_name(stage, o, backend, {}), stage, backend, o.precision, T, None, gate=o.gate,
                     parent=parent, status=status, notes=list(o.notes), ships=o.ships, kind=o.kind)
 
 
