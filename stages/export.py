@@ -40,10 +40,11 @@ def _inputs(cfg: dict[str, Any], T: int, limit: int) -> tuple[torch.Tensor, torc
 
 def _gates(e: dict[str, Any]) -> dict[str, Gates]:
     """The export.* tolerances per graph (ties: a top-1 flip is excused below twice the logit tolerance)."""
-    fp32 = Gates(e["max_abs_diff"], e["min_spike_agreement"], 2 * e["max_abs_diff"], e["flip_margin"])
+    fp32 = Gates(e["max_abs_diff"], e["min_spike_agreement"], 2 * e["max_abs_diff"], e["flip_margin"],
+                 e["max_numerical_share"])
     int8 = Gates(e["int8_max_abs_diff"], e["int8_min_spike_agreement"], 2 * e["int8_max_abs_diff"],
-                 e["int8_flip_margin"])
-    step = Gates(e["max_abs_diff"], None, 2 * e["max_abs_diff"], e["flip_margin"])
+                 e["int8_flip_margin"], e["int8_max_numerical_share"])
+    step = Gates(e["max_abs_diff"], None, 2 * e["max_abs_diff"], e["flip_margin"], e["max_numerical_share"])
     return {"fp32": fp32, "int8": int8, "step": step}
 
 

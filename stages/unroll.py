@@ -71,7 +71,8 @@ def run(ctx: StageContext) -> StageResult:
 
     flat = unroll_float(model)
     rep = compare(_on(dev, torch_with_spikes(model.to(dev))),
-                  _on(dev, torch_with_spikes(flat.to(dev), membranes=False)), loader, tie_tol, u["flip_margin"])
+                  _on(dev, torch_with_spikes(flat.to(dev), membranes=False)), loader, tie_tol, u["flip_margin"],
+                   max_numerical_share=u["max_numerical_share"])
     failures += rep.failures(u["max_abs_diff"], u["min_spike_agreement"], "unroll float")
     metrics["float"] = {"source": str(src.relative_to(src.parents[1])), "parity": rep.metrics(), **describe(flat)}
     _log(ctx, "float", rep)
@@ -86,7 +87,8 @@ def run(ctx: StageContext) -> StageResult:
         raise StageError(f"the QAT model runs T={qT} but the chosen float model runs T={T}; re-run qat from the "
                          f"chosen reduce_t checkpoint")
     rep8 = compare(_on(dev, torch_with_spikes(qat.to(dev))),
-                   _on(dev, torch_with_spikes(q.to(dev), membranes=False)), loader, tie_tol, u["flip_margin"])
+                   _on(dev, torch_with_spikes(q.to(dev), membranes=False)), loader, tie_tol, u["flip_margin"],
+                   max_numerical_share=u["max_numerical_share"])
     failures += rep8.failures(u["max_abs_diff"], u["min_spike_agreement"], "unroll int8 (vs QAT model)")
     qat_source = registry.artifact("qat", "qat")
     metrics["int8"] = {"source": qat_source, "parity": rep8.metrics(), **describe(q)}

@@ -18,10 +18,16 @@ layer's own arithmetic):
 - real: a flip at the first divergence far from the threshold, i.e. a wrong computation.
 
 Gates (:meth:`ParityReport.failures`):
-- top-1 identical on every sample where the reference's top-2 margin exceeds ``tie_tol``, except
-  samples whose first divergence is numerical: their top-1 change is the cascade of a rounding-level
-  flip (counted as ``top1_changed_by_numerical_flip``, not a gate: measured on the trained default,
-  one such image in 256 after 15 epochs, with logits max diff 9.5e-7 on the clean ones);
+- top-1 identical on every sample, except (a) a near-tie: the candidate picked a class whose
+  reference logit is within ``tie_tol`` of the reference's maximum (any other new class is a
+  mismatch, however close the reference's top two were), and (b) samples whose first divergence
+  is numerical: their top-1 change is the cascade of a rounding-level flip (counted as
+  ``top1_changed_by_numerical_flip``: measured on the trained default, one such image in 256 after
+  15 epochs, with logits max diff 9.5e-7 on the clean ones);
+- the excuse (b) is bounded: at most ``max_numerical_share`` of the images may diverge
+  numerically. Rounding flips are rare (a correct FP32 export: 2 of 256 images, worst margin
+  6e-8), a systematic error is not: every threshold 1e-4 too low makes 240 of 256 images
+  diverge, each flip within the margin. The share is recorded with its cap;
 - logits max abs diff ``<= max_abs_diff`` on clean samples;
 - per-layer *local* spike agreement ``>= min_spike_agreement``: the differences of a layer counted
   only in samples whose first divergence is that layer (a layer's own flip rate);
@@ -53,6 +59,7 @@ class ParityReport:
 
     tie_tol: float = 0.0
     flip_margin: float = 1e-4
+    max_numerical_share: float = 1.0  # of the images; the export and unroll stages set it from their config
     n: int = 0
     max_abs_diff_all: float = 0.0
     max_abs_diff_clean: float = 0.0
@@ -61,6 +68,7 @@ class ParityReport:
     top1_mismatches: int = 0
     top1_mismatches_beyond_tol: int = 0
     top1_changed_by_numerical_flip: int = 0
+    top1_tie_excused: int = 0  # top-1 changed to a class tied (within tie_tol) with the reference's winner
     clean: int = 0
     numerical: int = 0
     real: int = 0
@@ -83,18 +91,18 @@ class ParityReport:
         self.max_abs_diff_all = max(self.max_abs_diff_all, float(diff.max(initial=0.0)))
         self.sum_abs_diff += float(diff.sum())
         self.n_values += diff.size
-        mismatch = ref.argmax(1) != out.argmax(1)
+        choice = out.argmax(1)
+        mismatch = ref.argmax(1) != choice
         self.top1_mismatches += int(mismatch.sum())
-        if ref.shape[1] > 1:
-            top2 = np.sort(ref, axis=1)[:, -2:]
-            margin = top2[:, 1] - top2[:, 0]
-        else:
-            margin = np.full(batch, np.inf)
+        # a tie excuses only a choice among the tied classes: the candidate's class must score within
+        # tie_tol of the reference's best in the reference's own logits
+        tied_choice = ref[np.arange(batch), choice] >= ref.max(1) - self.tie_tol
         clean = np.ones(batch, bool)
         numerical = np.zeros(batch, bool)
         if ref_spikes is not None and spikes is not None:
             clean, numerical = self._spikes(ref_spikes, spikes, ref_membranes, batch)
-        beyond = mismatch & (margin > self.tie_tol)
+        beyond = mismatch & ~tied_choice
+        self.top1_tie_excused += int((mismatch & tied_choice).sum())
         self.top1_mismatches_beyond_tol += int((beyond & ~numerical).sum())
         self.top1_changed_by_numerical_flip += int((beyond & numerical).sum())
         self.clean += int(clean.sum())
@@ -145,6 +153,11 @@ class ParityReport:
         return first < 0, numerical
 
     @property
+    def numerical_share(self) -> float:
+        """Share of the images excused as diverging by rounding (0 when none was compared)."""
+        return self.numerical / self.n if self.n else 0.0
+
+    @property
     def max_abs_diff(self) -> float:
         """Logits max abs diff on clean samples (all samples when spikes were not compared)."""
         return self.max_abs_diff_clean if self.spikes_compared else self.max_abs_diff_all
@@ -179,8 +192,8 @@ class ParityReport:
             return [f"{what}: no images were compared"]
         out = []
         if self.top1_mismatches_beyond_tol:
-            out.append(f"{what}: top-1 differs on {self.top1_mismatches_beyond_tol}/{self.n} images "
-                       f"whose reference margin exceeds {self.tie_tol:g}")
+            out.append(f"{what}: top-1 differs on {self.top1_mismatches_beyond_tol}/{self.n} images, each to a class "
+                       f"more than {self.tie_tol:g} below the reference's best (no tie) and not after a rounding flip")
         if self.spikes_compared and self.clean == 0:
             out.append(f"{what}: no image kept identical spikes ({self.numerical} diverged numerically, "
                        f"{self.real} for real)")
@@ -191,6 +204,10 @@ class ParityReport:
         if min_spike_agreement is not None and local is not None and local < min_spike_agreement:
             layer = min(self.local_spike_agreement, key=self.local_spike_agreement.get)
             out.append(f"{what}: spike agreement of layer {layer} on its own flips {local:.6f} < {min_spike_agreement}")
+        if self.spikes_compared and self.numerical_share > self.max_numerical_share:
+            out.append(f"{what}: {self.numerical}/{self.n} images diverge within the flip margin "
+                       f"{self.flip_margin:g} of a threshold, more than the {self.max_numerical_share:.1%} rounding "
+                       f"explains: a systematic shift (e.g. a threshold or scale off by a little), not rounding")
         if self.real:
             layers = ", ".join(sorted(self.first_divergence))
             out.append(f"{what}: {self.real}/{self.n} images first diverge with a membrane "
@@ -204,6 +221,8 @@ class ParityReport:
             "mean_abs_diff": self.mean_abs_diff, "top1_mismatches": self.top1_mismatches,
             "top1_mismatches_beyond_tol": self.top1_mismatches_beyond_tol, "tie_tol": self.tie_tol,
             "top1_changed_by_numerical_flip": self.top1_changed_by_numerical_flip,
+            "top1_tie_excused": self.top1_tie_excused,
+            "numerical_share": self.numerical_share, "max_numerical_share": self.max_numerical_share,
             "samples_clean": self.clean, "samples_numerical_flip": self.numerical, "samples_real_mismatch": self.real,
             "flip_margin": self.flip_margin, "worst_first_flip_margin": self.worst_first_flip_margin,
             "first_divergence": dict(self.first_divergence),
@@ -256,14 +275,14 @@ def torch_with_spikes(model: Any, membranes: bool = True) -> SpikeFn:
 
 
 def compare(reference: SpikeFn, candidate: SpikeFn, batches: Iterable[Any], tie_tol: float,
-            flip_margin: float = 1e-4, spikes: bool = True) -> ParityReport:
+            flip_margin: float = 1e-4, spikes: bool = True, max_numerical_share: float = 1.0) -> ParityReport:
     """Run both on every input batch (``x`` or ``(x, y)``) and accumulate a :class:`ParityReport`.
 
     The reference's membranes (third element, when it returns one) classify the flips. Both run in
     strict FP32: with TF32 (cuDNN's default for convolutions on Ampere and newer) a conv differs by
     ~5e-4, more than ``flip_margin``, so rounding would pass for real mismatches.
     """
-    report = ParityReport(tie_tol=tie_tol, flip_margin=flip_margin)
+    report = ParityReport(tie_tol=tie_tol, flip_margin=flip_margin, max_numerical_share=max_numerical_share)
     for batch in batches:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         with strict_fp32():
