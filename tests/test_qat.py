@@ -1,7 +1,9 @@
 """NNCF INT8 quantisation: neuron internals stay float, checkpoints reload exactly, Q/DQ export runs in ORT."""
 from __future__ import annotations
 
+import copy
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -79,6 +81,41 @@ def test_no_quantizer_inside_neurons(qat_model, images):
         assert set(inp.unique().tolist()) <= {0.0, 1.0}
         torch.testing.assert_close(out, inp, atol=1e-6, rtol=0)
     assert any(inp.sum() > 0 for inp, _ in seen), "no neuron fired: the check above saw only zeros"
+
+
+def _quantizer_calls(qmodel: torch.nn.Module, run) -> tuple[Counter, Counter]:
+    """How often each quantiser's forward runs during ``run()``: (spike quantisers, all quantisers), by site."""
+    spikes = {id(q) for q in spike_quantizers(qmodel)}
+    every: Counter = Counter()
+    handles = [q.register_forward_hook(lambda m, i, o, site=f"{kind}:{op}:{port}": every.update([site]))
+               for kind, op, port, q in quantizer_sites(qmodel)]
+    site_of = {f"{kind}:{op}:{port}": id(q) for kind, op, port, q in quantizer_sites(qmodel)}
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return Counter({s: n for s, n in every.items() if site_of[s] in spikes}), every
+
+
+@pytest.mark.parametrize("source", ["quantize_model", "restore_qat_model"])
+def test_qat_training_step_runs_every_quantizer(source, qat_model, qat_file, images):
+    """A QAT training step goes through the ops NNCF hooked, as evaluation does: every quantiser, the spike
+    quantisers included, runs as often as in an eval pass. The fused neuron kernel (MultiStepLIF) would bypass the
+    spike quantisers (0 calls in training, 17 in eval), so QAT would train without them; set_hand_backward is off."""
+    qmodel = copy.deepcopy(qat_model) if source == "quantize_model" else restore_qat_model(read_checkpoint(qat_file))
+    with torch.no_grad():
+        eval_spikes, eval_all = _quantizer_calls(qmodel.eval(), lambda: qmodel(images))
+    assert len(eval_spikes) == len(spike_quantizers(qmodel)) > 0 and all(n > 0 for n in eval_spikes.values())
+
+    def train_step() -> None:
+        loss = torch.nn.functional.cross_entropy(qmodel(images), torch.arange(16) % 10)
+        loss.backward()
+
+    train_spikes, train_all = _quantizer_calls(qmodel.train(), train_step)
+    assert sum(train_spikes.values()) == sum(eval_spikes.values()), (
+        f"spike-quantiser calls: {sum(train_spikes.values())} in a training step, {sum(eval_spikes.values())} in eval")
+    assert train_spikes == eval_spikes and train_all == eval_all
 
 
 def test_quantizer_settings(qat_model):
