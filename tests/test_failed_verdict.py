@@ -32,7 +32,7 @@ def test_a_failed_verdict_is_repeated_not_re_measured(dummy, write_config):
 
     with pytest.raises(GateFailed, match="value 120 > 100") as again:
         run_stage(cfg, "dummy")
-    assert dummy_stage.RUNS == [60], f"the failed stage ran again (runs {dummy_stage.RUNS}): its verdict was re-measured"
+    assert dummy_stage.RUNS == [60], f"the failed stage ran again ({dummy_stage.RUNS}): its verdict was re-measured"
     assert "not re-measured" in str(again.value) and man.finished_at in str(again.value)
 
     with pytest.raises(GateFailed):  # --force re-measures on purpose
