@@ -19,7 +19,7 @@ import torch
 
 from pipeline import registry
 from pipeline.checkpoint import CheckpointError, load_model, model_payload, read_checkpoint, save_atomic
-from pipeline.compress.timesteps import PairedFrames, carry_to_T, choose_T, distill_step_loss, format_table
+from pipeline.compress.timesteps import PairedFrames, carry_to_T, choose_T_on_val, distill_step_loss, format_table
 from pipeline.console import LOG_ONLY
 from pipeline.data import data_bundle, eval_loader, make_loader
 from pipeline.runner import StageContext, StageError, StageResult
@@ -56,7 +56,7 @@ def run(ctx: StageContext) -> StageResult:
 
     gate = float(cfg["validate"]["gates"]["reduce_t"])
     try:
-        chosen, why = choose_T(rows, T0, base["val_top1"], gate, r["choose"], score="val_top1")
+        chosen, why = choose_T_on_val(rows, T0, base, gate, r["choose"])
     except ValueError as exc:
         raise StageError(str(exc)) from exc
     chosen_src = src if chosen == T0 else ctx.output("reduced", T=chosen)

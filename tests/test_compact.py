@@ -58,6 +58,45 @@ def test_quantize_matches_onnx_runtime_rounding_and_saturation(axis, channels, z
     np.testing.assert_array_equal(got, expected)
 
 
+# per-channel weight scales of the kind NNCF writes (max |w| / 127), none a power of two
+DIVISION_SCALES = np.array([0.1, 0.3, 0.7, 0.013, 0.0457, 1 / 3, 0.02, 0.00271], np.float32)
+
+
+def division_sensitive_inputs(scale: np.float32, count: int) -> np.ndarray:
+    """``count`` float32 values x, all within the int8 range, where ``rint(x / scale)`` and
+    ``rint(x * (1 / scale))`` differ: the values a few ulps either side of the midpoints
+    ``(k + 1/2) * scale``, kept where the two roundings disagree."""
+    mid = (np.arange(-127, 127, dtype=np.float32) + np.float32(0.5)) * scale
+    near = [mid]
+    for direction in (np.inf, -np.inf):
+        x = mid
+        for _ in range(3):
+            x = np.nextafter(x, np.float32(direction))
+            near.append(x)
+    x = np.concatenate(near)
+    differ = np.rint(np.divide(x, scale, dtype=np.float32)) != np.rint(x * (np.float32(1) / scale))
+    assert differ.sum() >= count, f"scale {scale}: only {differ.sum()} division-sensitive inputs"
+    return x[differ][:count]
+
+
+def test_quantize_divides_like_onnx_runtime_where_a_reciprocal_would_round_differently():
+    """Inputs where ``x / s`` and ``x * (1/s)`` round to different integers (they exist for most scales): the fold
+    must give ONNX Runtime's own QuantizeLinear result on every one, per channel (weights) and per tensor."""
+    x = np.stack([division_sensitive_inputs(s, 8) for s in DIVISION_SCALES])  # [channels, 8]
+    reciprocal = np.rint(x * (np.float32(1) / DIVISION_SCALES[:, None])).astype(np.int64)
+    for axis_scale, xs in [(DIVISION_SCALES, x), (DIVISION_SCALES[1], x[1:2])]:
+        zp = np.zeros(np.shape(axis_scale), np.int8)
+        node = helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"], axis=0)
+        graph = helper.make_graph([node], "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(xs.shape))],
+                                  [helper.make_tensor_value_info("y", TensorProto.INT8, list(xs.shape))],
+                                  initializer=[numpy_helper.from_array(np.asarray(axis_scale, np.float32), "s"),
+                                               numpy_helper.from_array(zp, "z")])
+        expected = run_ort(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), xs)
+        rec = reciprocal if xs.shape[0] > 1 else reciprocal[1:2]
+        assert (expected != rec).all(), "ONNX Runtime multiplies by the reciprocal: these inputs prove nothing"
+        np.testing.assert_array_equal(quantize_like_onnx(xs, axis_scale, zp, 0), expected)
+
+
 def test_fold_of_a_hand_made_qdq_conv_is_exact():
     model = qdq_conv_graph()
     model.ir_version = 8  # what the exporter writes; ONNX Runtime reads up to IR 13

@@ -1,7 +1,9 @@
 """NNCF INT8 quantisation: neuron internals stay float, checkpoints reload exactly, Q/DQ export runs in ORT."""
 from __future__ import annotations
 
+import copy
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -81,6 +83,41 @@ def test_no_quantizer_inside_neurons(qat_model, images):
     assert any(inp.sum() > 0 for inp, _ in seen), "no neuron fired: the check above saw only zeros"
 
 
+def _quantizer_calls(qmodel: torch.nn.Module, run) -> tuple[Counter, Counter]:
+    """How often each quantiser's forward runs during ``run()``: (spike quantisers, all quantisers), by site."""
+    spikes = {id(q) for q in spike_quantizers(qmodel)}
+    every: Counter = Counter()
+    handles = [q.register_forward_hook(lambda m, i, o, site=f"{kind}:{op}:{port}": every.update([site]))
+               for kind, op, port, q in quantizer_sites(qmodel)]
+    site_of = {f"{kind}:{op}:{port}": id(q) for kind, op, port, q in quantizer_sites(qmodel)}
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return Counter({s: n for s, n in every.items() if site_of[s] in spikes}), every
+
+
+@pytest.mark.parametrize("source", ["quantize_model", "restore_qat_model"])
+def test_qat_training_step_runs_every_quantizer(source, qat_model, qat_file, images):
+    """A QAT training step goes through the ops NNCF hooked, as evaluation does: every quantiser, the spike
+    quantisers included, runs as often as in an eval pass. The fused neuron kernel (MultiStepLIF) would bypass the
+    spike quantisers (0 calls in training, 17 in eval), so QAT would train without them; set_hand_backward is off."""
+    qmodel = copy.deepcopy(qat_model) if source == "quantize_model" else restore_qat_model(read_checkpoint(qat_file))
+    with torch.no_grad():
+        eval_spikes, eval_all = _quantizer_calls(qmodel.eval(), lambda: qmodel(images))
+    assert len(eval_spikes) == len(spike_quantizers(qmodel)) > 0 and all(n > 0 for n in eval_spikes.values())
+
+    def train_step() -> None:
+        loss = torch.nn.functional.cross_entropy(qmodel(images), torch.arange(16) % 10)
+        loss.backward()
+
+    train_spikes, train_all = _quantizer_calls(qmodel.train(), train_step)
+    assert sum(train_spikes.values()) == sum(eval_spikes.values()), (
+        f"spike-quantiser calls: {sum(train_spikes.values())} in a training step, {sum(eval_spikes.values())} in eval")
+    assert train_spikes == eval_spikes and train_all == eval_all
+
+
 def test_quantizer_settings(qat_model):
     """TensorRT form: symmetric int8, signed, per-channel weights, per-tensor activations, no half range."""
     from nncf.torch.quantization.layers import SymmetricQuantizer
@@ -152,3 +189,28 @@ def test_qdq_module_matches_and_exports_to_onnxruntime(qat_model, qat_file, imag
     assert np.abs(out.numpy() - out.numpy().mean(0)).max() > 1e-3  # logits vary: parity is not vacuous
     np.testing.assert_allclose(got, out.numpy(), atol=1e-4, rtol=0)
     assert (got.argmax(1) == out.numpy().argmax(1)).all()
+
+
+def test_qdq_module_agreement_counts_real_disagreements(write_config, tmp_path):
+    """The qat stage's own check (``stages.qat._qdq_module_agreement`` with a real stage context): of 8 test images
+    the Q/DQ module picks another class on 2 with a clear QAT margin (counted) and on 1 where the QAT model's top
+    two tie within 2 x export.max_abs_diff (excused): 75%, not a constant 100."""
+    import logging
+
+    from pipeline import registry
+    from pipeline.config import load_config
+    from pipeline.runner import StageContext, run_store
+    from stages.qat import _qdq_module_agreement
+
+    cfg = load_config(write_config())
+    ctx = StageContext(cfg=cfg, spec=registry.spec("qat"), out=tmp_path, inputs={}, store=run_store(cfg),
+                       device="cpu", log=logging.getLogger("pipeline.qat"))
+    qat_logits = torch.full((8, 10), -1.0)
+    qat_logits[torch.arange(8), torch.arange(8)] = 3.0  # image i: class i by a margin of 4
+    qat_logits[7, 9] = 3.0 - 1e-6  # image 7: classes 7 and 9 tie (margin 1e-6 < 2e-4)
+    exp_logits = qat_logits.clone()
+    exp_logits[[0, 1], [5, 6]] = 5.0  # images 0, 1: another class, clearly
+    exp_logits[7, 9] = 3.0 + 1e-6  # image 7: the other tied class
+    assert (exp_logits.argmax(1) != qat_logits.argmax(1)).sum() == 3
+    assert _qdq_module_agreement(ctx, qat_logits, qat_logits.clone()) == 100.0
+    assert _qdq_module_agreement(ctx, qat_logits, exp_logits) == 75.0

@@ -1,10 +1,14 @@
 """Time-step reduction: PE carried to the new T, the distillation loss, the choice of T."""
 from __future__ import annotations
 
+import ast
+import inspect
+
 import pytest
 import torch
 
-from pipeline.compress.timesteps import PairedFrames, carry_to_T, choose_T, distill_step_loss, kd_objective
+from pipeline.compress.timesteps import (PairedFrames, carry_to_T, choose_T, choose_T_on_val, distill_step_loss,
+                                        kd_objective)
 from pipeline.models import PositionEncoding, StepAttention, build_model
 from pipeline.training.losses import distillation_loss
 
@@ -130,3 +134,26 @@ def test_choose_T_rule_uses_the_validation_split():
         choose_T(rows, 4, 99.0, 3.0, choose=3)
     with pytest.raises(ValueError, match="val_fraction"):  # no validation scores: refuse to choose on test
         choose_T([{"T": 2, "val_top1": None, "after_top1": 90.0}], 4, None, 3.0)
+
+
+def test_the_stage_chooses_T_on_validation_where_validation_and_test_disagree():
+    """The stage's own choice (``stages/reduce_t.py`` calls ``choose_T_on_val`` with its score dicts, shaped as
+    ``_score`` and ``_reduce_one`` write them): validation says T=2, the test split would say T=3 whichever of
+    the baseline's or the rows' test figures were read instead."""
+    import stages.reduce_t
+
+    # the stage's one choice is this function on its own score dicts, unchanged (no other chooser, no edited dict)
+    calls = [n for n in ast.walk(ast.parse(inspect.getsource(stages.reduce_t.run)))
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id.startswith("choose_T")]
+    assert [(c.func.id, [ast.unparse(a) for a in c.args[:4]]) for c in calls] == [
+        ("choose_T_on_val", ["rows", "T0", "base", "gate"])]
+    assert stages.reduce_t.choose_T_on_val is choose_T_on_val
+    base = {"val_top1": 90.0, "val_n": 100, "test_top1": 99.0, "test_n": 300}
+    rows = [{"T": 3, "val_top1": 85.0, "before_val_top1": 80.0, "before_top1": 90.0, "after_top1": 99.0},
+            {"T": 2, "val_top1": 89.5, "before_val_top1": 80.0, "before_top1": 70.0, "after_top1": 80.0}]
+    assert choose_T(rows, 4, base["test_top1"], 1.0, score="after_top1")[0] == 3  # what the test split says
+    assert choose_T(rows, 4, base["test_top1"], 1.0)[0] == 3
+    assert choose_T(rows, 4, base["val_top1"], 1.0, score="after_top1")[0] == 3
+    chosen, why = choose_T_on_val(rows, 4, base, 1.0)
+    assert chosen == 2, f"T={chosen} chosen: not on the validation split (val says T=2)"
+    assert "smallest T within 1 points" in why

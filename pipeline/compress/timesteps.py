@@ -123,6 +123,14 @@ def choose_T(rows: Sequence[dict[str, Any]], T0: int, baseline_top1: float | Non
     return T0, "no reduced T: the trained model"
 
 
+def choose_T_on_val(rows: Sequence[dict[str, Any]], T0: int, base: dict[str, Any], gate: float,
+                    choose: int | None = None) -> tuple[int, str]:
+    """reduce_t's choice from the scores it keeps: ``base`` (the baseline's ``val_top1`` / ``test_top1``) and
+    ``rows`` (per reduced T: ``val_top1`` / ``after_top1``, the test top-1). Only the validation figures are
+    read, so the T that ships is never picked on the images that grade it (tests/test_reduce_t.py)."""
+    return choose_T(rows, T0, base["val_top1"], gate, choose, score="val_top1")
+
+
 def format_table(rows: Sequence[dict[str, Any]], T0: int, base: dict[str, Any], chosen: int) -> str:
     """Markdown table: validation top-1 (what chose) and test top-1 (what is reported) at each T."""
     def pct(v: float | None) -> str:

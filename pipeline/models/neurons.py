@@ -126,6 +126,7 @@ class BaseLIF(nn.Module):
         self.surrogate_param = float(surrogate_param)
         # inference: plain comparison (no autograd.Function) so tracing/export sees plain ops.
         self.inference = False
+        self.hand_backward = True  # MultiStepLIF in training; off under a quantiser (staa.set_hand_backward)
 
     def _coeff(self, value: Tensor | float, step_dim: int) -> Tensor | float:
         """Broadcast a per-channel coefficient over a per-step tensor ``[B, C, ...]``."""
@@ -176,8 +177,10 @@ class BaseLIF(nn.Module):
     def _fused(self) -> bool:
         """Whether ``forward`` runs ``MultiStepLIF``: only when it pays, i.e. a gradient is wanted. Without
         one (evaluation, tracing, export, parity checks that wrap ``fire`` on an instance) the per-step loop
-        runs, so every inspected or exported graph is the one it always was."""
-        return not self.inference and torch.is_grad_enabled() and "fire" not in self.__dict__ and not tracing()
+        runs, so every inspected or exported graph is the one it always was. ``hand_backward`` off (a model NNCF
+        wraps for QAT) keeps training on that loop too: its spike quantiser hooks the loop's output op."""
+        return (self.hand_backward and not self.inference and torch.is_grad_enabled() and "fire" not in self.__dict__
+                and not tracing())
 
     def extra_repr(self) -> str:
         return f"v_th={self.v_th}, surrogate={self.surrogate}({self.surrogate_param}), inference={self.inference}"

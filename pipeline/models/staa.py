@@ -19,7 +19,8 @@ Parts (docs/architecture.md §4), each switchable by config:
 Training kernels: when a gradient is wanted, GC pools through ``AttentionPool`` and runs its transform as
 linear layers, and SA pools through ``SpatialMean`` (hand-written backward, same maths; tests/test_staa_fast.py).
 Evaluation, tracing, export and quantisation see the eval ops (1x1 convs, softmax, matmul, mean), and
-``set_hand_backward(model, False)`` keeps a quantiser-wrapped model on them in training too. Measured on the
+``set_hand_backward(model, False)`` keeps a quantiser-wrapped model on them in training too (and its neurons
+on the per-step loop instead of the fused ``MultiStepLIF``). Measured on the
 CPU (width 1/8, T=4, batch 16, one thread, ``bench/peer_spikingjelly.py``): the all-STAA step went from 1.69x
 to 1.38x the plain-LIF step (docs/bench-runs/2026-12-01-cpu/train_step.txt).
 
@@ -183,13 +184,15 @@ def hand_backward(module: nn.Module) -> bool:
 
 
 def set_hand_backward(model: nn.Module, enabled: bool) -> nn.Module:
-    """Switch the STAA parts' hand-written training kernels on or off in ``model``; returns ``model``.
+    """Switch the hand-written training kernels on or off in ``model``: the STAA parts' and the neurons' fused
+    T loop (``MultiStepLIF``); returns ``model``.
 
     Off for a model a quantiser wraps (QAT): NNCF hooks the eval ops (the attention conv's weight, the
-    matmul's output) and its quantisers only learn through autograd, so QAT must train exactly those ops.
+    matmul's output, the neuron's spike output) and its quantisers only learn through autograd, so QAT must
+    train exactly those ops; with the fused neuron step on, a QAT step ran none of the spike quantisers.
     """
     for m in model.modules():
-        if isinstance(m, (GlobalContext, StepAttention)):
+        if isinstance(m, (GlobalContext, StepAttention, BaseLIF)):
             m.hand_backward = bool(enabled)
     return model
 
