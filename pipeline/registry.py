@@ -52,6 +52,10 @@ class Output:
     An output with ``backends`` is a model the report measures, one row per backend; ``parent``
     (``"stage.role"`` or :data:`FLOAT_AT_T`) is what it is gated against, ``gate`` the key of
     ``validate.gates``; ``ships`` marks deployable graphs (also gated against the float baseline).
+    ``identity`` (a key of ``validate.changed``) marks an output that must compute its parent's
+    function: its rows are also gated on changed predictions. ``runtime_identity`` does the same
+    for the rows of its further backends against its first backend's row of the same file (an
+    INT8 file's exact Q/DQ numbers in ONNX Runtime vs the same file compiled by OpenVINO).
     """
 
     role: str
@@ -61,6 +65,8 @@ class Output:
     precision: str | None = None
     parent: str | None = None
     gate: str | None = None
+    identity: str | None = None
+    runtime_identity: str | None = None
     ships: bool = False
     baseline: bool = False  # the float reference every delta is measured against (exactly one)
     steps_from: str | None = None  # one of STEPS_FROM, for measured outputs
@@ -152,16 +158,17 @@ _BUILTIN: tuple[StageSpec, ...] = (
     ), "NNCF INT8 quantisation-aware fine-tuning (symmetric, per-channel weights)"),
     StageSpec("unroll", ("train", "reduce_t", "qat"), ("unroll",), (
         Output("float", "float.pt", "unrolled", ("torch",), "fp32", parent=FLOAT_AT_T, gate="unroll",
-               steps_from="metrics", notes=("unrolled",)),
+               identity="unroll", steps_from="metrics", notes=("unrolled",)),
         Output("int8", "int8.pt", "unrolled", ("torch",), "int8", parent="qat.qat", gate="unroll",
-               steps_from="metrics", notes=("unrolled",)),
+               identity="unroll", steps_from="metrics", notes=("unrolled",)),
         _metrics(),
     ), "static, stateless modules: fixed T, BN folded, hard spikes; parity gates"),
     StageSpec("export", ("unroll",), ("export",), (
         Output("onnx_fp32", "model_fp32.onnx", "onnx", ("onnxruntime", "openvino"), "fp32", parent="unroll.float",
-               gate="onnx_fp32", ships=True, steps_from="metadata", bundled=True),
+               gate="onnx_fp32", identity="onnx_fp32", ships=True, steps_from="metadata", bundled=True),
         Output("onnx_int8", "model_int8.onnx", "onnx", ("onnxruntime", "openvino"), "int8", parent="unroll.int8",
-               gate="onnx_int8", ships=True, steps_from="metadata", bundled=True),
+               gate="onnx_int8", identity="onnx_int8", runtime_identity="runtime_int8", ships=True,
+               steps_from="metadata", bundled=True),
         Output("step_fp32", "step_fp32.onnx", "onnx", (), "fp32", parent="unroll.float", optional=True, bundled=True,
                help="one time step with explicit membranes (needs a stateful driver; absent for SA models)"),
         Output("samples", "sample_inputs.npz", "samples", bundled=True, help="parity images, labels, float logits"),
@@ -296,6 +303,7 @@ def check(rows: tuple[StageSpec, ...] | list[StageSpec] | None = None) -> list[s
     problems: list[str] = []
     seen: dict[str, StageSpec] = {}
     gates = set(SCHEMA["validate"]["gates"])
+    changed = set(SCHEMA["validate"]["changed"])
     for s in rows:
         if s.name in seen:
             problems.append(f"stage {s.name!r} is registered twice")
@@ -311,6 +319,10 @@ def check(rows: tuple[StageSpec, ...] | list[StageSpec] | None = None) -> list[s
                 problems.append(f"{where}: precision {o.precision!r} is not one of {PRECISIONS}")
             if o.gate is not None and o.gate not in gates:
                 problems.append(f"{where}: gate {o.gate!r} is no key of validate.gates in pipeline/schema.py")
+            for what in ("identity", "runtime_identity"):
+                if getattr(o, what) is not None and getattr(o, what) not in changed:
+                    problems.append(f"{where}: {what} {getattr(o, what)!r} is no key of validate.changed in "
+                                    f"pipeline/schema.py")
             if o.steps_from is not None and o.steps_from not in STEPS_FROM:
                 problems.append(f"{where}: steps_from {o.steps_from!r} is not one of {STEPS_FROM}")
             if o.backends and (o.precision is None or o.steps_from is None):

@@ -58,7 +58,8 @@ def run(ctx: StageContext) -> StageResult:
         raise StageError(f"the float baseline {BASELINE} could not be evaluated ({rows[0]['status']}); "
                          f"every delta and gate depends on it: fix it and re-run validate")
     inherit_energy(rows, {a.name: a.energy_from for a in artifacts})
-    failed = apply_gates(rows, v["gates"], BASELINE, v["gate_reference"])
+    failed = apply_gates(rows, v["gates"], BASELINE, v["gate_reference"], changed=v["changed"],
+                         max_logit_diff=v["max_logit_diff"])
 
     doc = build_report(
         rows, run=cfg["name"], dataset=bundle.name, num_classes=bundle.num_classes, test_images=rows[0]["n"],
@@ -66,7 +67,8 @@ def run(ctx: StageContext) -> StageResult:
         device=f"{ctx.device} ({platform.processor() or platform.machine()})",
         settings={"batch_sizes": list(settings.batch_sizes), "warmup": settings.warmup,
                   "iterations": settings.iterations, "threads": settings.threads, "min_seconds": settings.min_seconds,
-                  "gate_reference": v["gate_reference"], "gates": dict(v["gates"])},
+                  "gate_reference": v["gate_reference"], "gates": dict(v["gates"]), "changed": dict(v["changed"]),
+                  "max_logit_diff": dict(v["max_logit_diff"])},
         baseline=BASELINE, energy_model={"e_mac_pj": E_MAC_PJ, "e_ac_pj": E_AC_PJ, "e_mul_pj": E_MUL_PJ,
                                             "convention": CONVENTION, "excluded": list(EXCLUDED)},
         parity=upstream_parity(ctx.inputs), failed=failed, plots=[])
@@ -99,6 +101,8 @@ def _summary(doc: dict[str, Any]) -> dict[str, Any]:
             "energy_uj": (r["energy"] or {}).get("energy_uj"), "tied_top1": r["tied_top1"],
             "delta_significant": (r["delta_stats"] or {}).get("significant"),
             "gate_passed": (r["gate"] or {}).get("passed"), "total_gate_passed": (r["total_gate"] or {}).get("passed"),
+            "changed": (r["agreement_gate"] or {}).get("changed"),
+            "agreement_gate_passed": (r["agreement_gate"] or {}).get("passed"),
             # what the runtime really ran: convs + matmuls on integer kernels, of all, and the conv MAC share
             "int8_ops": (r["executed"] or {}).get("int8_ops"), "ops": (r["executed"] or {}).get("ops"),
             "int8_mac_share": (r["executed"] or {}).get("int8_mac_share"),

@@ -204,6 +204,10 @@ def test_inventory_adds_an_openvino_row_per_onnx_graph(tmp_path, graphs):
         assert (ov_row.gate, ov_row.parent, ov_row.energy_from, ov_row.path) == (
             ort_row.gate, ort_row.parent, ort_row.energy_from, ort_row.path)
         assert ov_row.gate == f"onnx_{prec}" and ov_row.parent == src
+        # FP32 rows must equal the unrolled module; the OpenVINO INT8 row must equal the file's exact Q/DQ numbers
+        assert (ort_row.identity, ort_row.identity_parent) == (f"onnx_{prec}", src)
+        assert (ov_row.identity, ov_row.identity_parent) == (
+            ("onnx_fp32", src) if prec == "fp32" else ("runtime_int8", f"export/model_int8.onnx"))
         loaded = ov_row.opener()
         assert isinstance(loaded.runner, OpenVinoRunner) and loaded.runner.precision == prec
 

@@ -14,12 +14,21 @@ kept small and pure (rows in, rows out) and tested on its own.
   held to ``validate.gates.total`` points against the float baseline, so the per-step
   tolerances cannot add up to an unbounded loss while every step looks green.
 
+- ``agreement_gate`` (identity rows only: an unrolled module, a graph in its runtime, a runtime
+  running an INT8 file against the file's exact Q/DQ numbers): these rows must compute their
+  parent's function, so a net top-1 drop says too little (5 images better and 5 worse nets to 0).
+  ``validate.changed[<key>]`` is the largest share (percent of the test images, rounded up to
+  whole images) whose prediction may differ from the parent's: the rounding flips a correct
+  graph shows; every changed image is listed with the parent's top-2 logit margin on it, and the
+  largest logit difference is recorded (and gated where ``validate.max_logit_diff[<key>]`` is set).
+
 A check passes when ``reference_top1 - top1 <= max_drop``; a gated row that failed to run fails
 its gates; a skipped row (e.g. no TensorRT here) has no result and does not fail the run. A
 failed check says whether its drop is statistically significant on these images.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -67,6 +76,60 @@ def _check(row: dict[str, Any], ref_name: str, ref: Mapping[str, Any] | None, ke
     return check
 
 
+def allowed_changes(share: float, n: int) -> int:
+    """Changed predictions a ``share`` (percent) allows on ``n`` images: rounded up, 0 only for a 0 share."""
+    return int(math.ceil(share * n / 100.0 - 1e-9)) if share > 0 else 0
+
+
+def _margin(logits: np.ndarray) -> np.ndarray:
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0] if logits.shape[1] > 1 else np.full(len(logits), np.inf)
+
+
+def _agreement_check(row: dict[str, Any], ref_name: str, ref: Mapping[str, Any] | None, key: str, max_share: float,
+                     max_logit_diff: float | None, listed: int = 20) -> dict[str, Any]:
+    """The identity check of ``row`` against ``ref``: changed predictions (count, listed) and logit difference."""
+    check: dict[str, Any] = {"name": key, "reference": ref_name, "max_changed_share": max_share, "n": None,
+                             "max_changed": None, "changed": None, "changed_images": [], "max_logit_diff": None,
+                             "max_allowed_logit_diff": max_logit_diff, "passed": None}
+    if row["status"].startswith("skipped"):
+        return check
+    preds, rpreds = row.get("preds"), (ref or {}).get("preds")
+    if preds is None or rpreds is None or len(preds) != len(rpreds) or len(preds) == 0:
+        check["passed"] = False
+        return check
+    preds, rpreds = np.asarray(preds), np.asarray(rpreds)
+    n = len(preds)
+    changed = np.flatnonzero(preds != rpreds)
+    check.update(n=n, changed=int(changed.size), max_changed=allowed_changes(max_share, n))
+    logits, rlogits = row.get("logits"), (ref or {}).get("logits")
+    margins = None
+    if logits is not None and rlogits is not None and np.shape(logits) == np.shape(rlogits):
+        logits, rlogits = np.asarray(logits, np.float64), np.asarray(rlogits, np.float64)
+        check["max_logit_diff"] = float(np.abs(logits - rlogits).max(initial=0.0))
+        margins = _margin(rlogits)
+    check["changed_images"] = [
+        {"index": int(i), "reference_pred": int(rpreds[i]), "pred": int(preds[i]),
+         "reference_margin": None if margins is None else float(margins[i])} for i in changed[:listed]]
+    ok = check["changed"] <= check["max_changed"]
+    if max_logit_diff is not None:
+        ok = ok and check["max_logit_diff"] is not None and check["max_logit_diff"] <= max_logit_diff
+    check["passed"] = bool(ok)
+    return check
+
+
+def _agreement_failure(row: Mapping[str, Any], check: Mapping[str, Any]) -> str:
+    key, ref_name = check["name"], check["reference"]
+    if check["changed"] is None:
+        return f"{row['artifact']}: agreement gate {key} could not be checked against {ref_name} ({row['status']})"
+    msg = (f"{row['artifact']}: {check['changed']} of {check['n']} test predictions differ from {ref_name} "
+           f"(validate.changed.{key}={check['max_changed_share']:g}% allows {check['max_changed']})")
+    if check["max_allowed_logit_diff"] is not None:
+        msg += (f"; logits max |diff| {check['max_logit_diff'] if check['max_logit_diff'] is not None else '?'} "
+                f"(validate.max_logit_diff.{key}={check['max_allowed_logit_diff']:g})")
+    return msg + ": it should compute its reference's function"
+
+
 def _failure(row: Mapping[str, Any], check: Mapping[str, Any]) -> str:
     key, ref_name = check["name"], check["reference"]
     if check["drop"] is None:
@@ -82,9 +145,13 @@ def _failure(row: Mapping[str, Any], check: Mapping[str, Any]) -> str:
 
 
 def apply_gates(rows: Sequence[dict[str, Any]], gates: Mapping[str, float], baseline: str,
-                reference: str = "parent") -> list[str]:
-    """Fill ``delta``, ``delta_stats``, ``agreement``, ``gate`` and ``total_gate`` on every row;
-    returns the failed-check messages."""
+                reference: str = "parent", changed: Mapping[str, float] | None = None,
+                max_logit_diff: Mapping[str, float] | None = None) -> list[str]:
+    """Fill ``delta``, ``delta_stats``, ``agreement``, ``gate``, ``agreement_gate`` and ``total_gate`` on
+    every row; returns the failed-check messages.
+
+    ``changed``: ``validate.changed`` (identity rows' max share of changed predictions, percent);
+    ``max_logit_diff``: ``validate.max_logit_diff`` (optional per identity key)."""
     by_name = {r["artifact"]: r for r in rows}
     base = by_name.get(baseline)
     base_top1 = base["top1"] if base else None
@@ -96,7 +163,7 @@ def apply_gates(rows: Sequence[dict[str, Any]], gates: Mapping[str, float], base
         r["delta_stats"] = stats.as_dict() if stats else None
         r["agreement"] = (agreement(r["preds"], base["preds"]) if ok and base is not None and base["preds"] is not None
                           and len(r["preds"]) == len(base["preds"]) else None)
-        r["gate"] = r["total_gate"] = None
+        r["gate"] = r["total_gate"] = r["agreement_gate"] = None
         key = r.get("gate_key")
         if key is None or r["artifact"] == baseline:
             continue
@@ -104,7 +171,16 @@ def apply_gates(rows: Sequence[dict[str, Any]], gates: Mapping[str, float], base
         ref = by_name.get(ref_name)
         if ref is None or ref["top1"] is None:  # parent absent or broken: fall back to the baseline
             ref_name, ref = baseline, base
-        r["gate"] = _check(r, ref_name, ref, key, float(gates[key]))
+        r["gate"] = _check(r, ref_name, ref, key, float(gates[key])) if key in gates else None
+        r["agreement_gate"] = None
+        identity = r.get("identity_key")
+        if identity is not None and changed is not None:
+            ident_name = r.get("identity_parent") or ref_name
+            r["agreement_gate"] = _agreement_check(r, ident_name, by_name.get(ident_name), identity,
+                                                   float(changed[identity]),
+                                                   (max_logit_diff or {}).get(identity))
+            if r["agreement_gate"]["passed"] is False:
+                failed.append(_agreement_failure(r, r["agreement_gate"]))
         if r.get("ships"):
             r["total_gate"] = _check(r, baseline, base, TOTAL, float(gates[TOTAL]))
         for check in (r["gate"], r["total_gate"]):
@@ -113,4 +189,4 @@ def apply_gates(rows: Sequence[dict[str, Any]], gates: Mapping[str, float], base
     return failed
 
 
-__all__ = ["TOTAL", "apply_gates", "paired"]
+__all__ = ["TOTAL", "allowed_changes", "apply_gates", "paired"]

@@ -65,6 +65,8 @@ class Artifact:
     path: Path | None
     gate: str | None = None  # key of validate.gates, None for the baseline
     parent: str | None = None  # artifact it was made from (gate reference in "parent" mode)
+    identity: str | None = None  # key of validate.changed: the row must compute identity_parent's function
+    identity_parent: str | None = None  # the row it must equal (its parent, or the file's exact-backend row)
     status: str = "ok"  # "ok" or "skipped: <reason>"
     opener: Callable[[], Loaded] | None = None
     energy_from: str | None = None  # graph rows inherit ops from this torch artifact
@@ -274,12 +276,23 @@ def _rows_of(stage: str, o: Output, path: Path, values: dict[str, str], metrics:
         if backend not in available:
             available[backend] = get_backend(backend).is_available()
         ok, reason = available[backend] if backend != o.backends[0] else (True, "")
+        identity, identity_parent = _identity(stage, o, backend, values, parent)
         out.append(Artifact(
             _row_name(stage, o, backend, values), stage, backend, o.precision, T, path, gate=o.gate, parent=parent,
+            identity=identity, identity_parent=identity_parent,
             status="ok" if ok else f"skipped: {reason}",
             opener=_opener(o.kind, backend, path, o.precision, T, device, input_shape) if ok else None,
             energy_from=_energy_from(stage, o, T), notes=list(o.notes), ships=o.ships, kind=o.kind))
     return out
+
+
+def _identity(stage: str, o: Output, backend: str, values: dict[str, Any],
+              parent: str | None) -> tuple[str | None, str | None]:
+    """(validate.changed key, the row this one must equal): a further backend of an output with a
+    ``runtime_identity`` is held to the first backend's row of the same file, others to their parent."""
+    if backend != o.backends[0] and o.runtime_identity is not None:
+        return o.runtime_identity, _row_name(stage, o, o.backends[0], values)
+    return (o.identity, parent) if o.identity is not None else (None, None)
 
 
 def _skipped_row(stage: str, o: Output, backend: str, rows: list[Artifact], status: str) -> Artifact:
@@ -287,8 +300,10 @@ def _skipped_row(stage: str, o: Output, backend: str, rows: list[Artifact], stat
     (and its parent's T, where the output takes its T from the parent)."""
     parent = _parent(o, rows, None)
     T = next((a.T for a in rows if a.name == parent), None) if o.steps_from == "parent" else None
+    identity, identity_parent = _identity(stage, o, backend, {}, parent)
     return Artifact(_row_name(stage, o, backend, {}), stage, backend, o.precision, T, None, gate=o.gate,
-                    parent=parent, status=status, notes=list(o.notes), ships=o.ships, kind=o.kind)
+                    parent=parent, identity=identity, identity_parent=identity_parent, status=status,
+                    notes=list(o.notes), ships=o.ships, kind=o.kind)
 
 
 def upstream_parity(inputs: dict[str, Path]) -> dict[str, dict[str, Any]]:

@@ -80,9 +80,9 @@ def _accuracy(runner: Any, module: Any, loader: DataLoader, chunk: int | None) -
     """evaluate() through the runner; for torch rows also firing rates and per-layer ops."""
     predict = runner_predict(runner, chunk)
     if module is None:
-        return evaluate(predict, loader, "cpu", progress=False), None, None
+        return evaluate(predict, loader, "cpu", progress=False, keep_logits=True), None, None
     with record_firing_rates(module) as rates, count_ops(module) as counter:
-        res = evaluate(predict, loader, "cpu", progress=False)
+        res = evaluate(predict, loader, "cpu", progress=False, keep_logits=True)
         layers = counter.layers()
     return res, dict(rates), layers
 
@@ -96,6 +96,7 @@ def measure(art: Artifact, loader: DataLoader, settings: Settings, log: Any = No
     row: dict[str, Any] = {
         "artifact": art.name, "stage": art.stage, "backend": art.backend, "precision": art.precision, "T": art.T,
         "status": art.status, "size_mb": art.size_mb, "parent": art.parent, "gate_key": art.gate,
+        "identity_key": art.identity, "identity_parent": art.identity_parent, "logits": None,
         "notes": list(art.notes), "ships": art.ships,
         "top1": None, "top5": None, "loss": None, "n": 0, "tied_top1": None, "labels": None, "latency": None, "throughput": None, "benchmarks": [],
         "firing_rates": None, "mean_firing_rate": None, "energy": None, "preds": None, "layers": None,
@@ -112,7 +113,7 @@ def measure(art: Artifact, loader: DataLoader, settings: Settings, log: Any = No
             res, rates, layers = _accuracy(loaded.runner, loaded.module, loader, max_batch)
             row.update(top1=res["top1"], top5=res["top5"] if settings.num_classes > 10 else None,
                        loss=res["loss"], n=res["n"], preds=res["preds"], labels=res["labels"],
-                       tied_top1=res["tied_top1"])
+                       tied_top1=res["tied_top1"], logits=res["logits"].numpy())
             if rates is not None:
                 row["firing_rates"] = rates
                 row["mean_firing_rate"] = float(np.mean(list(rates.values()))) if rates else None

@@ -5,16 +5,19 @@ Why versioned: dashboards and CI compare reports across runs and releases; a rea
 Bump ``SCHEMA_VERSION`` on any change that removes or renames a field or changes its unit;
 adding an optional field keeps the version.
 
-Schema version 3 (units in the names or stated here; 2 added the paired statistics, the
+Schema version 4 (units in the names or stated here; 2 added the paired statistics, the
 total gate, tied top-1 counts and ``ships``; 3 added the ``openvino`` backend and the required
-``executed`` field, which a version-2 reader would reject or misread)::
+``executed`` field, which a version-2 reader would reject or misread; 4: ``ci95`` is Tango's
+unconditional interval (3: conditional on the discordant count, too narrow), and the required
+``agreement_gate`` of identity rows)::
 
     {
-      "schema_version": 3,
+      "schema_version": 4,
       "run": str, "dataset": str, "num_classes": int, "test_images": int,
       "created": ISO-8601 str, "pipeline_version": str, "device": str,
       "settings": {"batch_sizes": [int], "warmup": int, "iterations": int, "threads": int|null,
-                   "gate_reference": "parent"|"baseline", "gates": {key: float points}},
+                   "gate_reference": "parent"|"baseline", "gates": {key: float points},
+                   "changed": {key: float percent}, "max_logit_diff": {key: float}},
       "baseline": {"artifact": str, "top1": float|null},
       "energy_model": {"e_mac_pj": float, "e_ac_pj": float, "e_mul_pj": float, "convention": str,
                        "excluded": [str]},                 # what the estimate leaves out
@@ -41,6 +44,7 @@ total gate, tied top-1 counts and ``ships``; 3 added the ``openvino`` backend an
           "ships": bool,                                   # a deployable graph: also total-gated
           "executed": EXECUTED | null,                     # what the runtime really ran (null: not measured)
           "gate": CHECK | null,                            # vs the parent (or baseline, gate_reference)
+          "agreement_gate": AGREE | null,                  # identity rows: changed predictions vs the row they equal
           "total_gate": CHECK | null                       # ships only: vs the baseline, gates.total
       }],
       "layers": {artifact: [{"name", "kind", "spike_driven", "macs", "input_rate", "sops", "energy_pj"}]},
@@ -52,6 +56,10 @@ total gate, tied top-1 counts and ``ships``; 3 added the ``openvino`` backend an
 
     CHECK = {"name": str, "max_drop": float, "reference": str, "reference_top1": float|null,
              "drop": float|null, "passed": bool|null, "stats": STATS|null}   # passed null: skipped row
+    AGREE = {"name": str, "reference": str, "n": int|null, "changed": int|null,      # changed predictions
+             "max_changed": int|null, "max_changed_share": float,                  # allowed (count, percent)
+             "changed_images": [{"index", "reference_pred", "pred", "reference_margin"}],  # first 20, listed
+             "max_logit_diff": float|null, "max_allowed_logit_diff": float|null, "passed": bool|null}
     STATS = {"delta": float, "ci95": [float, float], "p_value": float, "significant": bool,
              "only_row": int, "only_reference": int, "n": int}      # see pipeline.report.stats
     EXECUTED = {"int8_ops": int, "ops": int,          # convs + matmuls/gemms on integer kernels / all
@@ -65,7 +73,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 ROW_FIELDS: dict[str, tuple[type, ...]] = {
     "artifact": (str,), "stage": (str,), "backend": (str,), "precision": (str,), "T": (int, type(None)),
@@ -76,6 +84,7 @@ ROW_FIELDS: dict[str, tuple[type, ...]] = {
     "mean_firing_rate": (float, int, type(None)), "parent": (str, type(None)), "notes": (list,),
     "gate": (dict, type(None)), "total_gate": (dict, type(None)), "delta_stats": (dict, type(None)),
     "tied_top1": (int, type(None)), "ships": (bool,), "executed": (dict, type(None)),
+    "agreement_gate": (dict, type(None)),
 }
 TOP_FIELDS: dict[str, tuple[type, ...]] = {
     "schema_version": (int,), "run": (str,), "dataset": (str,), "num_classes": (int,), "test_images": (int,),
@@ -84,6 +93,8 @@ TOP_FIELDS: dict[str, tuple[type, ...]] = {
     "plots": (list,),
 }
 GATE_FIELDS = ("name", "max_drop", "reference", "reference_top1", "drop", "passed", "stats")
+AGREE_FIELDS = ("name", "reference", "n", "changed", "max_changed", "max_changed_share", "changed_images",
+                "max_logit_diff", "max_allowed_logit_diff", "passed")
 STATS_FIELDS = ("delta", "ci95", "p_value", "significant", "only_row", "only_reference", "n")
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 EXECUTED_FIELDS = ("int8_ops", "ops", "int8_mac_share", "kernels", "source")
@@ -99,7 +110,7 @@ def build_report(rows: Sequence[Mapping[str, Any]], *, run: str, dataset: str, n
                  created: str, pipeline_version: str, device: str, settings: Mapping[str, Any], baseline: str,
                  energy_model: Mapping[str, Any], parity: Mapping[str, Any], failed: Sequence[str],
                  plots: Sequence[str]) -> dict[str, Any]:
-    """The report.json document (schema version 3) from measured, gated rows."""
+    """The report.json document (schema version 4) from measured, gated rows."""
     base = next((r for r in rows if r["artifact"] == baseline), None)
     return {
         "schema_version": SCHEMA_VERSION, "run": run, "dataset": dataset, "num_classes": int(num_classes),
@@ -136,6 +147,8 @@ def validate_report(doc: Mapping[str, Any]) -> list[str]:
                     errs.append(f"{where}: {field} lacks {', '.join(missing)}")
                 elif isinstance(check["stats"], dict):
                     errs += _missing(check["stats"], STATS_FIELDS, f"{where}: {field}.stats")
+        if isinstance(row.get("agreement_gate"), dict):
+            errs += _missing(row["agreement_gate"], AGREE_FIELDS, f"{where}: agreement_gate")
         if isinstance(row.get("executed"), dict):
             errs += _missing(row["executed"], EXECUTED_FIELDS, f"{where}: executed")
         if isinstance(row.get("delta_stats"), dict):

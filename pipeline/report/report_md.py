@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 COLUMNS = ("artifact", "backend", "precision", "int8 ops executed", "int8 MACs %", "T", "status", "size MB",
            "top-1 %", "top-5 %", "tied top-1",
            "delta [95% CI]", "agreement %", "p50 ms (b{b1})", "p95 ms (b{b1})", "img/s (b{bn})", "energy µJ/img*",
-           "gate (step)", "gate (total)")
+           "gate (step)", "gate (agreement)", "gate (total)")
 
 
 def _f(value: Any, digits: int = 2, signed: bool = False) -> str:
@@ -44,6 +44,20 @@ def _gate(check: Mapping[str, Any] | None, empty: str = "-") -> str:
     if not g["passed"] and g.get("stats"):
         sig = ", significant" if g["stats"]["significant"] else ", within noise"
     return f"{mark} ({g['name']}: drop {g['drop']:.2f} {op} {g['max_drop']:g} vs {g['reference']}{sig})"
+
+
+def _agreement_gate(check: Mapping[str, Any] | None) -> str:
+    """``pass (onnx_fp32: 1 ≤ 5 changed vs unroll/float.pt, max |Δlogit| 0.07)``."""
+    if check is None:
+        return "-"
+    if check["passed"] is None:
+        return f"- ({check['name']} ≤ {check['max_changed_share']:g}%)"
+    if check["changed"] is None:
+        return f"**FAIL** ({check['name']}: not measured)"
+    mark = "pass" if check["passed"] else "**FAIL**"
+    op = "≤" if check["changed"] <= check["max_changed"] else ">"  # a failure with ≤ failed on the logits
+    diff = "" if check["max_logit_diff"] is None else f", max |Δlogit| {check['max_logit_diff']:.3g}"
+    return f"{mark} ({check['name']}: {check['changed']} {op} {check['max_changed']} changed vs {check['reference']}{diff})"
 
 
 def fake_quant(row: Mapping[str, Any]) -> str | None:
@@ -83,7 +97,8 @@ def _row_cells(row: Mapping[str, Any], baseline: str) -> list[str]:
             status,
             _f(row.get("size_mb")), _f(row.get("top1")), _f(row.get("top5")), ties, _delta(row),
             _f(row.get("agreement"), 1), _f(lat.get("p50_ms"), 3), _f(lat.get("p95_ms"), 3),
-            _f(thr.get("images_per_s"), 1), energy, step, _gate(row.get("total_gate"))]
+            _f(thr.get("images_per_s"), 1), energy, step, _agreement_gate(row.get("agreement_gate")),
+            _gate(row.get("total_gate"))]
 
 
 def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
@@ -105,7 +120,10 @@ def render(doc: Mapping[str, Any]) -> str:
              f"threads {s['threads']}; latency at batch "
              f"{min(sizes)}, throughput at batch {max(sizes)}. Step gate: max top-1 drop in points vs the "
              f"{'parent artifact' if s.get('gate_reference') == 'parent' else 'float baseline'}; total gate: every "
-             f"row that can ship vs the float baseline (validate.gates.total = {s['gates'].get('total', '-')}).", "",
+             f"row that can ship vs the float baseline (validate.gates.total = {s['gates'].get('total', '-')}); "
+             f"agreement gate: rows that must compute the same function as the row they were made from (unrolled "
+             f"modules, graphs in their runtimes, a runtime running an INT8 file vs the file's exact Q/DQ numbers) "
+             f"may change at most validate.changed (percent, rounded up to whole images) of the predictions.", "",
              "Every figure is measured on the test split (never used to choose anything). Top-1 is the first index "
              "of the largest logit; *tied top-1* counts images whose largest logit two or more classes share. "
              "*delta*: top-1 points vs the baseline with a 95% interval from the paired predictions on the same "
@@ -115,6 +133,7 @@ def render(doc: Mapping[str, Any]) -> str:
     g = doc["gates"]
     lines += ["", f"**Gates: {'all passed' if g['passed'] else 'FAILED'}**"]
     lines += [f"- {msg}" for msg in g["failed"]]
+    lines += _changed_section(doc)
     lines += energy_note(doc)
     lines += _firing_section(doc)
     lines += _layer_section(doc)
@@ -122,6 +141,22 @@ def render(doc: Mapping[str, Any]) -> str:
     if doc.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in doc["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def _changed_section(doc: Mapping[str, Any]) -> list[str]:
+    """Every changed prediction of an identity row, with the reference's top-2 margin on that image."""
+    lines: list[str] = []
+    for r in doc["rows"]:
+        g = r.get("agreement_gate")
+        if not g or not g.get("changed_images"):
+            continue
+        cells = [f"#{c['index']} {c['reference_pred']}→{c['pred']}"
+                 + ("" if c["reference_margin"] is None else f" (margin {c['reference_margin']:.3g})")
+                 for c in g["changed_images"]]
+        more = g["changed"] - len(cells)
+        lines.append(f"- `{r['artifact']}` vs `{g['reference']}`: {', '.join(cells)}" + (f", and {more} more" if more > 0 else ""))
+    return (["", "Changed predictions of identity rows (image, reference class → row class, the reference's "
+                 "top-2 logit margin):"] + lines) if lines else []
 
 
 def executed_note(doc: Mapping[str, Any]) -> list[str]:
