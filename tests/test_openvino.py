@@ -28,7 +28,7 @@ from pipeline.report import fake_quant, render
 from pipeline.report.inventory import OPENVINO_SUFFIX, discover
 from pipeline.runtime import OpenVinoRunner, OrtRunner, TorchRunner, get_backend, load_runner
 from pipeline.runtime.executed import KEYS, tensorrt_executed
-from pipeline.runtime.openvino_qdq import adapt_qdq_for_openvino, has_qdq
+from pipeline.runtime.openvino_qdq import adaptation_exactness, adapt_qdq_for_openvino, has_qdq, saturating_inputs
 from tests.helpers import QDQConv2d, firing_model, quantize_convs, real_images
 
 pytest.importorskip("openvino", reason="openvino is not installed (pip install openvino==2026.4.1)")
@@ -361,6 +361,15 @@ def test_the_adapted_graph_computes_what_the_file_means(graphs, spiking_conv):
                {i.name for i in model.graph.initializer}}
         assert all(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == z)).dtype == np.uint8
                    for z in zps)
+
+
+def test_the_adapted_graph_is_exact_at_both_clip_bounds(graphs):
+    """Inputs scaled past the int8 range reach the float pairs' clip bounds (read from the copy's Round
+    outputs), and the copy still equals the file: a wrong bound (-127 for -128) cannot pass."""
+    paths, _, x, _ = graphs
+    res = adaptation_exactness(onnx.load(str(paths["int8"])), saturating_inputs(x[:8]))
+    assert res["float_pairs"] >= 1 and res["pairs_below_min"] == res["pairs_above_max"] == res["float_pairs"], res
+    assert res["max_abs_diff"] == 0.0, res
 
 
 def test_an_fp32_graph_passes_through_unchanged(graphs):

@@ -19,6 +19,7 @@ Weight DequantizeLinear nodes (int8 initializers) are left as they are.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -221,4 +222,45 @@ def adapt_file(src: str, dst: str) -> QdqAdaptation:
     return counts
 
 
-__all__ = ["HOW", "QdqAdaptation", "adapt_file", "adapt_qdq_for_openvino", "has_qdq"]
+def saturating_inputs(x: np.ndarray, gain: float = 100.0) -> np.ndarray:
+    """``x``, ``gain * x`` and ``-gain * x``: real inputs and two scaled copies that drive the input
+    quantisers past both int8 bounds, so a wrong clip bound cannot hide behind in-range values."""
+    x = np.asarray(x, np.float32)
+    return np.concatenate([x, gain * x, -gain * x])
+
+
+def adaptation_exactness(model: onnx.ModelProto, x: np.ndarray, threads: int | None = 1) -> dict[str, Any]:
+    """Does the adapted copy compute the file's numbers? ONNX Runtime with exact Q/DQ semantics on both.
+
+    Returns the largest logit difference (0.0 when exact) and, for the pairs the adaptation runs in
+    float, how many had an input rounded below -128 and above 127 (the clip bounds were exercised),
+    read from the copy's own ``Round`` outputs.
+    """
+    import onnxruntime as ort
+
+    from pipeline.runtime.ort_runner import EXACT_QDQ
+
+    adapted, counts = adapt_qdq_for_openvino(copy.deepcopy(model))
+    rounds = [n.output[0] for n in adapted.graph.node if n.op_type == "Round" and n.name.startswith("ov_qdq/")]
+    adapted.graph.output.extend(helper.make_tensor_value_info(r, TensorProto.FLOAT, None) for r in rounds)
+
+    def session(m: onnx.ModelProto) -> Any:
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=list(EXACT_QDQ))
+
+    src, dst = session(model), session(adapted)
+    name = src.get_inputs()[0].name
+    ref = src.run(None, {name: x})[0]
+    outs = dst.run(None, {name: x})
+    low = sum(bool((r < -128).any()) for r in outs[1:])
+    high = sum(bool((r > 127).any()) for r in outs[1:])
+    return {"images": int(len(x)), "max_abs_diff": float(np.abs(outs[0].astype(np.float64) - ref).max(initial=0.0)),
+            "float_pairs": counts.float_qdq, "spike_pairs": counts.spikes_uint8,
+            "pairs_below_min": low, "pairs_above_max": high}
+
+
+__all__ = ["HOW", "QdqAdaptation", "adaptation_exactness", "adapt_file", "adapt_qdq_for_openvino", "has_qdq",
+           "saturating_inputs"]
