@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 
 from pipeline import __version__
@@ -27,6 +28,7 @@ from pipeline.deploy.unroll import UnrollError, load_unrolled
 from pipeline.deploy.verify import Gates, batches, export_streaming_verified, export_verified
 from pipeline.registry import config_sections
 from pipeline.runner import StageContext, StageError, StageResult
+from pipeline.runtime.openvino_qdq import adaptation_exactness, has_qdq, saturating_inputs
 
 
 def _inputs(cfg: dict[str, Any], T: int, limit: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -63,6 +65,22 @@ def _log_compact(ctx: StageContext, key: str, c: dict[str, Any]) -> None:
                  c["folded_weight_quantizers"])
 
 
+def _adaptation_exact(ctx: StageContext, x: np.ndarray, failures: list[str]) -> dict[str, Any] | None:
+    """The OpenVINO row runs an adapted copy of the INT8 file (pipeline.runtime.openvino_qdq): prove on
+    this very graph, with inputs past both int8 bounds, that the copy computes the file's numbers."""
+    model = onnx.load(str(ctx.output("onnx_int8")))
+    if not has_qdq(model):
+        return None
+    res = adaptation_exactness(model, saturating_inputs(x))
+    ctx.log.info("OpenVINO Q/DQ adaptation vs the INT8 file (ONNX Runtime, exact Q/DQ): %d images, max |diff| %.3g; "
+                 "%d float pairs, %d reached -128, %d reached 127", res["images"], res["max_abs_diff"],
+                 res["float_pairs"], res["pairs_below_min"], res["pairs_above_max"])
+    if res["max_abs_diff"] != 0.0:
+        failures.append(f"the OpenVINO adaptation of the INT8 graph changes its numbers (max |diff| "
+                        f"{res['max_abs_diff']:.3g} on {res['images']} images): a bug in pipeline/runtime/openvino_qdq.py")
+    return res
+
+
 def size_ratios(fp32: dict[str, Any], int8: dict[str, Any]) -> dict[str, float]:
     """INT8 over FP32 initializer and file bytes of the final graphs (``compact.after`` of each)."""
     return {"int8_over_fp32_initializer_bytes": round(int8["initializer_bytes"] / max(fp32["initializer_bytes"], 1), 4),
@@ -97,6 +115,7 @@ def run(ctx: StageContext) -> StageResult:
                 _log_compact(ctx, key, m["compact"])
                 _log_parity(ctx, key, m["parity"])
         metrics.update(size_ratios(metrics["fp32"]["compact"]["after"], metrics["int8"]["compact"]["after"]))
+        metrics["int8"]["openvino_adaptation"] = _adaptation_exact(ctx, x[:64].numpy(), failures)
         blockers = stream_blockers(flat) if e["streaming"] else ["export.streaming is false"]
         if blockers:
             metrics["streaming"] = {"exported": False, "reason": blockers[0]}

@@ -90,6 +90,9 @@ def test_int8_onnx_is_qdq_and_matches_its_torch_model(export_run):
     assert m["parity"]["min_local_spike_agreement"] >= 0.999 and m["parity"]["samples_real_mismatch"] == 0
     assert m["check"]["op_counts"]["DequantizeLinear"] > 0 and m["check"]["op_counts"]["BatchNormalization"] == 19
     assert read_metadata(out / "model_int8.onnx")["precision"] == "int8"
+    # the OpenVINO row's adapted copy was proven on this very file, with both int8 bounds reached
+    ad = m["openvino_adaptation"]
+    assert ad["max_abs_diff"] == 0.0 and ad["float_pairs"] >= 1 and ad["pairs_below_min"] >= 1, ad
 
 
 def test_graphs_are_compacted_before_every_check(export_run):
