@@ -442,3 +442,25 @@ def test_openvino_under_preloaded_tcmalloc_is_a_reported_state_not_an_abort(tmp_
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "refused:" in proc.stdout
+
+
+def test_each_openvino_timing_carries_the_counts_of_the_model_it_timed(graphs):
+    """The dynamic-batch figures and a static compile per timed batch size, each with its own executed counts."""
+    from pipeline.report.inventory import Artifact
+    from pipeline.report.measure import Settings, measure
+    from pipeline.report.report_md import compiled_shapes_section
+
+    paths, _, x, y = graphs
+    art = Artifact("export/model_int8.onnx@openvino", "export", "openvino", "int8", 1, paths["int8"],
+                   opener=lambda: __import__("pipeline.report.inventory", fromlist=["Loaded"]).Loaded(
+                       OpenVinoRunner(paths["int8"], precision="int8")))
+    loader = [(torch.from_numpy(x[:12]), torch.from_numpy(y[:12]))]
+    row = measure(art, loader, Settings(batch_sizes=(1, 4), warmup=1, iterations=2, threads=1, num_classes=10))
+    assert row["status"] == "ok", row["status"]
+    assert [b["compiled"] for b in row["benchmarks"]] == ["dynamic batch"] * 2
+    assert [(b["batch"], b["compiled"]) for b in row["static_benchmarks"]] == [(1, "static batch 1"),
+                                                                             (4, "static batch 4")]
+    for b in row["benchmarks"] + row["static_benchmarks"]:
+        assert b["executed"]["convs"] == row["executed"]["convs"] and b["executed"]["int8_convs"] >= 1
+    lines = compiled_shapes_section({"rows": [row]})
+    assert any("static batch 1" in line for line in lines)

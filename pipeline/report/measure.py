@@ -100,7 +100,7 @@ def measure(art: Artifact, loader: DataLoader, settings: Settings, log: Any = No
         "notes": list(art.notes), "ships": art.ships,
         "top1": None, "top5": None, "loss": None, "n": 0, "tied_top1": None, "labels": None, "latency": None, "throughput": None, "benchmarks": [],
         "firing_rates": None, "mean_firing_rate": None, "energy": None, "preds": None, "layers": None,
-        "executed": None,
+        "executed": None, "static_benchmarks": [],
     }
     if art.status != "ok" or art.opener is None:
         return row
@@ -123,6 +123,11 @@ def measure(art: Artifact, loader: DataLoader, settings: Settings, log: Any = No
             first = next(iter(loader))[0].numpy()
             row.update(measure_speed(loaded.runner, first, settings, max_batch))
             row["executed"] = executed(loaded.runner, art.name, log)
+            for b in row["benchmarks"]:  # what each figure timed: this compiled model, its batch axis as compiled
+                b["compiled"] = _compiled_shape(loaded.runner)
+                b["executed"] = _counts(row["executed"])
+            if art.backend in STATIC_BACKENDS and art.path is not None:
+                row["static_benchmarks"] = static_speed(art, first, settings, log)
         finally:
             loaded.runner.close()
     except Exception as exc:  # one broken artifact must not hide the others
@@ -130,6 +135,46 @@ def measure(art: Artifact, loader: DataLoader, settings: Settings, log: Any = No
         if log is not None:
             log.error("[validate] %s failed: %s\n%s", art.name, exc, traceback.format_exc())
     return row
+
+
+# backends whose executed kernels depend on the compiled shape: their graphs are also compiled and timed at
+# each timed batch size as a static shape (the usual edge deployment), with that compile's own counts
+STATIC_BACKENDS = ("openvino",)
+
+
+def _compiled_shape(runner: Any) -> str:
+    shape = getattr(runner, "input_shape", ())
+    return "dynamic batch" if shape and shape[0] is None else f"static batch {shape[0] if shape else '?'}"
+
+
+def _counts(ex: dict[str, Any] | None) -> dict[str, Any] | None:
+    keys = ("int8_convs", "convs", "int8_ops", "ops", "int8_mac_share")
+    return {k: ex.get(k) for k in keys} if ex else None
+
+
+def static_speed(art: Artifact, sample: np.ndarray, settings: Settings, log: Any = None) -> list[dict[str, Any]]:
+    """Latency at each timed batch size of the graph compiled for that static batch, with that compile's
+    executed-precision counts (a static compile can pick other kernels than the dynamic one)."""
+    from pipeline.report.inventory import RUNNER_OPTIONS
+    from pipeline.runtime.backends import get_backend
+
+    out = []
+    for b in sorted(set(settings.batch_sizes)):
+        try:
+            runner = get_backend(art.backend).runner(art.path, precision=art.precision, static_batch=b,
+                                                     **RUNNER_OPTIONS.get(art.backend, {}))
+        except Exception as exc:  # the dynamic figures stand without it
+            if log is not None:
+                log.warning("[validate] %s: static batch %d did not compile: %s", art.name, b, exc)
+            continue
+        try:
+            run = benchmark(runner, batch=b, warmup=settings.warmup, iters=settings.iterations,
+                            threads=settings.threads, x=tile_batch(sample, b), min_seconds=settings.min_seconds)
+            run.update(compiled=_compiled_shape(runner), executed=_counts(executed(runner, art.name, log)))
+            out.append(run)
+        finally:
+            runner.close()
+    return out
 
 
 def executed(runner: Any, name: str, log: Any = None) -> dict[str, Any] | None:

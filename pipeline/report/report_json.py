@@ -35,7 +35,10 @@ unconditional interval (3: conditional on the discordant count, too narrow), and
           "agreement": float|null,                         # percent same prediction as the baseline
           "latency": {"batch": int, "p50_ms": float, "p95_ms": float, "mean_ms": float} | null,
           "throughput": {"batch": int, "images_per_s": float} | null,
-          "benchmarks": [ {"batch", "p50_ms", "p95_ms", "mean_ms", "throughput", ...} ],
+          "benchmarks": [ {"batch", "p50_ms", "p95_ms", "mean_ms", "throughput", ...,
+                           "compiled": "dynamic batch"|"static batch N",   # the compiled model timed
+                           "executed": {"int8_convs", "convs", "int8_ops", "ops", "int8_mac_share"}|null} ],
+          "static_benchmarks": [ same, each compiled for its static batch ],  # OpenVINO rows; else []
           "energy": {"energy_uj": float, "energy_pj": float, "macs": float, "sops": float,
                      "dense_macs": float, "mults": float, "adds": float,   # element-wise real ops
                      "elementwise_pj": float, "excluded": [str], "source": str} | null,   # per image; an estimate
@@ -84,7 +87,7 @@ ROW_FIELDS: dict[str, tuple[type, ...]] = {
     "mean_firing_rate": (float, int, type(None)), "parent": (str, type(None)), "notes": (list,),
     "gate": (dict, type(None)), "total_gate": (dict, type(None)), "delta_stats": (dict, type(None)),
     "tied_top1": (int, type(None)), "ships": (bool,), "executed": (dict, type(None)),
-    "agreement_gate": (dict, type(None)),
+    "agreement_gate": (dict, type(None)), "static_benchmarks": (list,),
 }
 TOP_FIELDS: dict[str, tuple[type, ...]] = {
     "schema_version": (int,), "run": (str,), "dataset": (str,), "num_classes": (int,), "test_images": (int,),

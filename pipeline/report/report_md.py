@@ -134,6 +134,7 @@ def render(doc: Mapping[str, Any]) -> str:
     lines += ["", f"**Gates: {'all passed' if g['passed'] else 'FAILED'}**"]
     lines += [f"- {msg}" for msg in g["failed"]]
     lines += _changed_section(doc)
+    lines += compiled_shapes_section(doc)
     lines += energy_note(doc)
     lines += _firing_section(doc)
     lines += _layer_section(doc)
@@ -141,6 +142,29 @@ def render(doc: Mapping[str, Any]) -> str:
     if doc.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in doc["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def compiled_shapes_section(doc: Mapping[str, Any]) -> list[str]:
+    """Latency and integer-kernel counts per compiled shape: a static batch-1 compile (the usual edge
+    deployment) can run other kernels than the dynamic-batch model the main table timed."""
+    body = []
+    for r in doc["rows"]:
+        for b in list(r.get("benchmarks") or []) + list(r.get("static_benchmarks") or []):
+            ex = b.get("executed") or {}
+            if not ex or not b.get("compiled"):
+                continue
+            share = ex.get("int8_mac_share")
+            body.append([r["artifact"], r["backend"], b["compiled"], str(b["batch"]),
+                         f"{ex.get('int8_convs', '-')}/{ex.get('convs', '-')}",
+                         "-" if share is None else f"{100 * share:.1f}", _f(b.get("p50_ms"), 3),
+                         _f(b.get("throughput"), 1)])
+    if not any(r.get("static_benchmarks") for r in doc["rows"]):
+        return []
+    return ["", "## Executed precision per compiled shape", "",
+            "Each timing with the kernels of the model it timed: the main table's figures come from one "
+            "dynamic-batch compile; OpenVINO rows are also compiled and timed at each batch size as a static "
+            "shape, which can pick other kernels (counted from that compile's own runtime model).", ""] + \
+        _table(["artifact", "backend", "compiled", "batch", "int8 convs", "int8 MACs %", "p50 ms", "img/s"], body)
 
 
 def _changed_section(doc: Mapping[str, Any]) -> list[str]:
