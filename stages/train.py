@@ -16,6 +16,7 @@ from pipeline.console import LOG_ONLY
 from pipeline.data import data_bundle, data_meta, eval_loader, model_config, train_loader
 from pipeline.distributed import wrap_ddp
 from pipeline.models import build_model
+from pipeline.models.kernels import resolve_kernels, set_kernels
 from pipeline.precision import amp_dtype
 from pipeline.runner import StageContext, StageError, StageResult
 from pipeline.training.evaluate import evaluate
@@ -63,6 +64,18 @@ def _prepare(net: torch.nn.Module, ctx: StageContext, t: dict[str, Any]) -> torc
     return model
 
 
+def _use_kernels(net: torch.nn.Module, ctx: StageContext, setting: str) -> str:
+    """Put ``net``'s neurons on the backend ``train.kernels`` means on this device; returns its name."""
+    try:
+        backend = resolve_kernels(setting, ctx.device)
+    except ValueError as exc:
+        raise StageError(str(exc)) from exc
+    set_kernels(net, backend)
+    ctx.log.info("neuron training kernels: %s (train.kernels=%s, device %s)", backend, setting, ctx.device,
+                 extra=LOG_ONLY)
+    return backend
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg, t = ctx.cfg, ctx.cfg["train"]
     if t["threads"]:
@@ -73,6 +86,7 @@ def run(ctx: StageContext) -> StageResult:
     net = build_model(mcfg).to(ctx.device)
     if t["channels_last"] and ctx.device.startswith("cuda"):
         to_channels_last(net)
+    kernels = _use_kernels(net, ctx, t["kernels"])
     model = _prepare(net, ctx, t)
     loader = train_loader(cfg, bundle, ctx.rank, ctx.world_size)
     val = eval_loader(cfg, bundle.val) if len(bundle.val) else None
@@ -124,4 +138,5 @@ def run(ctx: StageContext) -> StageResult:
         "parameters": params, "images_per_s": last.get("images_per_s"), "history": state.history,
         "world_size": ctx.world_size, "global_batch": global_batch,
         "precision": str(dtype).replace("torch.", "") if dtype is not None else "fp32", "compile": bool(t["compile"]),
+        "kernels": kernels,
     })
