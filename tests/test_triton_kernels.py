@@ -25,10 +25,9 @@ import pytest
 
 from pipeline.models.kernels import fused_multistep, resolve_kernels, set_kernels, triton_missing
 
+from tests.helpers.triton_compare import LOW_PRECISION_RTOL, NET_GRAD_RTOL, NEURON_GRAD_RTOL, failures
+
 REPO = Path(__file__).resolve().parents[1]
-NEURON_GRAD_RTOL = 2e-6  # one layer: measured up to 4.3e-7 (ALIF gain, tanh); tanh/atan use other formulas
-NET_GRAD_RTOL = 5e-5  # the tolerance tests/test_fused_step.py holds the torch path to; measured 3.2e-6
-LOW_PRECISION_RTOL = {"torch.bfloat16": 2.0 ** -7, "torch.float16": 2.0 ** -10}  # one ulp, relative to the max
 
 needs_triton = pytest.mark.skipif(triton_missing() is not None, reason=f"Triton backend: {triton_missing()}")
 
@@ -116,6 +115,15 @@ def test_whole_net_training_step(report, dtype):
 def test_evaluation_and_tracing_never_load_the_kernels(report):
     r = report["eval-paths"]
     assert not r["loaded_by_eval"] and not r["loaded_by_trace"], r
+
+
+@needs_triton
+def test_the_gpu_check_judges_the_report_as_the_tests_do(report):
+    """bench/gpu_check_parts.py (part kernels) reads the same report compiled on CUDA with ``failures``."""
+    rows = list(report.values())
+    assert failures(rows) == []
+    broken = [dict(r, spikes_equal=False) if r["case"].startswith("alif-rect-fp32") else r for r in rows]
+    assert any("spikes or membranes differ" in f for f in failures(broken))
 
 
 # --- the setting: no Triton needed --------------------------------------------------------------
