@@ -656,7 +656,7 @@ def _ratios(results: dict[str, Any]) -> dict[str, Any]:
     for suffix in (" fused", ""):
         staa, plain = ips(f"bf16{suffix}"), ips(f"bf16{suffix} plain")
         if staa and plain:
-            out[f"bf16{suffix or ' eager'}_staa_step_over_plain_step"] = round(plain / staa, 2)
+            out[f"bf16_{'fused' if suffix else 'eager'}_staa_over_plain_step_time"] = round(plain / staa, 2)
     return out
 
 
