@@ -19,6 +19,7 @@ from pipeline.models import build_model
 from pipeline.models.kernels import resolve_kernels, set_kernels
 from pipeline.precision import amp_dtype
 from pipeline.runner import StageContext, StageError, StageResult
+from pipeline.schema import ConfigError
 from pipeline.training.evaluate import evaluate
 from pipeline.training.history import HISTORY_FILE, history_rows, write_history
 from pipeline.training.loop import FitConfig, NonFiniteLoss, fit, seed_everything, to_channels_last, total_steps
@@ -64,13 +65,13 @@ def _prepare(net: torch.nn.Module, ctx: StageContext, t: dict[str, Any]) -> torc
     return model
 
 
-def _use_kernels(net: torch.nn.Module, ctx: StageContext, setting: str) -> str:
-    """Put ``net``'s neurons on the backend ``train.kernels`` means on this device; returns its name."""
+def _kernels(ctx: StageContext, setting: str) -> str:
+    """The neurons' training backend ``train.kernels`` means on this device (before any data is read: a
+    setting this machine cannot run is a config error that names the fix)."""
     try:
         backend = resolve_kernels(setting, ctx.device)
     except ValueError as exc:
-        raise StageError(str(exc)) from exc
-    set_kernels(net, backend)
+        raise ConfigError(str(exc)) from exc
     ctx.log.info("neuron training kernels: %s (train.kernels=%s, device %s)", backend, setting, ctx.device,
                  extra=LOG_ONLY)
     return backend
@@ -80,13 +81,14 @@ def run(ctx: StageContext) -> StageResult:
     cfg, t = ctx.cfg, ctx.cfg["train"]
     if t["threads"]:
         torch.set_num_threads(t["threads"])
+    kernels = _kernels(ctx, t["kernels"])
     seed_everything(cfg["seed"])
     bundle = data_bundle(cfg)
     mcfg = model_config(cfg, bundle)
     net = build_model(mcfg).to(ctx.device)
     if t["channels_last"] and ctx.device.startswith("cuda"):
         to_channels_last(net)
-    kernels = _use_kernels(net, ctx, t["kernels"])
+    set_kernels(net, kernels)
     model = _prepare(net, ctx, t)
     loader = train_loader(cfg, bundle, ctx.rank, ctx.world_size)
     val = eval_loader(cfg, bundle.val) if len(bundle.val) else None

@@ -170,3 +170,19 @@ def test_kernels_setting_is_not_in_the_cache_key(write_config):
     base = key()
     assert key("train.kernels=torch") == base and key("train.kernels=triton") == base
     assert key("train.precision=fp16") != base
+
+
+def test_train_stage_refuses_triton_without_cuda_in_one_line(write_config, tmp_path):
+    """``train.kernels: triton`` on a machine without CUDA: exit 2, one line naming the fix, before any data is
+    read and with nothing left behind."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or triton_missing():
+        pytest.skip("needs triton installed and no interpreter (then the setting is valid on the CPU)")
+    path = write_config({"train": {"kernels": "triton"}})
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "pipeline.stage", "train", "--config", str(path), "--set",
+                        "device=cpu"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert errors == ["config error: train.kernels=triton needs a CUDA device (device is 'cpu'; Triton's CPU "
+                      "interpreter, TRITON_INTERPRET=1, is for tests); set train.kernels to auto or torch"]
+    assert not (tmp_path / "artifacts" / "tiny" / "train").exists()
