@@ -151,6 +151,7 @@ def compare_net(dtype: str, device: str, seed: int = 0) -> dict[str, Any]:
 
     from pipeline.models import build_model, neuron_modules
     from pipeline.models.kernels import set_kernels
+    from pipeline.precision import strict_fp32
 
     cfg = {"arch": "resnet19", "width": 0.0625, "T": 2, "num_classes": 10, "in_channels": 3}
     torch.manual_seed(seed)
@@ -162,14 +163,15 @@ def compare_net(dtype: str, device: str, seed: int = 0) -> dict[str, Any]:
     y = torch.arange(4, device=device)
     ac = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}.get(dtype, "float32"))
     logits, fused = [], []
-    for net in (ref, tri):
+    for net in (ref, tri):  # strict IEEE FP32 convs (no TF32 on CUDA): only the neurons differ between the two
         torch.manual_seed(seed + 1)  # TSRD's random steps: the same draws on both sides
-        with torch.autocast(torch.device(device).type, dtype=ac, enabled=dtype != "fp32"):
-            out = net(x)
-            loss = torch.nn.functional.cross_entropy(out.float(), y)
-        names = _node_names(loss.grad_fn)
-        fused.append({k: v for k, v in names.items() if "MultiStepLIF" in k})
-        loss.backward()
+        with strict_fp32():
+            with torch.autocast(torch.device(device).type, dtype=ac, enabled=dtype != "fp32"):
+                out = net(x)
+                loss = torch.nn.functional.cross_entropy(out.float(), y)
+            names = _node_names(loss.grad_fn)
+            fused.append({k: v for k, v in names.items() if "MultiStepLIF" in k})
+            loss.backward()
         logits.append(out.detach())
     rels = {n: _rel(q.grad, p.grad) for (n, p), q in zip(ref.named_parameters(), tri.parameters())
             if p.grad is not None and q.grad is not None and p.grad.abs().max() > 0}
