@@ -171,7 +171,8 @@ for layer in by.get("kernels", {}).get("layers", []):
           f"{'same' if layer['spikes_equal'] else 'DIFFER'}")
 for p, row in by.get("peer_sj", {}).get("precisions", {}).items():
     print(f"peer_sj {p}: img/s {row.get('images_per_s')}, "
-          + ", ".join(f"{k} {v}x" for k, v in row.items() if k.endswith("_over_spikingjelly")) + (f", errors {row['errors']}" if row.get("errors") else ""))
+          + ", ".join(f"{k} {v}x" for k, v in row.items() if k.endswith("_over_spikingjelly"))
+          + (f", errors {row['errors']}" if row.get("errors") else ""))
 for k, v in by.get("infer", {}).get("rows", {}).items():
     print(f"infer {k}: p50 {v.get('p50_ms')} ms, {v.get('images_per_s')} img/s {v.get('error', '')}")
 failed = [r["part"] for r in rows if r["status"] == "fail"]

@@ -488,7 +488,8 @@ def part_peer_sj(args: argparse.Namespace) -> dict[str, Any]:
         functional.reset_net(node)
         same[k] = bool(torch.equal(mine, theirs))
         flips[k] = int((mine != theirs).sum().item())
-    models = {"ours eager": ours(width, T, classes, 3).to(device), "spikingjelly": SJResNet19(width, T, classes, 3).to(device)}
+    models = {"ours eager": ours(width, T, classes, 3).to(device),
+              "spikingjelly": SJResNet19(width, T, classes, 3).to(device)}
     if "triton" in kinds:
         models["ours fused"] = set_kernels(ours(width, T, classes, 3).to(device), "triton")
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}

@@ -5,8 +5,9 @@ One training step is what ``pipeline.training.loop.fit`` runs: autocast in the r
 fp16 only), the project's optimiser (fused on CUDA), optionally ``torch.compile``,
 channels-last weights and the neurons' kernel backend (``--kernels``, ``train.kernels``: torch, or the
 fused Triton kernels on CUDA). ``--plain``: the plain spiking ResNet-19 (LIF, every STAA part off, as
-bench/peer_spikingjelly.py) instead of the all-STAA one. Prints images/s, ms per step, peak memory (CUDA: allocated by torch;
-CPU: the process's peak RSS) and, for compiled runs, the first (compiling) step's seconds.
+bench/peer_spikingjelly.py) instead of the all-STAA one. Prints images/s, ms per step, peak memory
+(CUDA: allocated by torch; CPU: the process's peak RSS) and, for compiled runs, the first (compiling)
+step's seconds.
 
 CPU, as measured before/after changes (the default precisions are fp32 and bf16)::
 
