@@ -23,7 +23,8 @@
 # Results: $GPU_CHECK_OUT (default bench/results/): gpu_check.json (every part's status and numbers),
 # gpu_check.log (everything printed), parts/<part>.log. A summary table ends the output.
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 540: total seconds),
-# GPU_CHECK_PARTS (default: all; e.g. "kernels throughput" for a rerun of those; facts always runs),
+# GPU_CHECK_PARTS (default: all; facts always runs): e.g. GPU_CHECK_PARTS="kernels peer_sj infer throughput"
+# for the fused-kernel figures alone (stages and resumes already passed on an H200), or a rerun of some,
 # GPU_CHECK_COMPILE=1 (add the torch.compile throughput variants: they did not finish compiling in 5 min),
 # GPU_CHECK_FULL=1 (the default config's full schedule instead of a short one),
 # GPU_CHECK_NNCF_BUILD=1 (let NNCF build its CUDA extension when nvcc matches; default: reference kernels).
@@ -116,7 +117,7 @@ part() {  # name timeout_s
 }
 
 part facts 60
-part kernels 90
+part kernels 150  # Triton compiles each specialisation on first use (a second or so each)
 
 # the compiled throughput variants (GPU_CHECK_COMPILE=1) compile in the background while the other parts run
 if selected throughput; then

@@ -377,7 +377,7 @@ def part_kernels(args: argparse.Namespace) -> dict[str, Any]:
 
     cuda = torch.cuda.is_available() and not SIMULATE
     env = _env()
-    shape, rounds = ["128", "128", "32", "32"], "5"
+    shape, rounds = ["128", "128", "32", "32"], "3"
     compare = [sys.executable, str(REPO / "tests" / "helpers" / "triton_compare.py"), "--device",
                "cuda" if cuda else "cpu"]
     layer = [sys.executable, str(REPO / "bench" / "lif_kernels.py"), "--device", "cuda", "--json",
@@ -387,7 +387,7 @@ def part_kernels(args: argparse.Namespace) -> dict[str, Any]:
         layer += ["--interpret", "--T", "4", "--dtypes", "fp32", "--rounds", "1", "--steps", "1", "--shape",
                   "2", "4", "4", "4"]
     else:
-        layer += ["--shape", *shape, "--rounds", rounds]
+        layer += ["--shape", *shape, "--rounds", rounds, "--steps", "5"]
     if triton_missing():
         raise (Fail if cuda else Skip)(f"Triton backend: {triton_missing()}")
     sys.path.insert(0, str(REPO))
