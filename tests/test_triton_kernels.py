@@ -10,13 +10,15 @@ within ``NEURON_GRAD_RTOL`` (one layer, fp32) or ``NET_GRAD_RTOL`` (a whole net:
 through convs and STAA) of the torch path, as max |a - b| / max |b|; low-precision input gradients
 within one unit in the last place of their dtype. The interpreter rounds every product and sum on its own
 (even ``tl.fma``), so what it cannot show is FMA contraction by the GPU compiler: the kernels are built
-with ``enable_fp_fusion=False`` and bench/gpu_check_parts.py (part ``kernels``) repeats these comparisons
-compiled on CUDA.
+with ``enable_fp_fusion=False``, and a test compiles them to sm_90 PTX here (Triton ships ptxas) and checks
+that no fp32 multiply-add can be fused; bench/gpu_check_parts.py (part ``kernels``) repeats the
+comparisons compiled on CUDA.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +126,57 @@ def test_the_gpu_check_judges_the_report_as_the_tests_do(report):
     assert failures(rows) == []
     broken = [dict(r, spikes_equal=False) if r["case"].startswith("alif-rect-fp32") else r for r in rows]
     assert any("spikes or membranes differ" in f for f in failures(broken))
+
+
+# --- FMA contraction: the kernels compiled to PTX here (Triton ships ptxas; no GPU needed) ---------------
+
+PTX_TARGET = ("cuda", 90, 32)  # sm_90 (H100 / H200)
+FP32_ARITH = re.compile(r"\b((?:fma|mad|mul|add|sub)(?:\.\w+)*\.f32)\b")
+
+
+def _ptx(kernel: str, consts: dict, dtypes: dict, options: dict) -> str:
+    """PTX of ``triton_lif.<kernel>`` specialised on ``consts``; pointers fp32 unless ``dtypes`` says otherwise."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pipeline.models.kernels import triton_lif
+
+    fn = getattr(triton_lif, kernel)
+    sig = {a: "constexpr" if a in consts else dtypes.get(a, "*fp32") if a.endswith("_ptr") else
+           "i32" if a in ("R", "S", "C", "N") else "fp32" for a in fn.arg_names}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget(*PTX_TARGET),
+                          options=options).asm["ptx"]
+
+
+def _contracted(ptx: str) -> list[str]:
+    """fp32 multiply / add instructions the GPU may fuse or contract: FMAs, and mul/add/sub without ``.rn``
+    (PTX lets ptxas contract those into FMAs; ``.rn`` ones it may not)."""
+    return [op for op in FP32_ARITH.findall(ptx) if op.startswith(("fma", "mad")) or ".rn." not in op]
+
+
+needs_ptx = pytest.mark.skipif(triton_missing() is not None or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+                               reason="needs triton, not in interpreter mode (kernels compiled to PTX)")
+FWD = {"T": 4, "PER_CHANNEL": True, "BLOCK_R": 4, "BLOCK_S": 256}
+BWD = {"T": 4, "PER_CHANNEL": True, "NEED_GX": True, "NEED_GM": True, "NEED_GN": True, "BLOCK_R": 4, "BLOCK_S": 256}
+
+
+@needs_ptx
+@pytest.mark.parametrize("kernel, consts, dtypes", [
+    ("_lif_fwd", FWD, {}),
+    ("_lif_fwd", dict(FWD, PER_CHANNEL=False), {"x_ptr": "*bf16", "s_ptr": "*bf16"}),
+    *(("_lif_bwd", dict(BWD, SURROGATE=k), {"gs_ptr": "*bf16", "x_ptr": "*bf16"} if k else {}) for k in (0, 1, 2)),
+])
+def test_kernels_compile_without_fma_contraction(kernel, consts, dtypes):
+    """The GPU rounds like the torch path only if no ``a * b + c`` becomes one FMA (one rounding instead of
+    two): the interpreter cannot show it (it rounds every op, even ``tl.fma``), the PTX can."""
+    from pipeline.models.kernels.triton_lif import LAUNCH
+
+    ptx = _ptx(kernel, consts, dtypes, LAUNCH)
+    assert FP32_ARITH.findall(ptx), "no fp32 arithmetic found: the PTX pattern is stale"
+    assert _contracted(ptx) == []
+    if kernel == "_lif_fwd":  # the check can fail: Triton's default (fusion on) contracts the forward
+        assert _contracted(_ptx(kernel, consts, dtypes, dict(LAUNCH, enable_fp_fusion=True)))
 
 
 # --- the setting: no Triton needed --------------------------------------------------------------

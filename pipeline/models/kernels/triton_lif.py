@@ -34,7 +34,9 @@ from torch import Tensor
 
 SURROGATE_IDS = {"rect": 0, "tanh": 1, "atan": 2}
 TILE = 1024  # elements per program and step
-NUM_WARPS = 4
+# every launch: no FMA contraction, so each product and sum rounds on its own as in torch's separate ops
+# (tests/test_triton_kernels.py compiles the kernels to PTX and checks every fp32 mul/add is ``.rn``)
+LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
 
 
 @triton.jit
@@ -186,8 +188,7 @@ class TritonMultiStepLIF(torch.autograd.Function):
         block_r, block_s, grid = _tiles(R, S)
         if x.numel():
             _lif_fwd[grid](x, s, h, m_ptr, n_ptr, m_val, n_val, float(v_th), R, S, C, R * S, T=T,
-                           PER_CHANNEL=per_channel, BLOCK_R=block_r, BLOCK_S=block_s, num_warps=NUM_WARPS,
-                           enable_fp_fusion=False)
+                           PER_CHANNEL=per_channel, BLOCK_R=block_r, BLOCK_S=block_s, **LAUNCH)
         ctx.save_for_backward(h, x if ctx.needs_input_grad[2] else None,
                               decay if per_channel else None, gain if per_channel else None)
         ctx.coeffs = (m_val, n_val)
@@ -214,7 +215,7 @@ class TritonMultiStepLIF(torch.autograd.Function):
             _lif_bwd[grid](grad_s, h, x if x is not None else h, m_ptr, n_ptr, m_val, n_val, gx, part, v_th, p0, p1,
                            R, S, C, R * S, T=T, SURROGATE=SURROGATE_IDS[surrogate], PER_CHANNEL=per_channel,
                            NEED_GX=need_gx, NEED_GM=need_gm, NEED_GN=need_gn, BLOCK_R=block_r, BLOCK_S=block_s,
-                           num_warps=NUM_WARPS, enable_fp_fusion=False)
+                           **LAUNCH)
         g_decay = g_gain = None
         if need_gm or need_gn:
             sums = part.view(2, R // C, C, grid[1]).sum((1, 3))
