@@ -14,6 +14,8 @@
 #                       128, fp32 and bf16, after checking that both fire identically (needs spikingjelly)
 #   infer               the unrolled ResNet-19 (full width, T=4) on the GPU: FP32 / FP16, batch 1 / 32, eager
 #                       and CUDA graphs, p50 latency and img/s
+#   profile             the all-STAA bf16 training step with the fused kernels under torch.profiler: GPU time by
+#                       op (what STAA kernels would have to win)
 #   throughput          training img/s + peak memory, ResNet-19 full width, T=4, batch 128: fp32 / bf16 /
 #                       fp16 eager (torch kernels), channels-last, fused Triton kernels (fp32, bf16), the
 #                       plain network both ways (all-STAA / plain step); torch.compile with GPU_CHECK_COMPILE=1
@@ -23,7 +25,7 @@
 # Results: $GPU_CHECK_OUT (default bench/results/): gpu_check.json (every part's status and numbers),
 # gpu_check.log (everything printed), parts/<part>.log. A summary table ends the output.
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 540: total seconds),
-# GPU_CHECK_PARTS (default: all; facts always runs): e.g. GPU_CHECK_PARTS="kernels peer_sj infer throughput"
+# GPU_CHECK_PARTS (default: all; facts always runs): e.g. GPU_CHECK_PARTS="kernels peer_sj infer profile throughput"
 # for the fused-kernel figures alone (stages and resumes already passed on an H200), or a rerun of some,
 # GPU_CHECK_COMPILE=1 (add the torch.compile throughput variants: they did not finish compiling in 5 min),
 # GPU_CHECK_FULL=1 (the default config's full schedule instead of a short one),
@@ -135,6 +137,7 @@ part resume_cuda 75
 part resume_cpu_to_cuda 90
 part peer_sj 120
 part infer 60
+part profile 60
 
 touch "$WORK/throughput.go"
 if [ -n "$BG_PID" ]; then
@@ -176,6 +179,8 @@ for p, row in by.get("peer_sj", {}).get("precisions", {}).items():
           + (f", errors {row['errors']}" if row.get("errors") else ""))
 for k, v in by.get("infer", {}).get("rows", {}).items():
     print(f"infer {k}: p50 {v.get('p50_ms')} ms, {v.get('images_per_s')} img/s {v.get('error', '')}")
+for r in by.get("profile", {}).get("top_ops", [])[:12]:
+    print(f"profile: {r['op'][:60]:<60} {r['self_ms_per_step']:>8} ms/step {100 * r['share']:>5.1f}%")
 failed = [r["part"] for r in rows if r["status"] == "fail"]
 print("\nFAILED: " + ", ".join(failed) if failed else "\nno part failed")
 sys.exit(1 if failed else 0)

@@ -7,7 +7,8 @@ the reason on a machine where torch sees no GPU.
 
 Parts: facts, kernels (the Triton neuron kernels compiled: bit-identity, gradients, one layer's time),
 amp_step, resume_cuda, resume_cpu_to_cuda, stages, peer_sj (ours vs SpikingJelly on the plain ResNet-19),
-infer (the unrolled model's GPU inference, eager and CUDA graphs), throughput (the orchestrator:
+infer (the unrolled model's GPU inference, eager and CUDA graphs), profile (where the fused all-STAA
+step's GPU time goes, by op), throughput (the orchestrator:
 compiled variants, when asked for with ``GPU_CHECK_COMPILE=1``, warm up in the background from the
 start; timing waits for ``WORK/throughput.go``).
 """
@@ -599,6 +600,67 @@ def part_infer(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------------------- profile
+def part_profile(args: argparse.Namespace) -> dict[str, Any]:
+    """Where the all-STAA training step's GPU time goes with the fused neuron kernels (ResNet-19 full width,
+    T=4, batch 128, bf16; torch.profiler over 3 steps after 3 warm-up steps): the ops by CUDA time, the
+    evidence for or against STAA kernels (SA pooling and gate, GC's softmax pooling)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.models import build_model
+    from pipeline.models.kernels import resolve_kernels, set_kernels
+    from pipeline.precision import training_precision
+
+    cuda = torch.cuda.is_available() and not SIMULATE
+    device = "cuda" if cuda else "cpu"
+    width, batch = (1.0, 128) if cuda else (0.0625, 4)
+    torch.manual_seed(0)
+    net = build_model({"arch": "resnet19", "width": width, "T": 4, "num_classes": 100, "in_channels": 3}).to(device)
+    backend = resolve_kernels("auto", device)
+    set_kernels(net.train(), backend)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 100, (batch,), device=device)
+    dtype = torch.bfloat16 if cuda else None
+
+    def step() -> None:
+        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with training_precision(device):
+        for _ in range(3):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+    def self_us(e: Any) -> float:  # microseconds over the 3 profiled steps
+        return float(e.self_device_time_total if cuda else e.self_cpu_time_total)
+
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)
+    total = sum(self_us(e) for e in events) or 1.0
+    top = [{"op": e.key, "self_ms_per_step": round(self_us(e) / 3e3, 3), "share": round(self_us(e) / total, 4),
+            "calls_per_step": e.count // 3} for e in events[:30]]
+    print(f"{'op':<60} {'ms/step':>8} {'share':>6} {'calls':>6}   (self {'CUDA' if cuda else 'CPU'} time, "
+          f"kernels {backend})")
+    for r in top:
+        print(f"{r['op'][:60]:<60} {r['self_ms_per_step']:>8} {100 * r['share']:>5.1f}% {r['calls_per_step']:>6}")
+    out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "kernels": backend, "width": width,
+           "batch": batch, "top_ops": top}
+    if not cuda:
+        raise Skip(f"CUDA part (full width, bf16, fused kernels): no GPU here; the CPU smoke (width {width}, "
+                   f"batch {batch}) profiled {len(events)} ops")
+    return out
+
+
 # ------------------------------------------------------------------------------ throughput
 # torch.compile of the training step did not finish compiling within the budget on the H200 (twice): its
 # variants run only when asked for, so the budget goes to the fused kernels
@@ -774,7 +836,7 @@ def part_throughput(args: argparse.Namespace) -> dict[str, Any]:
 PARTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "facts": part_facts, "amp_step": part_amp_step, "resume_cuda": part_resume_cuda,
     "resume_cpu_to_cuda": part_resume_cpu_to_cuda, "stages": part_stages, "throughput": part_throughput,
-    "kernels": part_kernels, "peer_sj": part_peer_sj, "infer": part_infer,
+    "kernels": part_kernels, "peer_sj": part_peer_sj, "infer": part_infer, "profile": part_profile,
 }
 
 
