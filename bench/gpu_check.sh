@@ -1,29 +1,44 @@
 #!/usr/bin/env bash
-# bench/gpu_check.sh: the first GPU run of the pipeline, in under five minutes on one GPU.
+# bench/gpu_check.sh: the GPU run of the pipeline, in about nine minutes on one GPU.
 #
 # Prints torch / CUDA / driver facts, then checks, each part in its own process under `timeout`
 # (a failing or hanging part never stops the others):
 #   facts               versions, GPUs, nvidia-smi, nvcc vs torch's CUDA, what device: auto picks
+#   kernels             the Triton neuron kernels compiled: spikes/membranes bit-identical to the torch path,
+#                       gradients within tolerance; one full-size layer's forward + backward, torch vs Triton
 #   amp_step            real training steps through fit(): bf16 autocast (auto) and fp16 + GradScaler
 #   resume_cuda         kill -9 a CUDA fp16 training run after its first epoch; the rerun resumes it
 #   resume_cpu_to_cuda  kill -9 a CPU run after its first epoch; the rerun finishes it on CUDA
 #   stages              every stage of configs/default.yaml on CUDA (unroll parity must pass)
+#   peer_sj             ours eager / ours fused / SpikingJelly on the plain ResNet-19, full width, T=4, batch
+#                       128, fp32 and bf16, after checking that both fire identically (needs spikingjelly)
+#   infer               the unrolled ResNet-19 (full width, T=4) on the GPU: FP32 / FP16, batch 1 / 32, eager
+#                       and CUDA graphs, p50 latency and img/s
+#   profile             the all-STAA bf16 training step with the fused kernels under torch.profiler: GPU time by
+#                       op (what STAA kernels would have to win)
 #   throughput          training img/s + peak memory, ResNet-19 full width, T=4, batch 128: fp32 / bf16 /
-#                       fp16, eager and torch.compile (compiles in the background from the start)
+#                       fp16 eager (torch kernels), channels-last, fused Triton kernels (fp32, bf16), the
+#                       plain network both ways (all-STAA / plain step); torch.compile with GPU_CHECK_COMPILE=1
+#                       (it compiles in the background from the start)
 # On a machine without a usable GPU the CUDA parts are skipped with the reason.
 #
 # Results: $GPU_CHECK_OUT (default bench/results/): gpu_check.json (every part's status and numbers),
 # gpu_check.log (everything printed), parts/<part>.log. A summary table ends the output.
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 295: total seconds),
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 540: total seconds),
+# GPU_CHECK_PARTS (default: all; facts always runs): e.g. GPU_CHECK_PARTS="kernels peer_sj infer profile throughput"
+# for the fused-kernel figures alone (stages and resumes already passed on an H200), or a rerun of some,
+# GPU_CHECK_COMPILE=1 (add the torch.compile throughput variants: they did not finish compiling in 5 min),
 # GPU_CHECK_FULL=1 (the default config's full schedule instead of a short one),
 # GPU_CHECK_NNCF_BUILD=1 (let NNCF build its CUDA extension when nvcc matches; default: reference kernels).
-# Wheels: when ./.whl exists and nncf is not importable, they are installed into /tmp/site first.
+# Wheels: when ./.whl exists and nncf or spikingjelly is not importable, they are installed into /tmp/site
+# first (peer_sj: pip download --no-deps -d .whl spikingjelly==2.0.0 loguru==0.7.3 before the run).
 set -u
 cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
 PY=${PYTHON:-python3}
 OUT=${GPU_CHECK_OUT:-$REPO/bench/results}
-BUDGET=${GPU_CHECK_BUDGET_S:-295}
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
+PARTS=${GPU_CHECK_PARTS:-all}
 mkdir -p "$OUT/parts" || exit 2
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 LOG="$OUT/gpu_check.log"
@@ -48,7 +63,7 @@ echo "== gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ) repo $REPO, python $PY, budge
 
 # nncf.strip imports torchao's pt2e observers (pure Python): its compiled kernels are not needed
 export TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1
-if [ -d "$REPO/.whl" ] && ! "$PY" -c "import nncf" >/dev/null 2>&1; then
+if [ -d "$REPO/.whl" ] && ! "$PY" -c "import nncf, spikingjelly" >/dev/null 2>&1; then
     echo "== installing $(ls "$REPO"/.whl/*.whl 2>/dev/null | wc -l) wheels from .whl into /tmp/site"
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$REPO"/.whl/*.whl; then
         export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -76,10 +91,18 @@ record() {  # name rc seconds logfile
     echo "$line" >> "$RESULTS"
 }
 
+selected() {  # name: whether GPU_CHECK_PARTS asks for it
+    [ "$PARTS" = all ] || [ "$1" = facts ] || [[ " $PARTS " == *" $1 "* ]]
+}
+
 part() {  # name timeout_s
     local name=$1 limit=$2 left logf t0 rc
     left=$(remaining)
     logf="$OUT/parts/$name.log"
+    if ! selected "$name"; then
+        echo "{\"part\": \"$name\", \"status\": \"skip\", \"reason\": \"not in GPU_CHECK_PARTS ($PARTS)\", \"seconds\": 0, \"data\": {}}" >> "$RESULTS"
+        return
+    fi
     if [ "$left" -lt 10 ]; then
         echo "== $name: skipped (time budget spent)"
         echo "{\"part\": \"$name\", \"status\": \"skip\", \"reason\": \"time budget (${BUDGET}s) spent\", \"seconds\": 0, \"data\": {}}" >> "$RESULTS"
@@ -96,27 +119,37 @@ part() {  # name timeout_s
 }
 
 part facts 60
+part kernels 150  # Triton compiles each specialisation on first use (a second or so each)
 
-# the compiled throughput variants compile in the background while the other parts run
-TP_LIMIT=$(( $(remaining) - 5 ))
-TP_T0=$(date +%s)
-timeout -k 5 "$TP_LIMIT" "$PY" "$REPO/bench/gpu_check_parts.py" throughput --work "$WORK" --limit "$TP_LIMIT" \
-    > "$OUT/parts/throughput.log" 2>&1 &
-BG_PID=$!
-echo "== throughput: started in the background (pid $BG_PID, limit ${TP_LIMIT}s)"
+# the compiled throughput variants (GPU_CHECK_COMPILE=1) compile in the background while the other parts run
+if selected throughput; then
+    TP_LIMIT=$(( $(remaining) - 5 ))
+    TP_T0=$(date +%s)
+    timeout -k 5 "$TP_LIMIT" "$PY" "$REPO/bench/gpu_check_parts.py" throughput --work "$WORK" --limit "$TP_LIMIT" \
+        > "$OUT/parts/throughput.log" 2>&1 &
+    BG_PID=$!
+    echo "== throughput: started in the background (pid $BG_PID, limit ${TP_LIMIT}s)"
+fi
 
 part amp_step 60
 part stages 150  # first: on the first H200 run it came last and ran out of budget (about 110 s alone)
 part resume_cuda 75
 part resume_cpu_to_cuda 90
+part peer_sj 120
+part infer 60
+part profile 60
 
 touch "$WORK/throughput.go"
-echo "== throughput: timing now ($(elapsed)s elapsed)"
-wait "$BG_PID"
-TP_RC=$?
-BG_PID=""
-grep -v '^RESULT ' "$OUT/parts/throughput.log" | tail -n 25
-record throughput "$TP_RC" "$(( $(date +%s) - TP_T0 ))" "$OUT/parts/throughput.log"
+if [ -n "$BG_PID" ]; then
+    echo "== throughput: timing now ($(elapsed)s elapsed)"
+    wait "$BG_PID"
+    TP_RC=$?
+    BG_PID=""
+    grep -v '^RESULT ' "$OUT/parts/throughput.log" | tail -n 25
+    record throughput "$TP_RC" "$(( $(date +%s) - TP_T0 ))" "$OUT/parts/throughput.log"
+else
+    echo "{\"part\": \"throughput\", \"status\": \"skip\", \"reason\": \"not in GPU_CHECK_PARTS ($PARTS)\", \"seconds\": 0, \"data\": {}}" >> "$RESULTS"
+fi
 
 "$PY" - "$RESULTS" "$OUT/gpu_check.json" "$(elapsed)" "$BUDGET" <<'EOF'
 import json, sys
@@ -133,6 +166,21 @@ if tp and tp.get("data", {}).get("variants"):
     for label, v in tp["data"]["variants"].items():
         print(f"{label:<24} {str(v.get('images_per_s', '')):>8} {str(v.get('ms_per_step', '')):>8} "
               f"{str(v.get('peak_mem_mib', '')):>9} {str(v.get('first_step_s', '')):>10}  {v.get('status', 'ok')}")
+    for k, v in tp["data"].get("ratios", {}).items():
+        print(f"  {k}: {v}")
+by = {r["part"]: r.get("data", {}) for r in rows}
+for layer in by.get("kernels", {}).get("layers", []):
+    print(f"kernels: {layer['kind']} T={layer['T']} {layer['dtype']} {'x'.join(map(str, layer['shape']))}: torch "
+          f"{layer['torch_ms']} ms, triton {layer['triton_ms']} ms ({layer['speedup']}x), spikes "
+          f"{'same' if layer['spikes_equal'] else 'DIFFER'}")
+for p, row in by.get("peer_sj", {}).get("precisions", {}).items():
+    print(f"peer_sj {p}: img/s {row.get('images_per_s')}, "
+          + ", ".join(f"{k} {v}x" for k, v in row.items() if k.endswith("_over_spikingjelly"))
+          + (f", errors {row['errors']}" if row.get("errors") else ""))
+for k, v in by.get("infer", {}).get("rows", {}).items():
+    print(f"infer {k}: p50 {v.get('p50_ms')} ms, {v.get('images_per_s')} img/s {v.get('error', '')}")
+for r in by.get("profile", {}).get("top_ops", [])[:12]:
+    print(f"profile: {r['op'][:60]:<60} {r['self_ms_per_step']:>8} ms/step {100 * r['share']:>5.1f}%")
 failed = [r["part"] for r in rows if r["status"] == "fail"]
 print("\nFAILED: " + ", ".join(failed) if failed else "\nno part failed")
 sys.exit(1 if failed else 0)

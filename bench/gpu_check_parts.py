@@ -5,8 +5,12 @@ numbers) and exits 0 (pass), 1 (fail) or 77 (skip). The shell script runs each i
 under ``timeout``, so one failing or hanging part never stops the others. CUDA parts skip with
 the reason on a machine where torch sees no GPU.
 
-Parts: facts, amp_step, resume_cuda, resume_cpu_to_cuda, stages, throughput (the orchestrator:
-compiled variants warm up in the background from the start, timing waits for ``WORK/throughput.go``).
+Parts: facts, kernels (the Triton neuron kernels compiled: bit-identity, gradients, one layer's time),
+amp_step, resume_cuda, resume_cpu_to_cuda, stages, peer_sj (ours vs SpikingJelly on the plain ResNet-19),
+infer (the unrolled model's GPU inference, eager and CUDA graphs), profile (where the fused all-STAA
+step's GPU time goes, by op), throughput (the orchestrator:
+compiled variants, when asked for with ``GPU_CHECK_COMPILE=1``, warm up in the background from the
+start; timing waits for ``WORK/throughput.go``).
 """
 from __future__ import annotations
 
@@ -363,11 +367,321 @@ def part_stages(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------------------- kernels
+def part_kernels(args: argparse.Namespace) -> dict[str, Any]:
+    """The Triton neuron kernels compiled on CUDA: the comparisons tests/test_triton_kernels.py makes in the
+    interpreter (spikes and membranes bit-identical, gradients within tolerance; FMA contraction shows
+    only here), then one full-size layer per kind: bit-identity there and forward + backward time, T=4 and 32."""
+    import torch
+
+    from pipeline.models.kernels import triton_missing
+
+    cuda = torch.cuda.is_available() and not SIMULATE
+    env = _env()
+    shape, rounds = ["128", "128", "32", "32"], "3"
+    compare = [sys.executable, str(REPO / "tests" / "helpers" / "triton_compare.py"), "--device",
+               "cuda" if cuda else "cpu"]
+    layer = [sys.executable, str(REPO / "bench" / "lif_kernels.py"), "--device", "cuda", "--json",
+             str(Path(args.work) / "lif_kernels.jsonl")]
+    if not cuda:  # the CPU: the same code under Triton's interpreter, tiny (the tests run the full comparison)
+        compare += ["--nets", "--cases", "2"]
+        layer += ["--interpret", "--T", "4", "--dtypes", "fp32", "--rounds", "1", "--steps", "1", "--shape",
+                  "2", "4", "4", "4"]
+    else:
+        layer += ["--shape", *shape, "--rounds", rounds, "--steps", "5"]
+    if triton_missing():
+        raise (Fail if cuda else Skip)(f"Triton backend: {triton_missing()}")
+    sys.path.insert(0, str(REPO))
+    from tests.helpers.triton_compare import failures
+
+    r = subprocess.run(compare, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(args.limit - 5, 5))
+    if r.returncode != 0:
+        raise Fail(f"tests/helpers/triton_compare.py failed: {_tail(r.stderr)}")
+    rows = json.loads(r.stdout.strip().splitlines()[-1])["rows"]
+    bad = failures(rows)
+    out: dict[str, Any] = {"compared_cases": len(rows), "failures": bad}
+    print(f"{len(rows)} comparison cases on {'cuda' if cuda else 'cpu (interpreter)'}: "
+          f"{'all as claimed' if not bad else bad}")
+    r = subprocess.run(layer, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(args.limit - 5, 5))
+    print(r.stdout + r.stderr[-2000:])
+    jl = Path(args.work) / "lif_kernels.jsonl"
+    out["layers"] = [json.loads(line) for line in jl.read_text().splitlines()] if jl.is_file() else []
+    if bad:
+        raise Fail(f"the Triton kernels break their claims on this device: {bad[:5]}", out)
+    if r.returncode != 0:
+        raise Fail(f"bench/lif_kernels.py: rc {r.returncode} (spikes or membranes differ, or it crashed): "
+                   f"{_tail(r.stdout + r.stderr, 600)}", out)
+    if not cuda:
+        raise Skip("CUDA part: no GPU here; the comparisons (small shapes) and the layer bench (tiny) ran in "
+                   f"Triton's interpreter: {len(rows)} cases as claimed")
+    return out
+
+
+# ---------------------------------------------------------------------------------- peer_sj
+SJ_WHEEL_HINT = ("bring its wheels along: pip download --no-deps -d .whl spikingjelly==2.0.0 loguru==0.7.3 "
+                 "(bench/gpu_check.sh installs .whl into /tmp/site)")
+
+
+def _timed_steps(models: dict[str, Any], device: str, dtype: Any, x: Any, y: Any, rounds: int, per_round: int,
+                 warmup: int) -> dict[str, Any]:
+    """Median seconds per SGD step of each model (interleaved rounds, bench/step_timing.py), under autocast
+    ``dtype`` (None: fp32); a model whose step raises gets its error instead."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from step_timing import interleaved_seconds, sgd_step
+
+    from pipeline.precision import training_precision
+
+    def make(model, reset):
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step() -> None:
+            with torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                sgd_step(model, opt, x, y, reset)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        return step
+
+    steps, errors = {}, {}
+    with training_precision(device):
+        for name, (model, reset) in models.items():
+            step = make(model, reset)
+            try:
+                step()
+                steps[name] = step
+            except Exception as exc:  # e.g. a peer kernel without bf16 support: recorded, the others still run
+                errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        seconds = interleaved_seconds(steps, rounds, per_round, warmup) if steps else {}
+    return {"seconds": seconds, "errors": errors}
+
+
+def part_peer_sj(args: argparse.Namespace) -> dict[str, Any]:
+    """Ours vs SpikingJelly 2.0 on the same plain ResNet-19 (bench/peer_spikingjelly.py's networks: LIF, atan,
+    STAA off), training img/s at full width, T=4, batch 128, fp32 and bf16: ours eager (torch kernels), ours
+    fused (Triton), SpikingJelly on CUDA (it picks its own CUDA kernels by device), after checking that the
+    neurons fire identically on this device and the networks have the same parameter count."""
+    import torch
+
+    try:
+        import spikingjelly  # noqa: F401
+        from spikingjelly.activation_based import functional
+    except ImportError as exc:
+        raise Skip(f"spikingjelly is not importable ({exc}): {SJ_WHEEL_HINT}") from None
+    sys.path.insert(0, str(REPO / "bench"))
+    from peer_spikingjelly import SJResNet19, ours, sj_lif
+
+    from pipeline.models import LIF
+    from pipeline.models.kernels import set_kernels, triton_missing
+
+    cuda = torch.cuda.is_available() and not SIMULATE
+    device = "cuda" if cuda else "cpu"
+    width, batch, image, rounds, per_round = (1.0, 128, 32, 3, 5) if cuda else (0.0625, 4, 16, 1, 1)
+    T, classes = 4, 100
+    torch.manual_seed(0)
+    x = torch.randn(T, 8, 16, 5, 5, device=device)
+    kinds = ["torch"] + (["triton"] if cuda and not triton_missing() else [])
+    same, flips = {}, {}
+    for k in kinds:
+        mine = set_kernels(LIF(decay=0.25, gain=1.0, v_th=0.5, surrogate="atan", surrogate_param=2.0), k)(x)
+        node = sj_lif().to(device)
+        theirs = node(x)
+        functional.reset_net(node)
+        same[k] = bool(torch.equal(mine, theirs))
+        flips[k] = int((mine != theirs).sum().item())
+    models = {"ours eager": ours(width, T, classes, 3).to(device),
+              "spikingjelly": SJResNet19(width, T, classes, 3).to(device)}
+    if "triton" in kinds:
+        models["ours fused"] = set_kernels(ours(width, T, classes, 3).to(device), "triton")
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "width": width, "T": T,
+                           "batch": batch, "same_spikes_as_spikingjelly": same, "spike_flips": flips,
+                           "spikes_compared": x.numel(), "parameters": params, "precisions": {}}
+    print(f"same spikes as SpikingJelly's LIFNode on {device}: {same} (flips {flips} of {x.numel()}); "
+          f"parameters {params}")
+    xb = torch.randn(batch, 3, image, image, device=device)
+    yb = torch.randint(0, classes, (batch,), device=device)
+    resets = {"spikingjelly": functional.reset_net}
+    for p, dtype in (("fp32", None), ("bf16", torch.bfloat16)) if cuda else (("fp32", None),):
+        r = _timed_steps({k: (m.train(), resets.get(k)) for k, m in models.items()}, device, dtype, xb, yb,
+                         rounds, per_round, warmup=2)
+        ips = {k: round(batch / s, 1) for k, s in r["seconds"].items()}
+        row: dict[str, Any] = {"images_per_s": ips, "errors": r["errors"]}
+        if ips.get("spikingjelly"):
+            row.update({f"{k}_over_spikingjelly": round(v / ips["spikingjelly"], 2) for k, v in ips.items()
+                        if k != "spikingjelly"})
+        out["precisions"][p] = row
+        print(p, row, flush=True)
+    if not all(same.values()) or len(set(params.values())) != 1:  # timed anyway: the figures say what they say
+        raise Fail(f"the two networks are not the same (spike flips {flips}, parameters {params}): the timings "
+                   "compare different networks", out)
+    if not cuda:
+        raise Skip(f"CUDA part (full width, batch 128): no GPU here; the CPU smoke (width {width}, batch {batch}) "
+                   f"ran: {out['precisions']['fp32']['images_per_s']}")
+    return out
+
+
+# ------------------------------------------------------------------------------------ infer
+def _latency(fn: Callable[[], Any], device: str, seconds: float, warmup: int = 5) -> dict[str, float]:
+    """p50 latency (ms) of ``fn`` over at least 20 calls and ``seconds`` of calls, synchronised each call."""
+    import statistics
+
+    import torch
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while len(times) < 20 or time.perf_counter() < end:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"p50_ms": round(1e3 * statistics.median(times), 3), "calls": len(times)}
+
+
+def part_infer(args: argparse.Namespace) -> dict[str, Any]:
+    """GPU inference of the unrolled ResNet-19 (full width, T=4, all STAA, CIFAR-100 head, random weights: speed
+    only) in FP32 and FP16 (fp32 membranes, as TensorRT's fp32_neurons), batch 1 and 32, eager and replayed as
+    a CUDA graph: p50 latency and img/s, the nearest figure to a TensorRT engine this machine gives."""
+    import torch
+
+    from pipeline.deploy.unroll import unroll_float
+    from pipeline.models import build_model
+    from pipeline.precision import strict_fp32
+
+    cuda = torch.cuda.is_available() and not SIMULATE
+    device = "cuda" if cuda else "cpu"
+    width, image, batches, secs = (1.0, 32, (1, 32), 2.0) if cuda else (0.0625, 16, (1, 2), 0.05)
+    torch.manual_seed(0)
+    net = build_model({"arch": "resnet19", "width": width, "T": 4, "num_classes": 100, "in_channels": 3}).eval()
+    unrolled = {"fp32": unroll_float(net).to(device)}
+    unrolled["fp16"] = unroll_float(net).to(device).half() if cuda else None
+    rows: dict[str, Any] = {}
+    with torch.no_grad(), strict_fp32():  # IEEE FP32 as validate's torch rows (no TF32)
+        for prec, module in unrolled.items():
+            if module is None:
+                continue
+            dtype = torch.float16 if prec == "fp16" else torch.float32
+            for b in batches:
+                x = torch.randn(b, 3, image, image, device=device, dtype=dtype)
+                eager = _latency(lambda: module(x), device, secs)
+                rows[f"{prec} b{b} eager"] = dict(eager, images_per_s=round(1e3 * b / eager["p50_ms"], 1))
+                if cuda:
+                    try:
+                        static_x = x.clone()
+                        stream = torch.cuda.Stream()
+                        stream.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(stream):
+                            for _ in range(3):
+                                module(static_x)
+                        torch.cuda.current_stream().wait_stream(stream)
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph):
+                            static_y = module(static_x)
+                        g = _latency(graph.replay, device, secs)
+                        same = bool(torch.equal(static_y, module(static_x)))
+                        rows[f"{prec} b{b} cuda-graph"] = dict(g, images_per_s=round(1e3 * b / g["p50_ms"], 1),
+                                                               same_logits_as_eager=same)
+                    except Exception as exc:  # capture can fail on an op that syncs: recorded, not fatal
+                        rows[f"{prec} b{b} cuda-graph"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    print(f"{'variant':<22} {'p50 ms':>8} {'img/s':>9}")
+    for k, v in rows.items():
+        print(f"{k:<22} {v.get('p50_ms', ''):>8} {v.get('images_per_s', ''):>9}  {v.get('error', '')}")
+    out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "width": width, "T": 4, "rows": rows}
+    if not cuda:
+        raise Skip(f"CUDA part (full width, FP32/FP16, batch 1/32, CUDA graphs): no GPU here; the CPU smoke "
+                   f"(width {width}, FP32 eager) ran: {rows}")
+    return out
+
+
+# ---------------------------------------------------------------------------------- profile
+def part_profile(args: argparse.Namespace) -> dict[str, Any]:
+    """Where the all-STAA training step's GPU time goes with the fused neuron kernels (ResNet-19 full width,
+    T=4, batch 128, bf16; torch.profiler over 3 steps after 3 warm-up steps): the ops by CUDA time, the
+    evidence for or against STAA kernels (SA pooling and gate, GC's softmax pooling)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.models import build_model
+    from pipeline.models.kernels import resolve_kernels, set_kernels
+    from pipeline.precision import training_precision
+
+    cuda = torch.cuda.is_available() and not SIMULATE
+    device = "cuda" if cuda else "cpu"
+    width, batch = (1.0, 128) if cuda else (0.0625, 4)
+    torch.manual_seed(0)
+    net = build_model({"arch": "resnet19", "width": width, "T": 4, "num_classes": 100, "in_channels": 3}).to(device)
+    backend = resolve_kernels("auto", device)
+    set_kernels(net.train(), backend)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 100, (batch,), device=device)
+    dtype = torch.bfloat16 if cuda else None
+
+    def step() -> None:
+        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with training_precision(device):
+        for _ in range(3):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+    def self_us(e: Any) -> float:  # microseconds over the 3 profiled steps
+        return float(e.self_device_time_total if cuda else e.self_cpu_time_total)
+
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)
+    total = sum(self_us(e) for e in events) or 1.0
+    top = [{"op": e.key, "self_ms_per_step": round(self_us(e) / 3e3, 3), "share": round(self_us(e) / total, 4),
+            "calls_per_step": e.count // 3} for e in events[:30]]
+    print(f"{'op':<60} {'ms/step':>8} {'share':>6} {'calls':>6}   (self {'CUDA' if cuda else 'CPU'} time, "
+          f"kernels {backend})")
+    for r in top:
+        print(f"{r['op'][:60]:<60} {r['self_ms_per_step']:>8} {100 * r['share']:>5.1f}% {r['calls_per_step']:>6}")
+    out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "kernels": backend, "width": width,
+           "batch": batch, "top_ops": top}
+    if not cuda:
+        raise Skip(f"CUDA part (full width, bf16, fused kernels): no GPU here; the CPU smoke (width {width}, "
+                   f"batch {batch}) profiled {len(events)} ops")
+    return out
+
+
 # ------------------------------------------------------------------------------ throughput
+# torch.compile of the training step did not finish compiling within the budget on the H200 (twice): its
+# variants run only when asked for, so the budget goes to the fused kernels
+COMPILE = os.environ.get("GPU_CHECK_COMPILE") == "1"
+
+
+def _variant(precision: str, compile: bool = False, channels_last: bool = False, kernels: str = "torch",
+             plain: bool = False) -> dict[str, Any]:
+    return {"precision": precision, "compile": compile, "channels_last": channels_last, "kernels": kernels,
+            "plain": plain}
+
+
 def _variants() -> list[dict[str, Any]]:
-    out = [{"precision": p, "compile": False, "channels_last": False} for p in ("fp32", "bf16", "fp16")]
-    out += [{"precision": "bf16", "compile": False, "channels_last": True}]
-    out += [{"precision": p, "compile": True, "channels_last": False} for p in ("fp32", "bf16", "fp16")]
+    """Eager with torch kernels (the baseline) per precision, channels-last, the fused Triton kernels (fp32,
+    bf16), the plain network (LIF, STAA off) both ways (the all-STAA / plain step ratio), compiled on request."""
+    out = [_variant(p) for p in ("fp32", "bf16", "fp16")]
+    out += [_variant("bf16", channels_last=True)]
+    out += [_variant(p, kernels="triton") for p in ("fp32", "bf16")]
+    out += [_variant("bf16", plain=True), _variant("bf16", kernels="triton", plain=True)]
+    if COMPILE:
+        out += [_variant(p, compile=True) for p in ("fp32", "bf16", "fp16")]
     return out
 
 
@@ -380,13 +694,33 @@ def _bench_cmd(v: dict[str, Any], device: str, json_path: Path, sizes: dict[str,
         cmd.append("--compile")
     if v["channels_last"]:
         cmd.append("--channels-last")
+    cmd += ["--kernels", v.get("kernels", "torch")] + (["--plain"] if v.get("plain") else [])
     if ready is not None and go is not None:
         cmd += ["--ready-file", str(ready), "--go-file", str(go), "--max-wait", str(int(sizes.get("max_wait", 600)))]
     return cmd
 
 
 def _label(v: dict[str, Any]) -> str:
-    return v["precision"] + (" compiled" if v["compile"] else "") + (" channels-last" if v["channels_last"] else "")
+    return (v["precision"] + (" compiled" if v["compile"] else "") + (" channels-last" if v["channels_last"] else "")
+            + (" fused" if v.get("kernels") == "triton" else "") + (" plain" if v.get("plain") else ""))
+
+
+def _ratios(results: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets from one run: fused / eager (>= 3x, >= 2,700 img/s), all-STAA / plain step time
+    (<= 1.25x, fused kernels where they ran)."""
+    def ips(label: str) -> float | None:
+        return results.get(label, {}).get("images_per_s")
+
+    out: dict[str, Any] = {}
+    for p in ("fp32", "bf16"):
+        eager, fused = ips(p), ips(f"{p} fused")
+        if eager and fused:
+            out[f"{p}_fused_over_eager"] = round(fused / eager, 2)
+    for suffix in (" fused", ""):
+        staa, plain = ips(f"bf16{suffix}"), ips(f"bf16{suffix} plain")
+        if staa and plain:
+            out[f"bf16_{'fused' if suffix else 'eager'}_staa_over_plain_step_time"] = round(plain / staa, 2)
+    return out
 
 
 def part_throughput(args: argparse.Namespace) -> dict[str, Any]:
@@ -406,7 +740,7 @@ def part_throughput(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     if not torch.cuda.is_available() and not SIMULATE:  # CPU: exercise the code on a tiny model, skip the numbers
         sizes = {"width": 0.125, "batch": 8, "steps": 2, "warmup": 1}
-        v = {"precision": "fp32", "compile": False, "channels_last": False}
+        v = _variant("fp32", plain=True)
         r = subprocess.run(_bench_cmd(v, "cpu", json_path, sizes), cwd=REPO, env=_env(), capture_output=True,
                            text=True, timeout=max(deadline - time.monotonic(), 1))
         print(r.stdout + r.stderr)
@@ -456,18 +790,21 @@ def part_throughput(args: argparse.Namespace) -> dict[str, Any]:
         while not go_all.exists() and time.monotonic() < deadline:
             time.sleep(0.5)
         time_compiled(wait=False)  # the ones already compiled: a few seconds each
-        plain = [v for v in eager if not v["channels_last"]]
-        # the plain precisions share one process (one CUDA start-up), one at a time, nothing else on the GPU
-        for group in ([dict(plain[0], precision=" ".join(v["precision"] for v in plain))],
-                      [v for v in eager if v["channels_last"]]):
-            for v in group:
+        # the precisions of one setting share one process (one CUDA start-up), one at a time, nothing else on the GPU
+        groups: dict[tuple, list[dict[str, Any]]] = {}
+        for v in eager:
+            groups.setdefault((v["channels_last"], v["kernels"], v["plain"]), []).append(v)
+        for members in groups.values():
+            for v in [dict(members[0], precision=" ".join(m["precision"] for m in members))]:
                 labels = [_label(dict(v, precision=p)) for p in v["precision"].split()]
                 left = deadline - time.monotonic()
                 if left < 15:
                     results.update({label: {"status": "skipped: time budget"} for label in labels})
                     continue
                 try:
-                    r = subprocess.run(_bench_cmd(v, DEV, json_path, sizes), cwd=REPO, env=_env(),
+                    # simulated on the CPU, the fused variants run in Triton's interpreter
+                    env_v = _env(TRITON_INTERPRET="1") if SIMULATE and v["kernels"] == "triton" else _env()
+                    r = subprocess.run(_bench_cmd(v, DEV, json_path, sizes), cwd=REPO, env=env_v,
                                        capture_output=True, text=True, timeout=min(150, left))
                     status = "ok" if r.returncode == 0 else f"failed: {_tail(r.stderr, 300)}"
                 except subprocess.TimeoutExpired:
@@ -488,14 +825,18 @@ def part_throughput(args: argparse.Namespace) -> dict[str, Any]:
     for label, r in results.items():
         print(f"{label:<24} {r.get('images_per_s', ''):>8} {r.get('ms_per_step', ''):>8} "
               f"{r.get('peak_mem_mib', ''):>9} {r.get('first_step_s', ''):>12}  {r.get('status', 'ok')}")
+    ratios = _ratios(results)
+    for k, v in ratios.items():
+        print(f"{k}: {v}")
     if not rows:
         raise Fail("no variant produced a measurement", {"variants": results})
-    return {"sizes": sizes, "variants": results}
+    return {"sizes": sizes, "variants": results, "ratios": ratios}
 
 
 PARTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "facts": part_facts, "amp_step": part_amp_step, "resume_cuda": part_resume_cuda,
     "resume_cpu_to_cuda": part_resume_cpu_to_cuda, "stages": part_stages, "throughput": part_throughput,
+    "kernels": part_kernels, "peer_sj": part_peer_sj, "infer": part_infer, "profile": part_profile,
 }
 
 

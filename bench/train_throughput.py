@@ -2,9 +2,12 @@
 
 One training step is what ``pipeline.training.loop.fit`` runs: autocast in the run's dtype
 (``pipeline.precision``: TF32 and ``cudnn.benchmark`` inside training on CUDA, a GradScaler for
-fp16 only), the project's optimiser (fused on CUDA), optionally ``torch.compile`` and
-channels-last weights. Prints images/s, ms per step, peak memory (CUDA: allocated by torch;
-CPU: the process's peak RSS) and, for compiled runs, the first (compiling) step's seconds.
+fp16 only), the project's optimiser (fused on CUDA), optionally ``torch.compile``,
+channels-last weights and the neurons' kernel backend (``--kernels``, ``train.kernels``: torch, or the
+fused Triton kernels on CUDA). ``--plain``: the plain spiking ResNet-19 (LIF, every STAA part off, as
+bench/peer_spikingjelly.py) instead of the all-STAA one. Prints images/s, ms per step, peak memory
+(CUDA: allocated by torch; CPU: the process's peak RSS) and, for compiled runs, the first (compiling)
+step's seconds.
 
 CPU, as measured before/after changes (the default precisions are fp32 and bf16)::
 
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.models import build_model  # noqa: E402
+from pipeline.models.kernels import SETTINGS, resolve_kernels, set_kernels  # noqa: E402
 from pipeline.precision import amp_dtype, autocast, device_type, needs_grad_scaler, training_precision  # noqa: E402
 from pipeline.training.loop import to_channels_last  # noqa: E402
 from pipeline.training.optim import build_optimizer  # noqa: E402
@@ -66,9 +70,16 @@ def wait_for_turn(ready: Path | None, go: Path | None, device: str, max_wait_s: 
         time.sleep(poll_s)
 
 
+# the plain network: bench/peer_spikingjelly.py's ``ours`` (LIF, atan k = 2, STAA off)
+PLAIN: dict[str, Any] = {"neuron": {"kind": "lif", "decay": 0.25, "gain": 1.0, "v_th": 0.5, "surrogate": "atan",
+                                    "surrogate_k": 2.0},
+                         "staa": {"pe": False, "gc": False, "sa": False, "tsrd": False}}
+
+
 def measure(width: float, T: int, batch: int, steps: int, warmup: int, precision: str, device: str = "cpu",
             compile_model: bool = False, channels_last: bool = False, image: int = 32,
-            ready: Path | None = None, go: Path | None = None, max_wait_s: float = 600.0) -> dict[str, Any]:
+            ready: Path | None = None, go: Path | None = None, max_wait_s: float = 600.0,
+            kernels: str = "torch", plain: bool = False) -> dict[str, Any]:
     """Time ``steps`` full training steps (forward, loss, backward, optimiser step) after ``warmup`` ones.
 
     Peak memory is that of the timed steps (the steady state), not of the first, compiling one.
@@ -77,7 +88,12 @@ def measure(width: float, T: int, batch: int, steps: int, warmup: int, precision
     cuda = device_type(device) == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    net = build_model({"arch": "resnet19", "width": width, "T": T, "num_classes": 100, "in_channels": 3}).to(device)
+    cfg: dict[str, Any] = {"arch": "resnet19", "width": width, "T": T, "num_classes": 100, "in_channels": 3}
+    if plain:
+        cfg.update(PLAIN)
+    net = build_model(cfg).to(device)
+    backend = resolve_kernels(kernels, device)
+    set_kernels(net, backend)
     if channels_last:
         to_channels_last(net)
     net.train()
@@ -117,6 +133,7 @@ def measure(width: float, T: int, batch: int, steps: int, warmup: int, precision
         "device": torch.cuda.get_device_name() if cuda else "cpu", "width": width, "T": T, "batch": batch,
         "image": image, "precision": precision, "autocast": str(dtype).replace("torch.", "") if dtype else "off",
         "grad_scaler": scaler.is_enabled(), "compile": compile_model, "channels_last": channels_last,
+        "kernels": backend, "plain": plain,
         "steps": steps, "warmup": warmup, "images_per_s": round(steps * batch / wall, 2),
         "ms_per_step": round(1000 * wall / steps, 3), "first_step_s": round(first_s, 3),
         "peak_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else round(peak_rss_mib(), 1),
@@ -137,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
     ap.add_argument("--channels-last", action="store_true", help="channels-last conv weights (train.channels_last)")
+    ap.add_argument("--kernels", default="torch", choices=SETTINGS,
+                    help="neuron training kernels (train.kernels; default torch: the eager baseline)")
+    ap.add_argument("--plain", action="store_true", help="the plain network (LIF, STAA off) instead of all-STAA")
     ap.add_argument("--json", type=Path, default=None, help="append one JSON line per measurement to this file")
     ap.add_argument("--ready-file", type=Path, default=None, help="written after warm-up (with --go-file)")
     ap.add_argument("--go-file", type=Path, default=None, help="timing starts once this file exists")
@@ -148,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
           f"tcmalloc {'on' if 'tcmalloc' in preload else 'off'}; ResNet-19/CIFAR-100, 32x32, T={args.T}, "
           f"batch {args.batch}, {args.warmup} warm-up + {args.steps} timed steps"
-          f"{', compiled' if args.compile else ''}{', channels-last' if args.channels_last else ''}")
+          f"{', compiled' if args.compile else ''}{', channels-last' if args.channels_last else ''}, "
+          f"kernels {resolve_kernels(args.kernels, args.device)}{', plain (STAA off)' if args.plain else ''}")
     names = " ".join(f"{p + ' img/s':>11}" for p in args.precisions)
     ratio = "bf16/fp32" if {"fp32", "bf16"} <= set(args.precisions) else ""
     mem = "peak MiB" if device_type(args.device) == "cuda" else "peak RSS MiB"
@@ -157,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = {}
         for p in args.precisions:
             rows[p] = measure(width, args.T, args.batch, args.steps, args.warmup, p, args.device, args.compile,
-                              args.channels_last, ready=args.ready_file, go=args.go_file, max_wait_s=args.max_wait)
+                              args.channels_last, ready=args.ready_file, go=args.go_file, max_wait_s=args.max_wait,
+                              kernels=args.kernels, plain=args.plain)
             if args.json is not None:
                 with args.json.open("a") as f:
                     f.write(json.dumps(rows[p]) + "\n")

@@ -116,7 +116,8 @@ def get(cfg: Mapping[str, Any], dotted: str) -> Any:
 
 # Settings that change how fast a stage runs, not what it computes: left out of every cache key, so
 # that e.g. more DataLoader workers on a GPU box do not invalidate a partial training run.
-SPEED_ONLY_KEYS: tuple[str, ...] = ("data.workers", "data.prefetch", "train.compile", "train.channels_last")
+SPEED_ONLY_KEYS: tuple[str, ...] = ("data.workers", "data.prefetch", "train.compile", "train.channels_last",
+                                     "train.kernels")
 
 
 def _drop_speed_only(part: dict[str, Any]) -> dict[str, Any]:

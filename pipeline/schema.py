@@ -152,6 +152,10 @@ SCHEMA: dict[str, Any] = {
         "precision": Choice(("auto", "fp32", "bf16", "fp16"), "auto"),
         "compile": False,  # torch.compile the model for training (speed only: not in the cache key)
         "channels_last": False,  # NHWC conv weights on CUDA (speed only: not in the cache key)
+        # the neurons' fused training loop: "auto" = Triton kernels on CUDA (where triton imports), torch
+        # elsewhere; the same spikes either way (speed only: not in the cache key). pipeline/models/kernels.
+        # Default torch until a GPU run has checked the Triton kernels on CUDA (so far: Triton's CPU interpreter)
+        "kernels": Choice(("auto", "triton", "torch"), "torch"),
         "max_batches": Opt(int),  # cap batches per epoch (smoke runs)
         "eval_every": 1,
         "threads": Opt(int),  # torch CPU threads

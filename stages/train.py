@@ -16,8 +16,10 @@ from pipeline.console import LOG_ONLY
 from pipeline.data import data_bundle, data_meta, eval_loader, model_config, train_loader
 from pipeline.distributed import wrap_ddp
 from pipeline.models import build_model
+from pipeline.models.kernels import resolve_kernels, set_kernels
 from pipeline.precision import amp_dtype
 from pipeline.runner import StageContext, StageError, StageResult
+from pipeline.schema import ConfigError
 from pipeline.training.evaluate import evaluate
 from pipeline.training.history import HISTORY_FILE, history_rows, write_history
 from pipeline.training.loop import FitConfig, NonFiniteLoss, fit, seed_everything, to_channels_last, total_steps
@@ -63,16 +65,30 @@ def _prepare(net: torch.nn.Module, ctx: StageContext, t: dict[str, Any]) -> torc
     return model
 
 
+def _kernels(ctx: StageContext, setting: str) -> str:
+    """The neurons' training backend ``train.kernels`` means on this device (before any data is read: a
+    setting this machine cannot run is a config error that names the fix)."""
+    try:
+        backend = resolve_kernels(setting, ctx.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    ctx.log.info("neuron training kernels: %s (train.kernels=%s, device %s)", backend, setting, ctx.device,
+                 extra=LOG_ONLY)
+    return backend
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg, t = ctx.cfg, ctx.cfg["train"]
     if t["threads"]:
         torch.set_num_threads(t["threads"])
+    kernels = _kernels(ctx, t["kernels"])
     seed_everything(cfg["seed"])
     bundle = data_bundle(cfg)
     mcfg = model_config(cfg, bundle)
     net = build_model(mcfg).to(ctx.device)
     if t["channels_last"] and ctx.device.startswith("cuda"):
         to_channels_last(net)
+    set_kernels(net, kernels)
     model = _prepare(net, ctx, t)
     loader = train_loader(cfg, bundle, ctx.rank, ctx.world_size)
     val = eval_loader(cfg, bundle.val) if len(bundle.val) else None
@@ -124,4 +140,5 @@ def run(ctx: StageContext) -> StageResult:
         "parameters": params, "images_per_s": last.get("images_per_s"), "history": state.history,
         "world_size": ctx.world_size, "global_batch": global_batch,
         "precision": str(dtype).replace("torch.", "") if dtype is not None else "fp32", "compile": bool(t["compile"]),
+        "kernels": kernels,
     })

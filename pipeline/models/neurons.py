@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .kernels import fused_multistep
 from .spec import NeuronSpec
 from .surrogate import SURROGATES, float_mask, spike, surrogate_grad
 
@@ -117,6 +118,7 @@ class BaseLIF(nn.Module):
 
     decay: Tensor | float
     gain: Tensor | float
+    kernels: str = "torch"  # the fused training loop's backend (kernels.BACKENDS); kernels.set_kernels sets it
 
     def __init__(self, v_th: float = 0.5, surrogate: str = "rect", surrogate_param: float = 1.0) -> None:
         super().__init__()
@@ -164,15 +166,22 @@ class BaseLIF(nn.Module):
         """
         with _fp32_region(x):
             if self._fused():
-                s = MultiStepLIF.apply(_fp32(x), self.decay, self.gain, self.v_th, self.surrogate,
-                                       self.surrogate_param)
-                return _cast(s, x.dtype)
+                return self._multistep(x)
             u: Tensor | None = None
             out = []
             for x_t in _fp32(x).unbind(0):
                 s, u = self._step(x_t, u)
                 out.append(s)
         return _cast(torch.stack(out), x.dtype)
+
+    def _multistep(self, x: Tensor) -> Tensor:
+        """The fused T loop on the neuron's kernel backend (``kernels``: see ``pipeline.models.kernels``):
+        a named backend where it takes ``x``, else ``MultiStepLIF``. Spikes in ``x.dtype`` either way."""
+        fused = fused_multistep(self.kernels, x)
+        if fused is not None:
+            return fused(x, self.decay, self.gain, self.v_th, self.surrogate, self.surrogate_param)
+        s = MultiStepLIF.apply(_fp32(x), self.decay, self.gain, self.v_th, self.surrogate, self.surrogate_param)
+        return _cast(s, x.dtype)
 
     def _fused(self) -> bool:
         """Whether ``forward`` runs ``MultiStepLIF``: only when it pays, i.e. a gradient is wanted. Without
