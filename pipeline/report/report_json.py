@@ -106,7 +106,7 @@ STATUS_PREFIXES = ("ok", "skipped", "error")
 
 def _clean_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """A measured row without the in-memory parts (predictions, per-layer list)."""
-    return {k: row.get(k) for k in ROW_FIELDS}
+    return {k: row.get(k, [] if ROW_FIELDS[k] == (list,) else None) for k in ROW_FIELDS}
 
 
 def build_report(rows: Sequence[Mapping[str, Any]], *, run: str, dataset: str, num_classes: int, test_images: int,
