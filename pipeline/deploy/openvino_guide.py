@@ -117,6 +117,18 @@ prints it; benchmark_app's `-exec_graph_path` writes the same graph to XML, wher
 
 counts the convolutions by precision. An INT8 row whose convolutions all ran in float is
 labelled **fake-quant** in the report: its accuracy is the INT8 model's, its speed is not INT8 speed.
+
+## 5. A static shape runs other kernels
+The counts belong to one compiled model, not to the file. OpenVINO picks kernels per compiled
+shape: the embedded default's INT8 graph compiled with its dynamic batch (as the runner and the
+report's main table do) ran 18 of 53 convolutions in u8 (99.5% of the convolution MACs) on the
+CPU this was written on, and the same adapted graph reshaped to a static batch of 1 or 32
+(`-shape` in benchmark_app, `model.reshape` in code, what an NPU or a fixed-batch deployment
+does) ran 12 of 53 (60.0%). The validation report's section *Executed precision per compiled
+shape* gives both for this run's graphs, each timing next to the counts of the compile it timed.
+To keep the integer kernels at batch 1 on a CPU, compile the dynamic-batch graph as it is and
+feed batch 1 (`staa_runtime bench {int8} --backend openvino --batch 1` does); where a static shape
+is required, check what it runs (`-exec_graph_path` above) before quoting its speed as INT8 speed.
 """
 
 
