@@ -37,6 +37,7 @@ from torch import nn
 
 from pipeline.models import LIF, STAALIF, BaseLIF, SeqConvBN, SeqModule, SpikingNet
 from pipeline.models.resnet import BasicBlock
+from pipeline.runtime.nir_info import file_version, summary  # noqa: F401  (summary: re-exported)
 
 NIR_FORMAT = "staa-nir/1"
 # snnTorch's NIR reader assumes dt = 1e-4 s whatever the graph says (snntorch/import_nir.py), so the
@@ -269,8 +270,9 @@ def graph_metadata(lif: LIF, T: int, dt: float, r: float, neurons: int,
         "output": "per-step logits [num_classes, 1, 1] (global average pool folded into the fc Conv2d); "
                   "the prediction is the mean over the T steps",
     }
-    if extra:
-        meta["deploy"] = json.dumps(dict(extra), sort_keys=True, default=str)
+    if extra:  # the ONNX deploy metadata, less what the NIR convention above replaces
+        kept = {k: v for k, v in extra.items() if k not in ("T", "input_layout", "output")}
+        meta["deploy"] = json.dumps(kept, sort_keys=True, default=str)
     return meta
 
 
@@ -323,38 +325,5 @@ def check_roundtrip(path: Path, graph: Any, work: Path) -> dict[str, Any]:
     reread = nir.read(str(again))
     want, got, got2 = graph_dict(graph), graph_dict(loaded), graph_dict(reread)
     return {"identical": want == got == got2, "nodes": len(loaded.nodes), "edges": len(loaded.edges),
-            "nir_version": _file_version(path),
+            "nir_version": file_version(path),
             "differs": sorted(k for k in want if want[k] != got.get(k) or want[k] != got2.get(k))}
-
-
-def _file_version(path: Path) -> str:
-    """The NIR version a file was written with (its ``version`` dataset)."""
-    import h5py
-
-    with h5py.File(str(path), "r") as f:
-        v = f["version"][()]
-    return v.decode("utf8") if isinstance(v, bytes) else str(v)
-
-
-def summary(path: Path) -> dict[str, Any]:
-    """Nodes (type, shape, parameters), edges and metadata of a NIR file, for ``python -m pipeline.runtime nir-info``."""
-    import nir
-
-    graph = nir.read(str(path))
-    nodes = []
-    for name, node in graph.nodes.items():
-        row: dict[str, Any] = {"name": name, "type": type(node).__name__}
-        out = getattr(node, "output_type", None) or {}
-        if out.get("output") is not None:
-            row["shape"] = [int(v) for v in out["output"]]
-        if isinstance(node, (nir.LIF, nir.CubaLIF, nir.IF)):
-            for key in ("tau", "r", "v_leak", "v_threshold", "v_reset"):
-                if getattr(node, key, None) is not None:
-                    vals = np.unique(np.asarray(getattr(node, key)))
-                    row[key] = float(vals[0]) if vals.size == 1 else [float(vals.min()), float(vals.max())]
-        elif hasattr(node, "weight"):
-            row["weight"] = list(np.asarray(node.weight).shape)
-        nodes.append(row)
-    meta = graph_dict(graph)["metadata"]
-    return {"file": str(path), "nir_version": _file_version(path), "nodes": nodes,
-            "edges": [list(e) for e in graph.edges], "metadata": meta}

@@ -140,3 +140,25 @@ def reader_fn(reader: str, graph: Any, T: int | None = None) -> Callable[[Any], 
         return imported.run(torch.as_tensor(x, dtype=torch.float32), steps)
 
     return run
+
+
+def roundtrip_parity(graph: Any, unrolled: torch.nn.Module, x: torch.Tensor, *, tie_tol: float, flip_margin: float,
+                     batch_size: int = 64) -> dict[str, dict[str, Any]]:
+    """Each installed reader's import of ``graph`` vs the unrolled torch module on ``x`` (parity.compare:
+    per-layer spikes with the first-divergence flip classification, logits, top-1).
+
+    ``{reader: {"checked": True, "report": ParityReport}}``, or ``{"checked": False, "reason": ...}`` for a
+    reader that is not installed.
+    """
+    from .parity import compare, torch_with_spikes
+
+    out: dict[str, dict[str, Any]] = {}
+    for reader, missing in available().items():
+        if missing:
+            out[reader] = {"checked": False, "reason": f"{reader} is not installed ({missing}); it is a test "
+                                                       f"dependency: pip install -r requirements-dev.txt"}
+            continue
+        batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+        report = compare(torch_with_spikes(unrolled), reader_fn(reader, graph), batches, tie_tol, flip_margin)
+        out[reader] = {"checked": True, "report": report}
+    return out
