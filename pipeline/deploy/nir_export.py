@@ -249,6 +249,9 @@ def to_nir(model: SpikingNet, frame: tuple[int, int, int], *, dt: float = DEFAUL
         last = walk(stage, getattr(model, stage), last)
     head = b.classifier(model.fc, last)
     b.add(OUTPUT_NODE, nir.Output(output_type={"output": np.array(b.shapes[head])}), [head], b.shapes[head])
+    dangling = sorted(set(b.nodes) - {s for s, _ in b.edges} - {OUTPUT_NODE})
+    if dangling:  # a bug in the walk above; readers would hang or drop the node
+        raise NirExportError(f"NIR graph nodes with no consumer: {', '.join(dangling)}")
     lif = next(u for u in model.modules() if isinstance(u, LIF))
     meta = graph_metadata(lif, model.T, dt, r, len(b.neurons), metadata)
     return nir.NIRGraph(nodes=b.nodes, edges=b.edges, metadata=meta)
