@@ -183,3 +183,51 @@ def test_nir_info_prints_nodes_edges_and_neuron_parameters(generated, tmp_path: 
     bad = subprocess.run([sys.executable, "-m", "pipeline.runtime", "nir-info", str(tmp_path / "none.nir")], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "none.nir" in bad.stderr
+
+
+def test_export_stage_writes_the_nir_graph_with_reader_parity_on_static_images(tmp_path: Path):
+    """The export stage on a plain-LIF model (static digits: the same frame every step) writes model.nir,
+    checks it with nir's reader and records each reader's parity."""
+    import copy
+    import logging
+
+    import yaml
+
+    import stages.export
+    from pipeline.config import deep_merge, load_config
+    from pipeline.data import data_bundle, data_meta, model_config
+    from pipeline.deploy.unroll import FLOAT_RECIPE, INT8_RECIPE, UnrolledInfo, save_unrolled, unroll_qat
+    from pipeline.registry import spec
+    from pipeline.runner import StageContext
+    from tests.conftest import TINY
+    from tests.helpers import quantize_convs
+
+    raw = deep_merge(TINY, {"name": "tiny", "artifacts_dir": str(tmp_path / "artifacts"),
+                            "model": {"neuron": {"kind": "lif"}, "staa": {"pe": False, "gc": False, "sa": False}},
+                            "export": {"parity_images": 12}})
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(str(tmp_path / "tiny.yaml"))
+    bundle = data_bundle(cfg)
+    mcfg, meta = model_config(cfg, bundle), data_meta(bundle)
+    x, _, _ = real_images("digits", 12, T=mcfg["T"])
+    model = firing_model(mcfg, x)
+    (tmp_path / "unroll").mkdir()
+    save_unrolled(tmp_path / "unroll" / "float.pt", unroll_float(model),
+                  UnrolledInfo("float", mcfg["T"], mcfg, meta, True, FLOAT_RECIPE))
+    save_unrolled(tmp_path / "unroll" / "int8.pt", unroll_qat(quantize_convs(copy.deepcopy(model), [x])),
+                  UnrolledInfo("int8", mcfg["T"], mcfg, meta, False, INT8_RECIPE))
+    out = tmp_path / "export"
+    out.mkdir()
+    ctx = StageContext(cfg=cfg, spec=spec("export"), out=out, inputs={"unroll": tmp_path / "unroll"}, store=None,
+                       device="cpu", log=logging.getLogger("test.export"))
+    result = stages.export.run(ctx)
+    m = result.metrics["nir"]
+    assert m["exported"] and (out / "model.nir").is_file() and m["roundtrip"]["identical"]
+    assert not list(out.glob("nir-*"))  # the re-saved scratch copy is not left behind
+    for reader in nr.READERS:
+        r = m["readers"][reader]
+        if not r["checked"]:
+            pytest.skip(r["reason"])
+        assert r["n"] == 12 and r["samples_real_mismatch"] == 0 and r["top1_mismatches"] == 0
+    graph = nir.read(str(out / "model.nir"))
+    assert json.loads(graph.metadata["deploy"])["dataset"] == "digits"
