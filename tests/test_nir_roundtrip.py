@@ -231,3 +231,20 @@ def test_export_stage_writes_the_nir_graph_with_reader_parity_on_static_images(t
         assert r["n"] == 12 and r["samples_real_mismatch"] == 0 and r["top1_mismatches"] == 0
     graph = nir.read(str(out / "model.nir"))
     assert json.loads(graph.metadata["deploy"])["dataset"] == "digits"
+
+
+def test_report_note_names_the_graph_its_parity_or_the_blocking_parts(tmp_path: Path):
+    from pipeline.report.nir_note import nir_note, nir_summary, read_nir_metrics
+
+    assert read_nir_metrics(tmp_path) is None and nir_note(None) == []
+    skipped = {"exported": False, "skipped": ["layer3.0.sn1.staa.sa: STAA step attention (SA) ..."]}
+    (tmp_path / "metrics.json").write_text(json.dumps({"T": 2, "nir": skipped}))
+    lines = nir_note(read_nir_metrics(tmp_path))
+    assert "nir: skipped; parts with no NIR form:" in lines and any("staa.sa" in line for line in lines)
+    reader = {"checked": True, "n": 100, "samples_clean": 99, "samples_numerical_flip": 1, "samples_real_mismatch": 0,
+              "top1_mismatches": 0, "max_abs_diff": 2e-7}
+    done = {"exported": True, "roundtrip": {"identical": True}, "dt": 1e-4, "neuron_mapping": "tau = ...",
+            "readers": {"snntorch": reader, "norse": {"checked": False, "reason": "not installed"}}}
+    text = "\n".join(nir_note(done))
+    assert "| snntorch | 100 | 99 | 1 | 0 | 0 |" in text and "| norse | not installed" in text
+    assert "re-save, identical" in text and nir_summary(done)["readers"]["snntorch"]["numerical_flips"] == 1
