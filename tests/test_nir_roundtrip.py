@@ -248,3 +248,16 @@ def test_report_note_names_the_graph_its_parity_or_the_blocking_parts(tmp_path: 
     text = "\n".join(nir_note(done))
     assert "| snntorch | 100 | 99 | 1 | 0 | 0 |" in text and "| norse | not installed" in text
     assert "re-save, identical" in text and nir_summary(done)["readers"]["snntorch"]["numerical_flips"] == 1
+
+
+@pytest.mark.parametrize("config, exportable", [("nmnist_nir.yaml", True), ("nmnist.yaml", False),
+                                                 ("default.yaml", False)])
+def test_which_configs_give_a_nir_graph(config, exportable):
+    from pipeline.config import load_config
+
+    cfg = load_config(str(REPO / "configs" / config))
+    model = unroll_float(build_model(dict(cfg["model"], num_classes=10, in_channels=2)))
+    blockers = ne.nir_blockers(model)
+    assert (blockers == []) is exportable, blockers
+    if not exportable:
+        assert any("staa." in b for b in blockers)
