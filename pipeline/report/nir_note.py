@@ -9,12 +9,14 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline import registry
+
 
 def read_nir_metrics(export_dir: Path | None) -> dict[str, Any] | None:
     """``metrics.json["nir"]`` of the export stage, or None when that stage did not record one."""
     if export_dir is None:
         return None
-    path = Path(export_dir) / "metrics.json"
+    path = registry.path(Path(export_dir), "export", "metrics")
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
