@@ -261,3 +261,16 @@ def test_which_configs_give_a_nir_graph(config, exportable):
     assert (blockers == []) is exportable, blockers
     if not exportable:
         assert any("staa." in b for b in blockers)
+
+
+@pytest.mark.parametrize("reader", nr.READERS)
+def test_round_trip_parity_with_the_average_pool_stem_on_static_images(reader):
+    """ResNet-34's stem pools spikes (AvgPool2d 3x3/2): an NIR AvgPool2d node; static images repeat every step."""
+    _readers()
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    cfg = dict(PLAIN, arch="resnet34", width=0.125, T=2, in_channels=3)
+    model = _plain_model(x, **{k: v for k, v in cfg.items() if k not in PLAIN or cfg[k] != PLAIN[k]})
+    graph = ne.to_nir(model, (3, 32, 32))
+    assert isinstance(graph.nodes["stem.pool"], nir.AvgPool2d)
+    assert ("stem.sn.lif", "stem.pool") in graph.edges and ("stem.pool", "layer1.0.conv1") in graph.edges
+    _assert_round_trip(model, graph, x, reader)
