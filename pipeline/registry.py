@@ -171,7 +171,7 @@ _BUILTIN: tuple[StageSpec, ...] = (
         Output("samples", "sample_inputs.npz", "samples", bundled=True, help="parity images, labels, float logits"),
         Output("trt_check", "trt_check.json", "check", bundled=True, help="static TensorRT check of every graph"),
         _metrics(),
-    ), "ONNX FP32 and INT8 (QDQ) with dynamic batch, a streaming graph, static TensorRT check"),
+    ), "ONNX FP32 and INT8 (QDQ) with dynamic batch, a streaming graph, static TensorRT check; NIR for plain-LIF models"),
     StageSpec("build", ("export",), ("build",), (
         Output("engine_fp16", "model_fp16.engine", "engine", ("tensorrt",), "fp16", parent="export.onnx_fp32",
                gate="engine", ships=True, steps_from="parent", optional=True),

@@ -274,3 +274,31 @@ def test_round_trip_parity_with_the_average_pool_stem_on_static_images(reader):
     assert isinstance(graph.nodes["stem.pool"], nir.AvgPool2d)
     assert ("stem.sn.lif", "stem.pool") in graph.edges and ("stem.pool", "layer1.0.conv1") in graph.edges
     _assert_round_trip(model, graph, x, reader)
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_nmnist_nir_config_through_export_writes_the_nir_graph(tmp_path: Path):
+    """configs/nmnist_nir.yaml on real N-MNIST (the CPU schedule of test_nmnist_e2e) up to export: model.nir,
+    read back identical, both readers at 0 real mismatches and identical top-1 on the trained model."""
+    import os
+
+    from tests.test_nmnist_e2e import SCHEDULE
+
+    events = shared_file("nmnist_small_events.npz")
+    sets = SCHEDULE + [f"artifacts_dir={tmp_path / 'artifacts'}", f"data.train_file={events}",
+                       f"data.cache_dir={tmp_path / 'frames'}", "reduce_t.steps=[4]"]
+    cmd = [sys.executable, "-m", "pipeline", "run", "--config", str(REPO / "configs" / "nmnist_nir.yaml"),
+           "--until", "export"]
+    for item in sets:
+        cmd += ["--set", item]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    export = tmp_path / "artifacts" / "nmnist_nir" / "export"
+    m = json.loads((export / "metrics.json").read_text())["nir"]
+    assert m["exported"] and m["roundtrip"]["identical"] and (export / "model.nir").is_file()
+    for reader in nr.READERS:
+        r = m["readers"][reader]
+        assert r["checked"], r
+        assert r["n"] == 32 and r["samples_real_mismatch"] == 0 and r["top1_mismatches_beyond_tol"] == 0, r
