@@ -30,6 +30,7 @@ KINDS = (
     "qat_checkpoint",  # NNCF QAT model (pipeline.compress.quantize.load_qat_model)
     "unrolled",  # static, stateless torch module (pipeline.deploy.unroll.load_unrolled)
     "onnx", "engine",  # graphs for ONNX runtimes / TensorRT
+    "nir",  # a NIR graph (HDF5) for neuromorphic toolchains (pipeline.deploy.nir_export)
     "samples",  # sample_inputs.npz: images, labels, float logits
     "metrics", "report", "plot", "log", "check", "config", "script", "doc", "folder",
 )
@@ -171,10 +172,13 @@ _BUILTIN: tuple[StageSpec, ...] = (
                steps_from="metadata", bundled=True),
         Output("step_fp32", "step_fp32.onnx", "onnx", (), "fp32", parent="unroll.float", optional=True, bundled=True,
                help="one time step with explicit membranes (needs a stateful driver; absent for SA models)"),
+        Output("nir", "model.nir", "nir", (), "fp32", parent="unroll.float", optional=True,
+               help="NIR graph of a plain-LIF model (snnTorch, Norse, Sinabs, Lava, ...); absent with the reason "
+                    "in metrics.json nir.skipped when a part has no NIR form (STAA, adaptive LIF)"),
         Output("samples", "sample_inputs.npz", "samples", bundled=True, help="parity images, labels, float logits"),
         Output("trt_check", "trt_check.json", "check", bundled=True, help="static TensorRT check of every graph"),
         _metrics(),
-    ), "ONNX FP32 and INT8 (QDQ) with dynamic batch, a streaming graph, static TensorRT check"),
+    ), "ONNX FP32 and INT8 (QDQ) with dynamic batch, a streaming graph, static TensorRT check; NIR for plain-LIF models"),
     StageSpec("build", ("export",), ("build",), (
         Output("engine_fp16", "model_fp16.engine", "engine", ("tensorrt",), "fp16", parent="export.onnx_fp32",
                gate="engine", ships=True, steps_from="parent", optional=True),

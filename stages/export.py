@@ -6,6 +6,11 @@ shape inference, deployment metadata, ONNX Runtime parity on real test images (l
 TensorRT check (``trt_check.json``). Also writes ``sample_inputs.npz`` (the parity images,
 labels and float logits) for the device bundle. ``metrics.json`` records node counts before and
 after compaction, file and initializer bytes per graph, and the INT8/FP32 byte ratios.
+
+NIR: a plain-LIF model (no STAA part, ``lif`` neurons) is also written as ``model.nir``
+(:mod:`pipeline.deploy.nir_export`), checked with ``nir``'s own reader (load, re-save, identical) and
+imported by each installed NIR reader (snnTorch, Norse) for round-trip parity on the same images;
+any other model records ``nir.skipped`` with the parts that block it.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ from pipeline import __version__
 from pipeline.config import slice_hash
 from pipeline.data import data_bundle, eval_loader
 from pipeline.deploy.compact import CompactError
+from pipeline.deploy.nir_export import NirExportError, check_roundtrip, nir_blockers, to_nir, write_nir
+from pipeline.deploy.nir_readers import roundtrip_parity
 from pipeline.deploy.onnx_export import ExportError, deploy_metadata
 from pipeline.deploy.streaming import stream_blockers
 from pipeline.deploy.trt_check import write_reports
@@ -87,6 +94,44 @@ def size_ratios(fp32: dict[str, Any], int8: dict[str, Any]) -> dict[str, float]:
             "int8_over_fp32_file_bytes": round(int8["file_bytes"] / max(fp32["file_bytes"], 1), 4)}
 
 
+def export_nir_checked(ctx: StageContext, flat: torch.nn.Module, x: torch.Tensor, gates: Gates,
+                       metadata: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The NIR graph of the unrolled float model, or the reason it has none: (metrics["nir"], gate failures)."""
+    blockers = nir_blockers(flat)
+    if blockers:
+        ctx.log.info("nir: skipped: %s", "; ".join(blockers))
+        return {"exported": False, "skipped": blockers}, []
+    import nir
+
+    path = ctx.output("nir")
+    try:
+        graph = to_nir(flat, tuple(int(v) for v in x.shape[-3:]), metadata=metadata)
+    except NirExportError as exc:
+        raise StageError(f"NIR export: {exc}") from exc
+    write_nir(graph, path)
+    failures: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="nir-", dir=ctx.out) as work:
+        roundtrip = check_roundtrip(path, graph, Path(work))
+    if not roundtrip["identical"]:
+        failures.append(f"NIR: {path.name} read back and re-saved by nir differs in {', '.join(roundtrip['differs'])}")
+    metrics: dict[str, Any] = {"exported": True, "file_bytes": path.stat().st_size, "roundtrip": roundtrip,
+                               "T": int(graph.metadata["T"]), "dt": float(graph.metadata["dt"]),
+                               "neuron_mapping": graph.metadata["neuron_mapping"], "readers": {}}
+    for reader, res in roundtrip_parity(nir.read(str(path)), flat, x, tie_tol=gates.tie_tol,
+                                        flip_margin=gates.flip_margin).items():
+        if not res["checked"]:
+            metrics["readers"][reader] = {"checked": False, "reason": res["reason"]}
+            ctx.log.warning("nir: %s", res["reason"])
+            continue
+        rep = res["report"]
+        metrics["readers"][reader] = {"checked": True, **rep.metrics()}
+        failures += rep.failures(gates.max_abs_diff, gates.min_spike_agreement, f"NIR via {reader}")
+        ctx.log.info("nir: %s import vs torch: %d images, %d identical spikes, %d numerical flips, %d real; "
+                     "top-1 mismatches %d; logits max |diff| %.3g", reader, rep.n, rep.clean, rep.numerical, rep.real,
+                     rep.top1_mismatches, rep.max_abs_diff)
+    return metrics, failures
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg, e, out = ctx.cfg, ctx.cfg["export"], ctx.out
     try:
@@ -127,6 +172,9 @@ def run(ctx: StageContext) -> StageResult:
             metrics["streaming"] = {"exported": True, **m}
             failures += f
             reports.append(r)
+        metrics["nir"], f = export_nir_checked(ctx, flat, x, gates["fp32"],
+                                               deploy_metadata(info, precision="fp32", **common))
+        failures += f
     except ExportError as exc:
         raise StageError(f"{exc}. Try export.dynamo: {not e['dynamo']} or another export.opset") from exc
     except CompactError as exc:

@@ -16,6 +16,7 @@ from pipeline.data import data_bundle, eval_loader
 from pipeline.report import (BASELINE, CONVENTION, E_AC_PJ, E_MAC_PJ, E_MUL_PJ, EXCLUDED, Settings, apply_gates,
                              build_report, discover, inherit_energy, measure, render, upstream_parity,
                              validate_report)
+from pipeline.report.nir_note import nir_note, nir_summary, read_nir_metrics
 from pipeline.report.plots import draw_all, draw_training_curves
 from pipeline.runner import StageContext, StageError, StageResult
 
@@ -81,6 +82,9 @@ def run(ctx: StageContext) -> StageResult:
         raise StageError(f"{ctx.output('report_json').name} does not match its schema: " + "; ".join(problems))
     write_json_atomic(ctx.output("report_json"), doc)
     md = render(doc)
+    nir = read_nir_metrics(ctx.inputs.get("export"))  # the NIR graph is not measured here: export's record, noted
+    if nir_note(nir):
+        md = md.rstrip("\n") + "\n" + "\n".join(nir_note(nir)) + "\n"
     ctx.output("report_md").write_text(md)
     ctx.log.debug("[validate] report table:\n%s", md.split("\n\n**Gates")[0])
     shipping = [r for r in doc["rows"] if r["ships"] and r["top1"] is not None]
@@ -88,7 +92,7 @@ def run(ctx: StageContext) -> StageResult:
                  len(doc["rows"]), doc["test_images"], doc["baseline"]["top1"],
                  "".join(f"; {r['artifact']} {r['top1']:.2f}%" for r in shipping),
                  "passed" if doc["gates"]["passed"] else f"FAILED ({len(failed)})")
-    return StageResult(metrics=_summary(doc), failed_gates=failed)
+    return StageResult(metrics=dict(_summary(doc), nir=nir_summary(nir)), failed_gates=failed)
 
 
 def _summary(doc: dict[str, Any]) -> dict[str, Any]:

@@ -144,6 +144,13 @@ def test_streaming_skipped_for_step_attention_with_reason(export_run):
     assert not (out / "step_fp32.onnx").exists()
 
 
+def test_nir_skipped_for_staa_with_the_blocking_parts(export_run):
+    result, out, _ = export_run
+    nir = result.metrics["nir"]
+    assert nir["exported"] is False and not (out / "model.nir").exists()
+    assert any("staa.sa" in line and "step attention" in line for line in nir["skipped"])
+
+
 def test_trt_check_and_sample_inputs(export_run):
     result, out, _ = export_run
     report = json.loads((out / "trt_check.json").read_text())

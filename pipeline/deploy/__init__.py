@@ -11,6 +11,8 @@
 - :mod:`.trt_script`: the trtexec build script and the Jetson guide for targets with TensorRT.
 - :mod:`.bundle`: the self-contained folder (ONNX, sample inputs, runner) copied to a device.
 - :mod:`.verify`: export + every check for one graph (what the export stage calls).
+- :mod:`.nir_export`: the NIR graph of a plain-LIF model (neuron mapping, blockers named, nir round trip).
+- :mod:`.nir_readers`: that graph imported and run by snnTorch and Norse, for round-trip parity.
 
 Test-only helpers (a freshly built SNN whose every layer fires; a minimal symmetric Q/DQ model in
 TensorRT's explicit-quantisation form) live in ``tests/helpers``, outside the package.

@@ -9,6 +9,7 @@ In the bundle this package is ``staa_runtime``::
     python3 -m staa_runtime bench model_int8.onnx --backend openvino     # Intel CPU, real INT8 kernels
     python3 -m staa_runtime executed model_int8.onnx --backend openvino  # which convs ran in int8
     python3 -m staa_runtime openvino-adapt model_int8.onnx -o model_int8_ov.onnx  # for benchmark_app (needs onnx)
+    python3 -m staa_runtime nir-info model.nir           # nodes, edges, neuron parameters of an NIR graph (needs nir)
 """
 from __future__ import annotations
 
@@ -129,6 +130,20 @@ def cmd_openvino_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nir_info(args: argparse.Namespace) -> int:
+    """Nodes, edges and neuron parameters of an NIR file (the export stage's model.nir)."""
+    path = _existing(args.model, "NIR file", "pass the export stage's model.nir (written for plain-LIF models)")
+    try:
+        from .nir_info import render, summary
+        info = summary(path)
+    except ImportError as exc:
+        raise UsageError(f"reading NIR needs the nir package ({exc}): python3 -m pip install nir") from exc
+    except (OSError, KeyError, ValueError) as exc:
+        raise UsageError(f"{path} is not a readable NIR file ({type(exc).__name__}: {exc})") from exc
+    print(json.dumps(info, indent=2) if args.json else render(info))
+    return 0
+
+
 def _backend_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=sorted(BACKENDS), default=None,
                         help="runtime for the model (default: onnxruntime for .onnx, tensorrt for .engine; "
@@ -171,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     oa.add_argument("model", help="the INT8 .onnx file")
     oa.add_argument("-o", "--output", help="adapted .onnx to write (default: <model>_ov.onnx next to it)")
     oa.set_defaults(fn=cmd_openvino_adapt)
+    ni = sub.add_parser("nir-info", help="nodes, edges and neuron parameters of an NIR graph (needs nir)")
+    ni.add_argument("model", help="the .nir file")
+    ni.add_argument("--json", action="store_true", help="print JSON instead of text")
+    ni.set_defaults(fn=cmd_nir_info)
     args = p.parse_args(argv)
     try:
         return int(args.fn(args))

@@ -41,7 +41,9 @@ class StepRunner:
         if self.t >= self.T:
             raise RuntimeError(f"the step graph was exported for T={self.T} steps (one position-encoding row "
                                f"per step); call reset() to start the next clip")
-        feeds = {"input": np.ascontiguousarray(frame, np.float32), "step": np.array([self.t], np.int64), **self.state}
+        feeds = {"input": np.ascontiguousarray(frame, np.float32), **self.state}
+        if "step" in self.runner.input_names:  # a model without position encoding never reads it: the exporter drops it
+            feeds["step"] = np.array([self.t], np.int64)
         out = self.runner.run(feeds)
         self.state = {n: out[STATE_OUT + n[len(STATE_IN):]] for n in self.state}
         self.t += 1
