@@ -291,7 +291,7 @@ def _identity(stage: str, o: Output, backend: str, values: dict[str, Any],
     """(validate.changed key, the row this one must equal): a further backend of an output with a
     ``runtime_identity`` is held to the first backend's row of the same file, others to their parent."""
     if backend != o.backends[0] and o.runtime_identity is not None:
-        return o.runtime_identity, parent
+        return o.runtime_identity, _row_name(stage, o, o.backends[0], values)
     return (o.identity, parent) if o.identity is not None else (None, None)
 
 
