@@ -193,6 +193,10 @@ def write_run_config(cfg: Mapping[str, Any], folder: Path, stage: str) -> Path:
               f"# from: {cfg.get('_source', '?')}\n"
               f"# run it again: python -m pipeline run --config {path}\n")
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(header + resolved_yaml(cfg))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(header + resolved_yaml(cfg))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

@@ -69,7 +69,7 @@ def size_ratios(fp32: dict[str, Any], int8: dict[str, Any]) -> dict[str, float]:
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg, e, out = ctx.cfg, ctx.cfg["export"], ctx.out
+    cfg, e = ctx.cfg, ctx.cfg["export"]
     try:
         flat, info = load_unrolled(ctx.input("unroll", "float"))
         q, qinfo = load_unrolled(ctx.input("unroll", "int8"))
@@ -85,7 +85,7 @@ def run(ctx: StageContext) -> StageResult:
     failures: list[str] = []
     reports = []
     try:
-        with tempfile.TemporaryDirectory(prefix="probe-", dir=out) as work:
+        with tempfile.TemporaryDirectory(prefix="probe-", dir=ctx.scratch) as work:  # never in the committed folder
             for key, module, unrolled in (("fp32", flat, info), ("int8", q, qinfo)):
                 m, f, r = export_verified(module, x, ctx.output(f"onnx_{key}"), gates=gates[key],
                                           metadata=deploy_metadata(unrolled, precision=key, **common),
