@@ -93,7 +93,7 @@ SCHEMA: dict[str, Any] = {
         # DataLoader workers per process. Not in the cache key
         "workers": Num(0, lo=-1, hint="0: load in the main process; -1: min(8, CPU cores per process)"),
         "prefetch": Opt(int, lo=1),  # batches each worker loads ahead (None: torch's 2). Not in the cache key
-        "cache_dir": Opt(str),  # event-frame cache; None: <root>/frames_cache
+        "cache_dir": Opt(str),  # event-frame cache; None: <artifacts_dir>/frames_cache
         "augment": {
             "crop_padding": Num(4, lo=0),
             "flip": True,
