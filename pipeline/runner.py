@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from pipeline import __version__
 from pipeline.artifacts import TEMPORARY, ArtifactError, Manifest, RunStore, package_versions, write_json_atomic
-from pipeline.config import slice_hash, write_run_config
+from pipeline.config import ConfigError, slice_hash, write_run_config
 from pipeline.console import held_warnings, tame_libraries
 from pipeline.disk import folder_bytes, free_bytes, megabytes, write_failure
 from pipeline.registry import StageSpec, names, spec
@@ -108,10 +108,12 @@ def run_store(cfg: Mapping[str, Any]) -> RunStore:
 def resolve_device(cfg: Mapping[str, Any]) -> str:
     """``cpu``, ``cuda`` or, under torchrun, ``cuda:LOCAL_RANK``; a GPU that torch cannot use is an
     error, never a silent CPU run (see :func:`pipeline.distributed.resolve_device`)."""
-    from pipeline.distributed import DeviceError, resolve_device as _resolve
+    from pipeline.distributed import DeviceError, DeviceNotHere, resolve_device as _resolve
 
     try:
         return _resolve(cfg["device"])
+    except DeviceNotHere as exc:  # the config asks for what this machine lacks: exit 2, like any config error
+        raise ConfigError(str(exc)) from exc
     except DeviceError as exc:
         raise StageError(str(exc)) from exc
 

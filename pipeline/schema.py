@@ -218,19 +218,19 @@ SCHEMA: dict[str, Any] = {
         # step) or with the float baseline ("baseline": the cumulative cost)
         "gate_reference": Choice(("parent", "baseline"), "parent"),
         "gates": {  # max top-1 drop (points) of each row vs its reference (gate_reference)
-            "reduce_t": Num(3.0, lo=0.0),  # max top-1 drop (points) vs the float baseline
-            "qat": Num(1.0, lo=0.0),
-            "unroll": Num(0.0, lo=0.0),
+            "reduce_t": 3.0,  # max top-1 drop (points) vs the float baseline
+            "qat": 1.0,
+            "unroll": 0.0,
             # an FP32 graph in its runtime (ONNX Runtime, OpenVINO) vs the torch module it came from: their float
             # kernels sum in another order, and a spike threshold turns a rounding difference into a flipped
             # spike now and then (cifar10_small, 2,000 test images: 20 and 25 images with a logit change, 0 and
             # 1 with a changed top-1); export's parity check proves the graph at spike level, flips classified
-            "onnx_fp32": Num(0.5, lo=0.0),
-            "onnx_int8": Num(1.0, lo=0.0),
-            "engine": Num(1.0, lo=0.0),
+            "onnx_fp32": 0.5,
+            "onnx_int8": 1.0,
+            "engine": 1.0,
             # every row that can ship (ONNX graphs, engines) vs the float baseline: the cumulative
             # cost, so the per-step tolerances above cannot add up unnoticed
-            "total": Num(3.0, lo=0.0),
+            "total": 3.0,
         },
     },
 }

@@ -114,7 +114,6 @@ def test_resolve_fills_a_partial_section():
     ("qat.calibration_samples=0", "qat.calibration_samples: must be >= 1, got 0"),
     ("export.parity_images=0", "export.parity_images: must be >= 1, got 0"),
     ("validate.iterations=0", "validate.iterations: must be >= 1, got 0"),
-    ("validate.gates.qat=-1", "validate.gates.qat: must be >= 0, got -1.0"),
     ("validate.batch_sizes=[0]", "validate.batch_sizes: [0] must be one or more batch sizes >= 1"),
     ("seed=-1", "seed: must be >= 0, got -1"),
 ])
