@@ -66,7 +66,8 @@ class StageContext:
     def scratch(self) -> Path:
         """A scratch folder outside the committed one (probe graphs, temporary files); the runner
         removes it after the stage, and a killed run's on the next run."""
-        folder = self.store.scratch_dir(self.spec.name)
+        folder = (self.store.scratch_dir(self.spec.name) if self.store is not None
+                  else self.out.parent / f".{self.spec.name}.scratch")  # a context built without a store (tests)
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
