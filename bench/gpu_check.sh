@@ -14,14 +14,22 @@
 #
 # Results: $GPU_CHECK_OUT (default bench/results/): gpu_check.json (every part's status and numbers),
 # gpu_check.log (everything printed), parts/<part>.log. A summary table ends the output.
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 295: total seconds),
+# Environment: PYTHON (default .venv/bin/python, else python3; it must import torch), GPU_CHECK_BUDGET_S (default 295: total seconds),
 # GPU_CHECK_FULL=1 (the default config's full schedule instead of a short one),
 # GPU_CHECK_NNCF_BUILD=1 (let NNCF build its CUDA extension when nvcc matches; default: reference kernels).
 # Wheels: when ./.whl exists and nncf is not importable, they are installed into /tmp/site first.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
-PY=${PYTHON:-python3}
+# the project's venv when there is one (a bare python3 may have no torch), else python3
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x "$REPO/.venv/bin/python" ]; then PY=$REPO/.venv/bin/python
+else PY=python3; fi
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "gpu_check: $PY cannot import torch: run 'make install' (it makes .venv), or set PYTHON to a python" \
+         "that has the requirements installed" >&2
+    exit 2
+fi
 OUT=${GPU_CHECK_OUT:-$REPO/bench/results}
 BUDGET=${GPU_CHECK_BUDGET_S:-295}
 mkdir -p "$OUT/parts" || exit 2

@@ -1,7 +1,8 @@
 """Command-line entry points: ``python -m pipeline``, ``python -m pipeline.stage`` and ``staa-pipeline``.
 
 Exit codes: 0 success, 1 a stage failed or a gate failed, 2 bad usage, config or data (the
-message says what to fix; nothing is left behind).
+message says what to fix; nothing is left behind), 130 interrupted (Ctrl-C: the message says
+what was kept and how to resume).
 """
 from __future__ import annotations
 
@@ -91,6 +92,10 @@ def _guard(fn: Callable[[], None]) -> None:
     except GateFailed as exc:
         click.echo(f"gate failed: {exc}", err=True)
         sys.exit(1)
+    except KeyboardInterrupt as exc:  # click would print only "Aborted!"
+        click.echo(str(exc) if str(exc) else "interrupted (Ctrl-C); finished stages are kept; run the same "
+                   "command again to continue", err=True)
+        sys.exit(130)
     except ImportError as exc:  # a missing optional dependency
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

@@ -34,6 +34,10 @@ class StageError(RuntimeError):
     """A stage could not do its job (bad input, failed check); the message says what to do."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a stage; the message says what was kept and how to resume."""
+
+
 class GateFailed(RuntimeError):
     """A quality gate failed; the stage's outputs (e.g. the report) were still written."""
 
@@ -297,6 +301,16 @@ def _execute(cfg: dict[str, Any], s: StageSpec, store: RunStore, key: str, input
         tame_libraries()  # the stage's imports (torch, nncf) installed their own console handlers
         try:
             result: StageResult = module.run(ctx)
+        except KeyboardInterrupt:
+            if rank != 0:
+                raise
+            src = cfg.get("_source", "F")
+            if _only_scratch(part) and fresh:
+                kept = "it had nothing to resume from yet, so nothing of it is kept"
+            else:
+                kept = (f"its partial run is kept in {part}: the same command resumes it "
+                        f"(python -m pipeline.stage {s.name} --config {src}; --force starts afresh)")
+            raise Interrupted(f"[{s.name}] interrupted (Ctrl-C); finished stages are kept; {kept}") from None
         except Exception as exc:
             if type(exc).__name__ == "ResumeFailed":  # pipeline.training.loop's: not imported here (torch)
                 raise StageError(f"[{s.name}] {exc}; start the stage afresh, discarding the partial run in {part}: "
@@ -348,12 +362,17 @@ SCRATCH_FILES = (".key", "stage.log")
 def _discard_scratch(part: Path) -> None:
     """Remove a failed stage's partial folder when it holds nothing to resume from (only its key
     and log: e.g. the data was missing), so a failed call leaves nothing behind. Checkpoints keep it."""
+    if _only_scratch(part):
+        shutil.rmtree(part, ignore_errors=True)
+
+
+def _only_scratch(part: Path) -> bool:
+    """True when ``part`` holds nothing but its key and logs (or is gone): nothing to resume from."""
     try:
         entries = list(part.iterdir())
     except FileNotFoundError:
-        return
-    if all(p.is_file() and (p.name in SCRATCH_FILES or p.name.startswith(".stage.rank")) for p in entries):
-        shutil.rmtree(part, ignore_errors=True)
+        return True
+    return all(p.is_file() and (p.name in SCRATCH_FILES or p.name.startswith(".stage.rank")) for p in entries)
 
 
 def _sweep_locked(store: RunStore, name: str, key: str, locked: bool) -> None:
@@ -458,5 +477,5 @@ def clean(cfg: Mapping[str, Any], stages: Iterable[str] | None = None) -> list[s
     return removed
 
 
-__all__ = ["StageContext", "StageResult", "StageError", "GateFailed", "ArtifactError", "run_stage",
+__all__ = ["StageContext", "StageResult", "StageError", "GateFailed", "Interrupted", "ArtifactError", "run_stage",
            "run_all", "stage_states", "stage_key", "stale_reasons", "upstream_digest", "clean", "run_store", "resolve_device"]

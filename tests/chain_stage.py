@@ -15,6 +15,9 @@ RUNS: list[str] = []
 
 def run(ctx: StageContext) -> StageResult:
     RUNS.append(ctx.spec.name)
+    if NOISE[0] == "ctrl-c":  # after a checkpoint (a file to resume from), as in a training epoch
+        (ctx.out / "last.pt").write_text("epoch 1")
+        raise KeyboardInterrupt
     if NOISE[0] == "disk full":  # half a file and a temporary one, then the disk fills
         half = ctx.output("value")
         half.write_text("half")

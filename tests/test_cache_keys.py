@@ -127,3 +127,17 @@ def test_killed_run_leftovers_are_shown_then_cleaned(chain, write_config):
     assert run_stage(cfg, "up") == "done"
     assert not [p for p in store.root.rglob("*") if "probe" in p.name or "tmp" in p.name]
     assert set(store.manifest("up").outputs) == {"value.txt", "history.csv", "stage.log", "metrics.json"}
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_resume(chain, write_config):
+    """Issue 20 case 9: Ctrl-C printed only "Aborted!"."""
+    path = write_config()
+    store = run_store(load_config(path))
+    chain_stage.NOISE[0] = "ctrl-c"
+    res = CliRunner().invoke(cli_main, ["stage", "up", "--config", str(path)])
+    assert res.exit_code == 130, res.output
+    assert "Aborted!" not in res.output
+    assert (f"[up] interrupted (Ctrl-C); finished stages are kept; its partial run is kept in "
+            f"{store.partial_dir('up')}: the same command resumes it (python -m pipeline.stage up --config {path}")\
+        in res.output, res.output
+    assert (store.partial_dir("up") / "last.pt").is_file() and not (store.root / ".lock").exists()
