@@ -414,8 +414,6 @@ def _raise_if_write_failed(exc: BaseException, cfg: Mapping[str, Any], stage: st
 def _drop_after_write_failure(part: Path) -> bool:
     """Remove temporary files below ``part``; then the whole folder, unless it holds a checkpoint to
     resume from (a training run's last.pt, written atomically). True when it is kept."""
-    from pipeline.registry import file as output_file
-
     sweep_temporary(part)
     if part.is_dir() and any(part.rglob(output_file("train", "last"))):
         return True
