@@ -24,7 +24,8 @@
 #
 # Results: $GPU_CHECK_OUT (default bench/results/): gpu_check.json (every part's status and numbers),
 # gpu_check.log (everything printed), parts/<part>.log. A summary table ends the output.
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 540: total seconds),
+# Environment: PYTHON (default .venv/bin/python, else python3; it must import torch),
+# GPU_CHECK_BUDGET_S (default 540: total seconds),
 # GPU_CHECK_PARTS (default: all; facts always runs): e.g. GPU_CHECK_PARTS="kernels peer_sj infer profile throughput"
 # for the fused-kernel figures alone (stages and resumes already passed on an H200), or a rerun of some,
 # GPU_CHECK_COMPILE=1 (add the torch.compile throughput variants: they did not finish compiling in 5 min),
@@ -35,7 +36,15 @@
 set -u
 cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
-PY=${PYTHON:-python3}
+# the project's venv when there is one (a bare python3 may have no torch), else python3
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x "$REPO/.venv/bin/python" ]; then PY=$REPO/.venv/bin/python
+else PY=python3; fi
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "gpu_check: $PY cannot import torch: run 'make install' (it makes .venv), or set PYTHON to a python" \
+         "that has the requirements installed" >&2
+    exit 2
+fi
 OUT=${GPU_CHECK_OUT:-$REPO/bench/results}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
 PARTS=${GPU_CHECK_PARTS:-all}

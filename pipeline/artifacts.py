@@ -2,7 +2,8 @@
 
 Why this shape: a stage is only visible once complete (it writes into ``<stage>.partial`` and
 renames), so a crash never leaves a half artifact that a later stage would trust; the
-manifest's key (config slice + upstream keys) decides whether a stage must re-run; the
+manifest's key (config slice + upstream keys + the digest of the bytes each upstream stage
+wrote) decides whether a stage must re-run; the
 sha256 of every output detects files edited or corrupted after the fact.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -22,6 +24,9 @@ from typing import Any
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
+# names of temporary files and folders a killed or failed write leaves (``.x.tmp-PID``, ``x.tmp``,
+# ``x.tmpPID``, and the ``probe-*`` scratch folders export kept in its partial folder before 0.x)
+TEMPORARY = re.compile(r"\.tmp(-?\d+)?$|\.tmp-|^probe-")
 TRACKED_PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime", "nncf", "tonic", "tensorrt", "numpy")
 
 
@@ -51,8 +56,12 @@ def package_versions() -> dict[str, str]:
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON via a temporary file and rename, so readers never see half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half file behind
+        raise
 
 
 @dataclass
@@ -61,7 +70,8 @@ class Manifest:
     key: str
     status: str  # "done", "skipped" (e.g. no TensorRT here: the reason says why) or "failed" (gates failed)
     outputs: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
-    upstream: dict[str, str] = field(default_factory=dict)  # stage -> key
+    upstream: dict[str, str] = field(default_factory=dict)  # stage -> its key when this stage ran
+    inputs: dict[str, str] = field(default_factory=dict)  # stage -> digest of the bytes read from it (runner.upstream_digest)
     config_hash: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
@@ -103,6 +113,25 @@ class RunStore:
 
     def partial_dir(self, stage: str) -> Path:
         return self.root / f"{stage}{PARTIAL_SUFFIX}"
+
+    def scratch_dir(self, stage: str) -> Path:
+        """Where a stage's scratch goes (probe graphs, temporary files): beside its folders, never in the
+        folder that gets committed, so a killed run's scratch cannot end up in a finished stage."""
+        return self.root / f".{stage}.scratch"
+
+    def leftovers(self, stage: str, key: str | None = None) -> list[Path]:
+        """What killed runs of ``stage`` left: its scratch folder, old folders a commit was swapping out,
+        temporary files in its partial folder, and a partial folder beside a finished stage of the same
+        key (a killed ``--force``). The next run of the stage removes them; ``status`` shows them."""
+        found = [p for p in (self.scratch_dir(stage), *self.root.glob(f".{stage}.old-*")) if p.exists()]
+        part = self.partial_dir(stage)
+        if part.is_dir():
+            man = self.manifest(stage)
+            if key is not None and man is not None and man.key == key and man.status != "failed":
+                found.append(part)
+            else:
+                found += [p for p in part.rglob("*") if TEMPORARY.search(p.name)]
+        return found
 
     def manifest(self, stage: str) -> Manifest | None:
         path = self.stage_dir(stage) / MANIFEST
@@ -166,9 +195,19 @@ class RunStore:
         return final
 
     def remove(self, stage: str) -> None:
-        for p in (self.stage_dir(stage), self.partial_dir(stage)):
+        for p in (self.stage_dir(stage), self.partial_dir(stage), self.scratch_dir(stage)):
             if p.exists():
                 shutil.rmtree(p)
+
+    def sweep(self, stage: str, key: str | None = None) -> list[Path]:
+        """Remove :meth:`leftovers` (call it holding the run lock); returns what was removed."""
+        found = self.leftovers(stage, key)
+        for p in found:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        return found
 
     def lock(self) -> "RunLock":
         return RunLock(self.root / ".lock", self.name)

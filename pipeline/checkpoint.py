@@ -76,8 +76,12 @@ def save_atomic(obj: dict[str, Any], path: Path) -> None:
     path = Path(path)
     obj = safe_payload(obj, path.name)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a kill leaves no half file behind
+        raise
 
 
 def _refused_global(exc: BaseException) -> str | None:

@@ -1,7 +1,8 @@
 """Command-line entry points: ``python -m pipeline``, ``python -m pipeline.stage`` and ``staa-pipeline``.
 
 Exit codes: 0 success, 1 a stage failed or a gate failed, 2 bad usage, config or data (the
-message says what to fix; nothing is left behind).
+message says what to fix; nothing is left behind), 130 interrupted (Ctrl-C: the message says
+what was kept and how to resume).
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from pipeline import __version__, registry
 from pipeline.artifacts import ArtifactError, Manifest
 from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config, resolved_yaml
 from pipeline.console import setup_logging
+from pipeline.disk import folder_bytes, megabytes
 from pipeline.registry import spec
 from pipeline.runner import (GateFailed, StageError, clean, run_all, run_stage, run_store, stage_key,
-                             stage_states)
+                             stage_states, stale_reasons)
 
 CONFIGS_DIR = DEFAULT_CONFIG.parent
 # a new override inside a --sets string starts at a token shaped like "key.path="
@@ -90,6 +92,10 @@ def _guard(fn: Callable[[], None]) -> None:
     except GateFailed as exc:
         click.echo(f"gate failed: {exc}", err=True)
         sys.exit(1)
+    except KeyboardInterrupt as exc:  # click would print only "Aborted!"
+        click.echo(str(exc) if str(exc) else "interrupted (Ctrl-C); finished stages are kept; run the same "
+                   "command again to continue", err=True)
+        sys.exit(130)
     except ImportError as exc:  # a missing optional dependency
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -160,14 +166,34 @@ def status_cmd(config_path: str | None, overrides: tuple[str, ...], set_string: 
         busy = f" (a run is in progress: pid {holder})" if holder else ""
         click.echo(f"run '{cfg['name']}' in {store.root}{busy}")
         click.echo(f"{'stage':<10} {'state':<8} {'key':<17} {'finished':<25} {'wall s':>8}  note")
+        left = []
         for name, state, key, man in stage_states(cfg):
             partial = store.partial_dir(name).exists()
             shown = _display_state(state, man, running=bool(holder) and partial)
             when = man.finished_at if man else "-"
             wall = f"{man.wall_time_s:.1f}" if man else "-"
-            note = _status_note(man, state=shown, partial=partial)
+            why = stale_reasons(cfg, name, store) if shown == "stale" else []
+            if partial and _partial_key(store.partial_dir(name)) not in (None, key):
+                why = ["a partial run of another config is kept; the next run discards it"]
+            note = _status_note(man, state=shown, partial=partial, why=why)
             click.echo(f"{name:<10} {shown:<8} {key:<17} {when:<25} {wall:>8}  {note}".rstrip())
+            if not holder:
+                left += [(name, p) for p in store.leftovers(name, key)]
+        for name, path in left:
+            click.echo(f"left by a killed run of {name}: {path} ({megabytes(_bytes(path))}); "
+                       f"the next run of {name} removes it")
     _guard(go)
+
+
+def _partial_key(part: Path) -> str | None:
+    try:
+        return (part / ".key").read_text()
+    except OSError:
+        return None
+
+
+def _bytes(path: Path) -> int:
+    return folder_bytes(path) if path.is_dir() else path.stat().st_size if path.exists() else 0
 
 
 def _display_state(state: str, man: Manifest | None, running: bool) -> str:
@@ -180,9 +206,11 @@ def _display_state(state: str, man: Manifest | None, running: bool) -> str:
     return state
 
 
-def _status_note(man: Manifest | None, width: int = 60, state: str = "", partial: bool = False) -> str:
-    """One short line: why a stage was skipped, which gate failed, or what a kept partial folder means
-    (the full text is in the stage folder's manifest.json and report)."""
+def _status_note(man: Manifest | None, width: int = 60, state: str = "", partial: bool = False,
+                 why: list[str] | None = None) -> str:
+    """One short line: why a stage was skipped, which gate failed, why it is stale (``why``, from
+    :func:`pipeline.runner.stale_reasons`), or what a kept partial folder means (the full text is
+    in the stage folder's manifest.json and report)."""
     if state == "running":
         text = "being written now (see its stage.log)"
     elif man is not None and man.status == "skipped" and state in ("skipped", "done"):
@@ -190,10 +218,12 @@ def _status_note(man: Manifest | None, width: int = 60, state: str = "", partial
     elif man is not None and man.status == "failed":
         first = man.failed_gates[0] if man.failed_gates else "?"
         text = f"{len(man.failed_gates)} gate(s) failed: {first}"
+    elif partial and state in ("missing", "stale") and why and why[0].startswith("a partial run"):
+        text = why[0]
     elif partial and state in ("missing", "stale"):
         text = "an interrupted run is kept; the next run resumes it"
     elif state == "stale" and man is not None:
-        text = "config or upstream changed: re-runs on the next run"
+        text = "; ".join(why or ["its key changed"])
     else:
         return ""
     return text if len(text) <= width else text[: width - 3] + "..."
@@ -255,7 +285,7 @@ def config_cmd(config_path: str | None, overrides: tuple[str, ...], set_string: 
                context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("name", type=StageChoice())
 @run_config_options
-@click.option("--force", is_flag=True, help="re-run even if the stage is fresh")
+@click.option("--force", is_flag=True, help="re-run from scratch even if the stage is fresh (discards a kept partial run)")
 @verbose_option
 @version_option
 def stage_main(name: str, config_path: str | None, overrides: tuple[str, ...], set_string: str, force: bool,

@@ -101,6 +101,10 @@ def _check_semantics(cfg: Mapping[str, Any]) -> None:
     if bad:
         raise ConfigError(f"reduce_t.steps: {bad} must be between 1 and model.T - 1 = {T - 1} (the trained T); "
                           f"fix reduce_t.steps (e.g. --set reduce_t.steps=[{T // 2 if T > 1 else ''}])")
+    sizes = cfg["validate"]["batch_sizes"]
+    if not sizes or any(n < 1 for n in sizes):
+        raise ConfigError(f"validate.batch_sizes: {sizes} must be one or more batch sizes >= 1 "
+                          f"(e.g. --set 'validate.batch_sizes=[1, 32]')")
     b = cfg["build"]
     if not b["min_batch"] <= b["opt_batch"] <= b["max_batch"]:
         raise ConfigError(f"build: need min_batch <= opt_batch <= max_batch, got {b['min_batch']}, "
@@ -190,6 +194,10 @@ def write_run_config(cfg: Mapping[str, Any], folder: Path, stage: str) -> Path:
               f"# from: {cfg.get('_source', '?')}\n"
               f"# run it again: python -m pipeline run --config {path}\n")
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(header + resolved_yaml(cfg))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(header + resolved_yaml(cfg))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

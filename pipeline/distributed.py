@@ -28,6 +28,11 @@ class DeviceError(RuntimeError):
     """The requested device cannot be used as asked; the message says why and what to do."""
 
 
+class DeviceNotHere(DeviceError):
+    """The config asks for a device this machine does not have (``device: cuda``, no GPU): a config
+    problem, which the CLI reports with exit code 2."""
+
+
 @dataclass(frozen=True)
 class DistInfo:
     """This process's place in a torchrun job (all zeros/ones for a plain process)."""
@@ -125,8 +130,8 @@ def resolve_device(want: str, info: DistInfo | None = None, nvidia_smi: str | No
             f"supports CUDA {torch.version.cuda} or a torch build for this driver; to train on the CPU on "
             f"purpose, set device: cpu (--set device=cpu)")
     if want != "auto":
-        raise DeviceError(f"device: {want} was asked for but CUDA is not available (no GPU answers nvidia-smi); "
-                          f"set device: auto or cpu")
+        raise DeviceNotHere(f"device: {want} was asked for but CUDA is not available (no GPU answers nvidia-smi); "
+                            f"set device: auto or cpu (--set device=cpu)")
     return "cpu"
 
 

@@ -132,7 +132,7 @@ def _metrics() -> Output:
 def _training_logs() -> tuple[Output, Output]:
     """What every fitting stage writes beside its metrics: per-epoch rows and TensorBoard scalars."""
     return (Output("history", "history.csv", "log", help="one row per epoch: loss, top-1, lr, seconds"),
-            Output("tb", "tb/", "folder", help="TensorBoard log"))
+            Output("tb", "tb/", "log", help="TensorBoard log"))
 
 
 _BUILTIN: tuple[StageSpec, ...] = (

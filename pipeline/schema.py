@@ -74,7 +74,7 @@ class FreeMap:
 
 SCHEMA: dict[str, Any] = {
     "name": Opt(str),  # run folder under artifacts/; defaults to the config file's stem
-    "seed": 0,
+    "seed": Num(0, lo=0),
     "device": Choice(("auto", "cpu", "cuda"), "auto"),
     "artifacts_dir": "artifacts",
     "data": {
@@ -85,20 +85,20 @@ SCHEMA: dict[str, Any] = {
         "test_file": Opt(str),
         "download": False,  # torchvision CIFAR only; tonic datasets never download
         "val_fraction": Num(0.1, lo=0.0, hi=1.0, hi_open=True),
-        "image_size": Opt(int),  # None: the dataset's native size
-        "limit_train": Opt(int),  # first N training samples (class-balanced where the source is)
-        "limit_test": Opt(int),
+        "image_size": Opt(int, lo=1),  # None: the dataset's native size
+        "limit_train": Opt(int, lo=1),  # first N training samples (class-balanced where the source is)
+        "limit_test": Opt(int, lo=1),
         "batch_size": Num(128, lo=1),
         "eval_batch_size": Num(256, lo=1),
         # DataLoader workers per process. Not in the cache key
         "workers": Num(0, lo=-1, hint="0: load in the main process; -1: min(8, CPU cores per process)"),
         "prefetch": Opt(int, lo=1),  # batches each worker loads ahead (None: torch's 2). Not in the cache key
-        "cache_dir": Opt(str),  # event-frame cache; None: <root>/frames_cache
+        "cache_dir": Opt(str),  # event-frame cache; None: <artifacts_dir>/frames_cache
         "augment": {
-            "crop_padding": 4,
+            "crop_padding": Num(4, lo=0),
             "flip": True,
             "autoaugment": True,
-            "cutout": 0,  # square size in pixels; 0 disables
+            "cutout": Num(0, lo=0),  # square size in pixels; 0 disables
             "event_affine": True,  # small random translation of event frames
         },
     },
@@ -108,12 +108,12 @@ SCHEMA: dict[str, Any] = {
         "T": Num(4, lo=1),  # time steps of the trained model
         "neuron": {
             "kind": Choice(("alif", "lif"), "alif"),
-            "v_th": 0.5,
+            "v_th": Num(0.5, lo=0.0, lo_open=True),
             "decay": 0.25,  # M init (alif) or fixed decay (lif)
             "gain": 1.0,  # N init (alif) or fixed gain (lif)
             "surrogate": Choice(("rect", "tanh", "atan"), "rect"),
-            "surrogate_width": 1.0,  # rect window width
-            "surrogate_k": 3.0,  # tanh/atan sharpness
+            "surrogate_width": Num(1.0, lo=0.0, lo_open=True),  # rect window width
+            "surrogate_k": Num(3.0, lo=0.0, lo_open=True),  # tanh/atan sharpness
         },
         "staa": {
             "pe": True,
@@ -136,15 +136,15 @@ SCHEMA: dict[str, Any] = {
         },
     },
     "train": {
-        "epochs": 200,
+        "epochs": Num(200, lo=1),
         "optimizer": Choice(("sgd", "adamw"), "sgd"),
-        "lr": 0.1,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
-        "warmup_epochs": 0,
-        "label_smoothing": 0.1,
+        "lr": Num(0.1, lo=0.0, lo_open=True),
+        "momentum": Num(0.9, lo=0.0, hi=1.0, hi_open=True),
+        "weight_decay": Num(1e-4, lo=0.0),
+        "warmup_epochs": Num(0, lo=0),
+        "label_smoothing": Num(0.1, lo=0.0, hi=1.0, hi_open=True),
         "loss": Choice(("ce", "tet"), "ce"),
-        "grad_clip": Opt(float),
+        "grad_clip": Opt(float, lo=0.0),
         "amp": True,  # CUDA mixed precision
         "cpu_bf16": False,  # bf16 autocast on CPU
         # autocast dtype: "auto" = on CUDA (with amp) bf16 where supported, else fp16 + GradScaler;
@@ -156,75 +156,75 @@ SCHEMA: dict[str, Any] = {
         # elsewhere; the same spikes either way (speed only: not in the cache key). pipeline/models/kernels.
         # Default torch until a GPU run has checked the Triton kernels on CUDA (so far: Triton's CPU interpreter)
         "kernels": Choice(("auto", "triton", "torch"), "torch"),
-        "max_batches": Opt(int),  # cap batches per epoch (smoke runs)
-        "eval_every": 1,
-        "threads": Opt(int),  # torch CPU threads
+        "max_batches": Opt(int, lo=1),  # cap batches per epoch (smoke runs)
+        "eval_every": Num(1, lo=1),
+        "threads": Opt(int, lo=0),  # torch CPU threads (None or 0: torch's default)
     },
     "reduce_t": {
         "steps": ListOf(int, (2, 1)),
-        "epochs": 10,
-        "lr": 0.01,
+        "epochs": Num(10, lo=0),  # 0: no fine-tuning
+        "lr": Num(0.01, lo=0.0, lo_open=True),
         "distill": True,
-        "temperature": 4.0,
-        "alpha": 0.5,  # weight of the distillation term
+        "temperature": Num(4.0, lo=0.0, lo_open=True),
+        "alpha": Num(0.5, lo=0.0, hi=1.0),  # weight of the distillation term
         "pe_mode": Choice(("truncate", "interpolate", "mean"), "interpolate"),
-        "max_batches": Opt(int),
-        "choose": Opt(int),  # T handed to qat; None: the smallest T within validate.gates.reduce_t
+        "max_batches": Opt(int, lo=1),
+        "choose": Opt(int, lo=1),  # T handed to qat; None: the smallest T within validate.gates.reduce_t
     },
     "qat": {
-        "epochs": 3,
-        "lr": 0.001,
-        "calibration_samples": 512,
+        "epochs": Num(3, lo=0),  # 0: post-training quantisation only
+        "lr": Num(0.001, lo=0.0, lo_open=True),
+        "calibration_samples": Num(512, lo=1),
         "keep_float": ListOf(str, ()),  # kept in float: "stem", "staa", "fc", a module path, or "re:<NNCF op regex>"
         "fold_bn": True,  # fold BN into the convs before quantising (QAT trains the deployed Conv+bias graph)
         "bias_correction": False,  # NNCF fast bias correction; off: it adds spike flips in SNNs (see compress/quantize.py)
-        "max_batches": Opt(int),
+        "max_batches": Opt(int, lo=1),
     },
     "unroll": {
-        "parity_images": 256,
-        "max_abs_diff": 1e-4,  # logits, on images whose spikes all agree
-        "min_spike_agreement": 0.9999,  # per layer, counting the layer's own flips (not cascades)
-        "flip_margin": 1e-4,  # a first flip this close to the threshold is rounding, not a bug
+        "parity_images": Num(256, lo=1),
+        "max_abs_diff": Num(1e-4, lo=0.0),  # logits, on images whose spikes all agree
+        "min_spike_agreement": Num(0.9999, lo=0.0, hi=1.0),  # per layer, counting the layer's own flips (not cascades)
+        "flip_margin": Num(1e-4, lo=0.0),  # a first flip this close to the threshold is rounding, not a bug
         # at most this share of the images may diverge by such flips: rounding flips are rare, a
         # systematic shift is not (pipeline/deploy/parity.py)
-        "max_numerical_share": 0.05,
+        "max_numerical_share": Num(0.05, lo=0.0, hi=1.0),
     },
     "export": {
-        "opset": 18,
+        "opset": Num(18, lo=13, hint="ONNX opsets below 13 lack per-channel QuantizeLinear"),
         "dynamo": False,
-        "parity_images": 256,
-        "max_abs_diff": 1e-4,
-        "min_spike_agreement": 0.9999,
-        "flip_margin": 1e-4,
-        # share of the parity images allowed to diverge by rounding-level flips (correct FP32 exports: 2 of
-        # 256 on the trained default; every threshold 1e-4 low: 240 of 256)
-        "max_numerical_share": 0.05,
+        "parity_images": Num(256, lo=1),
+        "max_abs_diff": Num(1e-4, lo=0.0),
+        "min_spike_agreement": Num(0.9999, lo=0.0, hi=1.0),
+        "flip_margin": Num(1e-4, lo=0.0),
+        # share of the parity images allowed to diverge by rounding-level flips (correct FP32 exports: 1 and 2
+        # of 256 on the trained default; every threshold 1e-4 low: 240 of 256)
+        "max_numerical_share": Num(0.05, lo=0.0, hi=1.0),
         # identical spikes leave only the pooled-rate -> FC path: one int8 step of its input
         # rounded differently by ORT and torch fake-quant moves a logit by ~1e-2 (seen: 0.0078)
-        "int8_max_abs_diff": 0.05,
-        "int8_min_spike_agreement": 0.999,
+        "int8_max_abs_diff": Num(0.05, lo=0.0),
+        "int8_min_spike_agreement": Num(0.999, lo=0.0, hi=1.0),
         # a value on a quantiser's rounding boundary moves by one whole step under a 1-ulp change,
         # so an INT8 graph's first flips sit up to about one activation step from the threshold
-        "int8_flip_margin": 0.05,
-        "int8_max_numerical_share": 0.1,
+        "int8_flip_margin": Num(0.05, lo=0.0),
+        "int8_max_numerical_share": Num(0.1, lo=0.0, hi=1.0),  # correct INT8 exports of the default: 0 of 256
         "streaming": True,  # one-step graph with explicit membranes; skipped (with reason) for SA models
         "trt_check_strict": True,  # a TensorRT static-check violation fails the stage (else a warning)
     },
     "build": {
         "precisions": ListOf(str, ("fp16", "int8"), options=("fp32", "fp16", "int8")),
-        "min_batch": 1,
-        "opt_batch": 8,
-        "max_batch": 64,
-        "workspace_mb": 1024,
+        "min_batch": Num(1, lo=1),
+        "opt_batch": Num(8, lo=1),
+        "max_batch": Num(64, lo=1),
+        "workspace_mb": Num(1024, lo=1),
         "fp32_neurons": True,  # keep spike thresholds in FP32 inside FP16 engines
     },
     "validate": {
         "batch_sizes": ListOf(int, (1, 32)),
-        "warmup": 5,
-        "iterations": 30,
-        "threads": 1,
-        "min_seconds": 0.5,  # timing also lasts at least this long per batch size (stable p95/p99 for fast graphs)
-        "limit_test": Opt(int),  # None: data.limit_test
+        "warmup": Num(5, lo=0),
+        "iterations": Num(30, lo=1),
+        "threads": Num(1, lo=0),
+        "min_seconds": Num(0.5, lo=0.0),  # timing also lasts at least this long per batch size (stable p95/p99 for fast graphs)
+        "limit_test": Opt(int, lo=1),  # None: data.limit_test
         # gates compare each row with the artifact it was made from ("parent": the cost of one
         # step) or with the float baseline ("baseline": the cumulative cost)
         "gate_reference": Choice(("parent", "baseline"), "parent"),

@@ -133,7 +133,7 @@ def export_nir_checked(ctx: StageContext, flat: torch.nn.Module, x: torch.Tensor
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg, e, out = ctx.cfg, ctx.cfg["export"], ctx.out
+    cfg, e = ctx.cfg, ctx.cfg["export"]
     try:
         flat, info = load_unrolled(ctx.input("unroll", "float"))
         q, qinfo = load_unrolled(ctx.input("unroll", "int8"))
@@ -149,7 +149,7 @@ def run(ctx: StageContext) -> StageResult:
     failures: list[str] = []
     reports = []
     try:
-        with tempfile.TemporaryDirectory(prefix="probe-", dir=out) as work:
+        with tempfile.TemporaryDirectory(prefix="probe-", dir=ctx.scratch) as work:  # never in the committed folder
             for key, module, unrolled in (("fp32", flat, info), ("int8", q, qinfo)):
                 m, f, r = export_verified(module, x, ctx.output(f"onnx_{key}"), gates=gates[key],
                                           metadata=deploy_metadata(unrolled, precision=key, **common),

@@ -190,3 +190,23 @@ def test_engines_build_and_agree_with_the_float_model(build_run):
         assert info["sample_check"]["agreement_with_float"] >= 90.0
     assert result.metrics["engines"]["model_fp16"]["fp32_pinned_layers"] > 0
     assert (out / "timing.cache").is_file()
+
+
+def test_bundle_files_are_copies_an_edit_of_one_leaves_the_other(export_dir, tmp_path):
+    """Issue 20 case 9: export/ and build/ shared files by hard link, so an in-place edit of one
+    corrupted the device bundle (and the export manifest's sha256) too."""
+    import hashlib
+
+    from pipeline.config import load_config
+    from pipeline.deploy.bundle import COPIED, make_bundle
+
+    out = tmp_path / "bundle"
+    make_bundle(export_dir, out, load_config()["build"])
+    name = "sample_inputs.npz"
+    before = hashlib.sha256((export_dir / name).read_bytes()).hexdigest()
+    for f in COPIED:
+        if (out / f).is_file():
+            assert os.stat(out / f).st_ino != os.stat(export_dir / f).st_ino, f
+    with open(out / name, "r+b") as f:  # an in-place edit on the device side
+        f.write(b"edited")
+    assert hashlib.sha256((export_dir / name).read_bytes()).hexdigest() == before

@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import tempfile
+from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import onnx
@@ -65,8 +68,25 @@ def export_run(tmp_path_factory, tiny_cfg, digits):
     (root / "unroll").mkdir()
     save_unrolled(root / "unroll" / "float.pt", flat, UnrolledInfo("float", 2, mcfg, meta, True, FLOAT_RECIPE))
     save_unrolled(root / "unroll" / "int8.pt", q, UnrolledInfo("int8", 2, mcfg, meta, False, INT8_RECIPE))
-    result = stages.export.run(_ctx(tiny_cfg, "export", root / "export", {"unroll": root / "unroll"}))
+    real = tempfile.TemporaryDirectory
+
+    def recorded(*args, **kwargs):  # where export puts its probe graphs
+        SCRATCH.append(Path(kwargs.get("dir") or tempfile.gettempdir()))
+        return real(*args, **kwargs)
+
+    with mock.patch.object(tempfile, "TemporaryDirectory", recorded):
+        result = stages.export.run(_ctx(tiny_cfg, "export", root / "export", {"unroll": root / "unroll"}))
     return result, root / "export", flat
+
+
+SCRATCH: list[Path] = []
+
+
+def test_probe_graphs_are_written_outside_the_committed_folder(export_run):
+    """Issue 20 case 5: a killed export's probe-* folder (2.4 MB) was committed into export/."""
+    _, out, _ = export_run
+    assert SCRATCH and all(out not in (d, *d.parents) for d in SCRATCH), SCRATCH
+    assert SCRATCH[0] == out.parent / ".export.scratch"
 
 
 def test_fp32_onnx_matches_torch_in_onnx_runtime(export_run):

@@ -300,8 +300,29 @@ def test_device_auto_fails_loudly_when_nvidia_smi_answers_but_torch_cannot_use_i
     assert resolve_device({"device": "auto"}) == "cpu"
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no nvidia-smi at all
     assert resolve_device({"device": "auto"}) == "cpu"
-    with pytest.raises(StageError, match="device: cuda was asked for but CUDA is not available"):
-        resolve_device({"device": "cuda"})
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="device: cuda was asked for but CUDA is not available"):
+        resolve_device({"device": "cuda"})  # a config problem: the CLI exits 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch cannot use CUDA")
+def test_device_cuda_without_a_gpu_exits_2_with_one_line(tmp_path):
+    """Issue 20 case 9: it exited 1, though config problems exit 2."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "PATH": str(tmp_path / "no-nvidia-smi"), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "pipeline", "stage", "train", "--set", "device=cuda",
+                          "--set", f"artifacts_dir={tmp_path / 'a'}"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert res.returncode == 2, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("config error: device: cuda was asked for but CUDA is not "
+                                                   "available"), res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "a").exists()
 
 
 # --- NNCF's CUDA kernels ----------------------------------------------------------------------

@@ -142,3 +142,53 @@ def test_tensorrt_runner_matches_onnxruntime(exported, tmp_path):
     ref = OrtRunner(path).predict(x)
     got = runner.predict(x)
     assert np.abs(got - ref).max() <= 1e-3 and (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
+
+
+def test_predict_refuses_nonfinite_inputs_unless_allowed(exported, tmp_path, capsys):
+    """Issue 20 case 8: NaN/inf inputs gave exit 0 and finite logits (all-NaN input: about 9% top-1)."""
+    import json
+
+    from pipeline.runtime.__main__ import main
+    from pipeline.runtime.base import NonFiniteInput
+
+    _, path, x, y = exported
+    bad = x.copy()
+    bad[0, 0, 0, 0], bad[3, 0, 1, 1] = np.nan, np.inf
+    samples = tmp_path / "nan.npz"
+    np.savez(samples, x=bad, y=y)
+    assert main(["predict", str(path), "--samples", str(samples)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("staa_runtime predict: error:"), err
+    assert "2 of 24 input samples hold non-finite values (2 values: NaN, +inf)" in err[0] and "--allow-nonfinite" in err[0]
+    assert main(["predict", str(path), "--samples", str(samples), "--allow-nonfinite"]) == 0
+    out = capsys.readouterr()
+    assert "warning: 2 of 24 input samples" in out.err and json.loads(out.out)["n"] == 24
+    with OrtRunner(path) as runner, pytest.raises(NonFiniteInput):
+        runner.predict_all(bad)  # the library refuses too
+
+
+def test_predict_without_labels_and_bad_samples_are_one_line(exported, tmp_path, capsys):
+    import json
+
+    from pipeline.runtime.__main__ import main
+
+    _, path, x, _ = exported
+    unlabelled = tmp_path / "x_only.npz"
+    np.savez(unlabelled, x=x)
+    assert main(["predict", str(path), "--samples", str(unlabelled)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["top1"] is None and len(report["predictions"]) == len(x)
+    for name, content in (("none.npz", None), ("junk.npz", b"not a zip"), ("noimages.npz", {"y": np.zeros(3)})):
+        f = tmp_path / name
+        if isinstance(content, bytes):
+            f.write_bytes(content)
+        elif content is not None:
+            np.savez(f, **content)
+        assert main(["predict", str(path), "--samples", str(f)]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("staa_runtime predict: error:") and name in err[0], err
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(path.read_bytes()[:500])
+    assert main(["predict", str(broken), "--samples", str(unlabelled)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "onnxruntime cannot load" in err[0], err

@@ -95,3 +95,41 @@ def test_resolve_fills_a_partial_section():
     staa = resolve("model.staa", {"pe": False})
     assert staa == dict(defaults(node("model.staa")), pe=False)
     assert isinstance(SCHEMA["model"]["arch"], Choice)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=0", "train.epochs: must be >= 1, got 0"),
+    ("train.epochs=-1", "train.epochs: must be >= 1, got -1"),
+    ("train.lr=0", "train.lr: must be > 0, got 0.0"),
+    ("train.lr=-0.1", "train.lr: must be > 0, got -0.1"),
+    ("train.momentum=1", "train.momentum: must be in [0, 1), got 1.0"),
+    ("train.max_batches=0", "train.max_batches: must be >= 1, got 0"),
+    ("train.eval_every=0", "train.eval_every: must be >= 1, got 0"),
+    ("data.batch_size=0", "data.batch_size: must be >= 1, got 0"),
+    ("data.limit_train=0", "data.limit_train: must be >= 1, got 0"),
+    ("data.image_size=-8", "data.image_size: must be >= 1, got -8"),
+    ("model.neuron.v_th=0", "model.neuron.v_th: must be > 0, got 0.0"),
+    ("reduce_t.epochs=-1", "reduce_t.epochs: must be >= 0, got -1"),
+    ("reduce_t.alpha=2", "reduce_t.alpha: must be in [0, 1], got 2.0"),
+    ("qat.calibration_samples=0", "qat.calibration_samples: must be >= 1, got 0"),
+    ("export.parity_images=0", "export.parity_images: must be >= 1, got 0"),
+    ("validate.iterations=0", "validate.iterations: must be >= 1, got 0"),
+    ("validate.batch_sizes=[0]", "validate.batch_sizes: [0] must be one or more batch sizes >= 1"),
+    ("seed=-1", "seed: must be >= 0, got -1"),
+])
+def test_out_of_range_values_are_refused_before_anything_runs(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs" / "default.yaml", [override])
+    assert message in str(e.value)
+
+
+def test_zero_epochs_exit_2_with_one_line_and_nothing_left(tmp_path):
+    """Issue 20 case 7: train.epochs: 0 used to pass, then fail in train with a traceback and a partial folder."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "pipeline", "run", "--set", f"artifacts_dir={tmp_path / 'a'}",
+                          "--set", "train.epochs=0"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == ["config error: train.epochs: must be >= 1, got 0"], res.stderr
+    assert not (tmp_path / "a").exists()

@@ -61,15 +61,17 @@ EVENT_DATASETS: dict[str, EventDataset] = {
 def build_events(name: str, cfg: Mapping[str, Any], n_frames: int, seed: int) -> DataBundle:
     """The bundle for an event dataset: ``x`` is ``[T, 2, H, W]`` float32 (log1p of event counts)."""
     ds = EVENT_DATASETS[name]
-    src_train, src_test, names, cache_hint = ds.sources(cfg)
+    src_train, src_test, names, _ = ds.sources(cfg)
     side = int(cfg.get("image_size") or ds.native_size)
     size = (side, side)
-    cache_root = default_cache_root(cfg.get("cache_dir"), cache_hint)
-    cache = FrameCache(cache_root, src_train, n_frames, size)  # train and test share one folder
+    cache_root = default_cache_root(cfg.get("cache_dir"))
+    cache = FrameCache(cache_root, src_train, n_frames, size)  # keyed by the source's content:
+    test_cache = cache if src_test.fingerprint == src_train.fingerprint else \
+        FrameCache(cache_root, src_test, n_frames, size)  # a separate test file gets its own folder
     aug_cfg = cfg["augment"]
     augment = EventFrameAugment(flip=bool(aug_cfg["flip"]) and ds.flip_ok,
                                 translate=bool(aug_cfg["event_affine"]))
-    test_full = EventFrames(src_test, cache, n_frames, size)
+    test_full = EventFrames(src_test, test_cache, n_frames, size)
     test_idx = limit_indices(test_full.targets, cfg.get("limit_test"), ds.balanced)
     test = LabelledSubset(test_full, test_idx, test_full.targets)
     train, val, test = train_val_test(

@@ -5,7 +5,10 @@ sample's count frames are written once as ``<cache>/<key>/<sample_id>.npy``. The
 holds everything the frames depend on (dataset, T, image size, sensor size, the encoding
 version and the source's fingerprint), so a changed T or size never reads stale frames.
 Files are written to a temporary name and renamed, so concurrent loader workers and an
-interrupted run never leave a half-written frame behind.
+interrupted run never leave a half-written frame behind, and each file is checked when read (a
+damaged one is computed again). The source's fingerprint is its content (N-MNIST: a hash of every
+array), so two files of equal size never share frames. The cache lives under the artifacts folder
+(``data_bundle``), never in the data folder.
 """
 from __future__ import annotations
 
@@ -40,18 +43,12 @@ class EventSource(Protocol):
     def sample_id(self, i: int) -> str: ...
 
 
-def default_cache_root(cache_dir: str | Path | None, data_root: Path | None) -> Path:
-    """``data.cache_dir``; else ``<root>/frames_cache`` when writable; else the user cache folder.
-
-    The fallback matters for read-only data folders (e.g. a shared, mounted copy).
-    """
+def default_cache_root(cache_dir: str | Path | None, data_root: Path | None = None) -> Path:
+    """``data.cache_dir`` (``data_bundle`` sets it to ``<artifacts_dir>/frames_cache`` when the config
+    leaves it unset); else the user cache folder. Never the data folder: it may be shared or read-only,
+    and a cache there outlives the artifacts it was made for. ``data_root`` is ignored (kept for callers)."""
     if cache_dir:
         return Path(cache_dir).expanduser()
-    if data_root is not None:
-        candidate = data_root / "frames_cache"
-        probe = candidate if candidate.exists() else data_root
-        if probe.exists() and os.access(probe, os.W_OK):
-            return candidate
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "staa-snn" / "frames"
 
@@ -75,11 +72,21 @@ class FrameCache:
     def path(self, sample_id: str) -> Path:
         return self.dir / f"{sample_id}.npy"
 
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``[T, P, H, W]`` of every frame file in this folder."""
+        s = self.settings
+        return (s["T"], s["sensor_size"][2], s["size"][0], s["size"][1])
+
     def get(self, sample_id: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
-        """The cached frames of ``sample_id``; computes and stores them on a miss."""
+        """The cached frames of ``sample_id``, checked (shape, dtype, finite, non-negative counts);
+        computed and stored on a miss or a file that fails the check."""
         path = self.path(sample_id)
         try:
-            return np.load(path, allow_pickle=False)
+            stored = np.load(path, allow_pickle=False)
+            if (stored.shape == self.shape and stored.dtype in (np.float16, np.float32)
+                    and np.isfinite(stored).all() and not (stored < 0).any()):
+                return stored
         except (FileNotFoundError, ValueError, EOFError, OSError):
             pass
         frames = np.asarray(compute(), dtype=np.float32)

@@ -5,6 +5,7 @@ the same way; one module keeps their batch sizes, workers, seeds and limits iden
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -13,10 +14,16 @@ from .build import build_datasets
 from .bundle import DataBundle
 from .loader import make_loader
 
+FRAMES_CACHE = "frames_cache"  # under artifacts_dir: derived data lives with the artifacts, not the data
+
 
 def data_bundle(cfg: Mapping[str, Any], T: int | None = None) -> DataBundle:
-    """The run's datasets; ``T`` (frames per event sample) defaults to model.T."""
-    return build_datasets(cfg["data"], T or cfg["model"]["T"], seed=cfg["seed"])
+    """The run's datasets; ``T`` (frames per event sample) defaults to model.T. Derived data (event
+    frames) is cached under ``<artifacts_dir>/frames_cache`` unless ``data.cache_dir`` says otherwise."""
+    data = dict(cfg["data"])
+    if not data.get("cache_dir"):
+        data["cache_dir"] = str(Path(cfg.get("artifacts_dir") or "artifacts").absolute() / FRAMES_CACHE)
+    return build_datasets(data, T or cfg["model"]["T"], seed=cfg["seed"])
 
 
 def model_config(cfg: Mapping[str, Any], bundle: DataBundle) -> dict[str, Any]:

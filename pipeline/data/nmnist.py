@@ -34,7 +34,8 @@ def default_nmnist_file(root: Path | None, train_file: Path | None) -> Path:
 
 
 class NpzEventSource:
-    """The train or test rows of an N-MNIST-style npz; event arrays are read on first use."""
+    """The train or test rows of an N-MNIST-style npz, read and checked when built (bad data fails here,
+    before a frame is computed or cached); ``fingerprint`` hashes the content."""
 
     name = "nmnist"
 
@@ -44,41 +45,81 @@ class NpzEventSource:
             raise layout_error("nmnist", self.path, NMNIST_LAYOUT, NMNIST_FIX,
                                problem="not an npz archive (not a zip of .npy arrays): a truncated or corrupt "
                                        "copy? replace the file")
-        with np.load(self.path, allow_pickle=False) as z:
-            missing = [k for k in REQUIRED if k not in z.files]
-            if missing:
-                raise DataError(f"{self.path}: missing key '{missing[0]}' (keys present: {sorted(z.files)});\n"
-                                f"expected layout:\n{NMNIST_LAYOUT}")
-            for key in ("offsets", "labels", "is_test", "sensor_size"):
-                if z[key].dtype.kind not in REQUIRED[key]:
-                    raise DataError(f"{self.path}: key '{key}' has dtype {z[key].dtype}; expected layout:\n{NMNIST_LAYOUT}")
-            offsets, labels, is_test = z["offsets"].astype(np.int64), z["labels"].astype(np.int64), z["is_test"]
-            sensor = tuple(int(v) for v in z["sensor_size"])
-            classes = [str(c) for c in z["classes"]] if "classes" in z.files else [str(i) for i in range(10)]
-        if len(offsets) != len(labels) + 1 or is_test.shape != labels.shape or len(sensor) != 3:
-            raise DataError(f"{self.path}: key 'offsets' must have len(labels)+1 entries and 'is_test' one per label; "
-                            f"got offsets {offsets.shape}, labels {labels.shape}, is_test {is_test.shape}")
-        self.sensor_size = sensor
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                missing = [k for k in REQUIRED if k not in z.files]
+                if missing:
+                    raise self._bad(f"missing key '{missing[0]}' (keys present: {sorted(z.files)})")
+                arrays = {k: z[k] for k in REQUIRED}
+                classes = [str(c) for c in z["classes"]] if "classes" in z.files else [str(i) for i in range(10)]
+        except DataError:
+            raise
+        except Exception as exc:  # damaged members, object arrays: name the file, not numpy's option
+            raise self._bad(f"an array could not be read ({type(exc).__name__}): a truncated or corrupt copy? "
+                            f"replace the file") from exc
+        self._check(arrays, classes, test)
+        offsets, labels, is_test = (arrays[k].astype(np.int64) if k != "is_test" else arrays[k]
+                                    for k in ("offsets", "labels", "is_test"))
+        self.sensor_size = tuple(int(v) for v in arrays["sensor_size"])
         self.class_names = classes
         self.rows = np.flatnonzero(is_test == bool(test))
         self._offsets = offsets
         self.targets = [int(labels[r]) for r in self.rows]
+        self._events: dict[str, np.ndarray] = {k: arrays[k] for k in ("x", "y", "t", "p")}
+        # the frame cache's key: the content itself (every array, its dtype and shape), not the file's
+        # size or name, so two files of equal size never share frames and an edited file gets new ones
         h = hashlib.sha256()
-        for arr in (offsets, labels, is_test.astype(np.uint8), np.asarray(sensor)):
-            h.update(np.ascontiguousarray(arr).tobytes())
-        self.fingerprint = f"npz-{h.hexdigest()[:16]}-{self.path.stat().st_size}"
-        self._events: dict[str, np.ndarray] | None = None
+        for key in sorted(REQUIRED):
+            arr = np.ascontiguousarray(arrays[key])
+            h.update(f"{key}:{arr.dtype.str}:{arr.shape}|".encode())
+            h.update(arr.tobytes())
+        self.fingerprint = f"npz-{h.hexdigest()[:24]}"
+
+    def _bad(self, problem: str) -> DataError:
+        return layout_error("nmnist", self.path, NMNIST_LAYOUT, NMNIST_FIX, problem=problem)
+
+    def _check(self, a: dict[str, np.ndarray], classes: list[str], test: bool) -> None:
+        """Every check the frames rely on, before any frame is computed or cached: dtypes (integer
+        timestamps and coordinates), lengths, offsets, at least one sample in this split, labels among
+        the classes, coordinates inside the sensor, polarities 0/1."""
+        for key, kinds in REQUIRED.items():
+            if a[key].dtype.kind not in kinds or a[key].ndim != 1:
+                want = {"iu": "an integer", "iub": "an integer or boolean", "b": "a boolean"}[kinds]
+                raise self._bad(f"key '{key}' has dtype {a[key].dtype} shape {a[key].shape}; expected {want} "
+                                f"1-D array" + (" (timestamps in microseconds)" if key == "t" else ""))
+        n, labels, offsets = len(a["t"]), a["labels"], a["offsets"].astype(np.int64)
+        if any(len(a[k]) != n for k in ("x", "y", "p")):
+            raise self._bad(f"keys 'x', 'y', 't', 'p' must have equal length; got "
+                            f"{[len(a[k]) for k in ('x', 'y', 't', 'p')]}")
+        if len(offsets) != len(labels) + 1 or a["is_test"].shape != labels.shape or len(a["sensor_size"]) != 3:
+            raise self._bad(f"key 'offsets' must have len(labels)+1 entries, 'is_test' one per label and "
+                            f"'sensor_size' 3; got offsets {offsets.shape}, labels {labels.shape}, is_test "
+                            f"{a['is_test'].shape}, sensor_size {a['sensor_size'].shape}")
+        if len(labels) == 0:
+            raise self._bad("it holds no samples (labels is empty)")
+        if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] > n:
+            raise self._bad(f"key 'offsets' must start at 0, never decrease and end at most at the {n} events; "
+                            f"got {offsets[0]} .. {offsets[-1]}")
+        split = "test" if test else "train"
+        if not (a["is_test"] == bool(test)).any():
+            raise self._bad(f"no {split} rows (is_test is {'never' if test else 'always'} true): the {split} split "
+                            f"is empty; set is_test per sample, or pass the {split} rows in data.{split}_file")
+        if labels.min() < 0 or labels.max() >= len(classes):
+            raise self._bad(f"key 'labels' holds values in [{labels.min()}, {labels.max()}]; expected "
+                            f"[0, {len(classes) - 1}] ({len(classes)} classes)")
+        width, height, polarities = (int(v) for v in a["sensor_size"])
+        for key, side in (("x", width), ("y", height), ("p", polarities)):
+            v = a[key].astype(np.int64)
+            if n and (v.min() < 0 or v.max() >= side):
+                raise self._bad(f"key '{key}' holds values in [{v.min()}, {v.max()}], outside the sensor "
+                                f"(sensor_size {[width, height, polarities]}: expected [0, {side - 1}])")
+        if n and a["t"].astype(np.int64).min() < 0:
+            raise self._bad("key 't' holds negative timestamps; expected microseconds >= 0")
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def _arrays(self) -> dict[str, np.ndarray]:
-        if self._events is None:
-            with np.load(self.path, allow_pickle=False) as z:
-                self._events = {k: z[k] for k in ("x", "y", "t", "p")}
-            n = len(self._events["t"])
-            if any(len(a) != n for a in self._events.values()) or self._offsets[-1] > n:
-                raise DataError(f"{self.path}: keys 'x', 'y', 't', 'p' must have equal length >= offsets[-1]")
         return self._events
 
     def events(self, i: int) -> np.ndarray:

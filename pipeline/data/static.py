@@ -115,6 +115,9 @@ def load_cifar_npz(path: Path, num_classes: int,
                   f"replace the file") from exc
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
         raise bad(f"key 'images' has dtype {images.dtype} shape {images.shape}; expected uint8 (N,H,W,3) HWC RGB")
+    if images.shape[1:3] != (32, 32):
+        raise bad(f"key 'images' holds {images.shape[1]}x{images.shape[2]} images; CIFAR images are 32x32 "
+                  f"(data.image_size resizes them for the model: store the 32x32 originals)")
     if labels.dtype.kind not in "iu" or labels.shape != (images.shape[0],):
         raise bad(f"key 'labels' has dtype {labels.dtype} shape {labels.shape}; "
                   f"expected an integer array of shape ({images.shape[0]},)")

@@ -9,7 +9,6 @@ else from the pipeline).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
@@ -46,14 +45,12 @@ COPIED = tuple(o.file for o in registry.spec("export").outputs if o.bundled)  # 
 GRAPHS = tuple(o.file for s, o in registry.measured() if s == "export" and o.kind == "onnx")  # whole-sequence
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link (artifacts are immutable; saves space) or copy where links are not possible."""
-    if dst.exists():
+def _copy(src: Path, dst: Path) -> None:
+    """Copy (never hard-link: an in-place edit of one file would change the other, and the sha256 that
+    export's manifest recorded would no longer match a bundle someone edited, or the reverse)."""
+    if dst.exists() or dst.is_symlink():
         dst.unlink()
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    shutil.copy2(src, dst)
 
 
 def copy_runtime(dst: Path) -> Path:
@@ -109,7 +106,7 @@ def make_bundle(export_dir: Path, out: Path, build: Mapping[str, Any]) -> tuple[
     copied = []
     for name in COPIED:
         if (export_dir / name).is_file():
-            _link_or_copy(export_dir / name, out / name)
+            _copy(export_dir / name, out / name)
             copied.append(name)
     fp32, samples = registry.file("export", "onnx_fp32"), registry.file("export", "samples")
     if fp32 not in copied:

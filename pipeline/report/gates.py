@@ -134,8 +134,14 @@ def _failure(row: Mapping[str, Any], check: Mapping[str, Any]) -> str:
     key, ref_name = check["name"], check["reference"]
     if check["drop"] is None:
         return f"{row['artifact']}: gate {key} could not be checked ({row['status']})"
-    msg = (f"{row['artifact']}: top-1 {row['top1']:.2f}% is {check['drop']:.2f} points below {ref_name} "
-           f"({check['reference_top1']:.2f}%), more than validate.gates.{key}={check['max_drop']:g}")
+    drop, max_drop = check["drop"], check["max_drop"]
+    if drop >= 0:
+        where = f"{drop:.2f} points below {ref_name} ({check['reference_top1']:.2f}%)"
+    else:
+        where = f"{-drop:.2f} points above {ref_name} ({check['reference_top1']:.2f}%)"
+    allowed = (f"more than validate.gates.{key}={max_drop:g} allows" if max_drop >= 0 else
+               f"less than the gain of {-max_drop:g} points that validate.gates.{key}={max_drop:g} demands")
+    msg = f"{row['artifact']}: top-1 {row['top1']:.2f}% is {where}, {allowed}"
     st = check.get("stats")
     if st:
         lo, hi = st["ci95"]

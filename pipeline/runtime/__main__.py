@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import BACKENDS, GRAPH_BACKENDS, get_backend, load_runner
-from .base import BENCH_DEFAULTS, Runner, benchmark
+from .base import BENCH_DEFAULTS, NonFiniteInput, Runner, benchmark, check_finite
 from .trt_build import BuildRequest, EngineSpec
 
 HERE = Path(__file__).resolve().parent
@@ -55,7 +55,12 @@ def _open_runner(model: str, backend: str | None = None) -> Runner:
     ok, reason = get_backend(name).is_available()
     if not ok:
         raise UsageError(f"cannot run {path.name} here: {reason}")
-    return load_runner(path, backend=name)
+    try:
+        return load_runner(path, backend=name)
+    except Exception as exc:  # a damaged graph or engine, refused external data: the runtime's own words
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UsageError(f"{name} cannot load {path}: {type(exc).__name__}: {first[:300]}; pass a graph or "
+                         f"engine written by this pipeline's export or build stage") from None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -79,14 +84,51 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in results.values()) else 0
 
 
+def _samples(path: str) -> dict[str, np.ndarray]:
+    """``x`` (float, batch first) and, when present, ``y`` and ``logits`` of a samples npz, checked."""
+    f = _existing(path, "samples", "pass --samples sample_inputs.npz (in the bundle folder)")
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("x", "y", "logits") if k in z.files}
+            keys = sorted(z.files)
+    except Exception as exc:  # not a zip, damaged members, pickled objects (refused, never unpickled)
+        raise UsageError(f"{f} cannot be read as an npz of arrays ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); pass the bundle's sample_inputs.npz")
+    if "x" not in arrays:
+        raise UsageError(f"{f} has no array 'x' (the input images; keys present: {keys})")
+    x = arrays["x"]
+    if x.dtype.kind not in "fiu" or x.ndim < 2:
+        raise UsageError(f"{f}: 'x' has dtype {x.dtype} shape {x.shape}; expected float images, batch first")
+    for key in ("y", "logits"):
+        if key in arrays and len(arrays[key]) != len(x):
+            raise UsageError(f"{f}: '{key}' has {len(arrays[key])} rows for {len(x)} images in 'x'")
+    return arrays
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    samples = np.load(_existing(args.samples, "samples", "pass --samples sample_inputs.npz (in the bundle folder)"))
-    x, y = samples["x"], samples["y"]
+    samples = _samples(args.samples)
+    x = samples["x"]
+    if args.allow_nonfinite:
+        try:
+            check_finite(x, "input")
+        except NonFiniteInput as exc:
+            print(f"staa_runtime predict: warning: {exc}; predicting anyway (--allow-nonfinite)", file=sys.stderr)
+    else:
+        try:
+            check_finite(x, "input")
+        except NonFiniteInput as exc:
+            raise UsageError(f"{args.samples}: {exc}; a spiking net maps them to ordinary-looking logits. "
+                             f"Fix the inputs, or pass --allow-nonfinite to predict anyway") from None
     with _open_runner(args.model, args.backend) as runner:
-        logits = runner.predict_all(x, args.batch)
+        logits = runner.predict_all(x, args.batch, allow_nonfinite=True)  # checked above
     pred = logits.argmax(1)
-    report = {"model": args.model, "backend": runner.name, "n": int(len(y)),
-              "top1": float((pred == y).mean() * 100)}
+    report = {"model": args.model, "backend": runner.name, "n": int(len(x))}
+    if "y" in samples:
+        report["top1"] = float((pred == samples["y"]).mean() * 100)
+    else:
+        report["top1"] = None
+        report["note"] = "no labels ('y') in the samples: predictions only"
+        report["predictions"] = pred.astype(int).tolist()
     if "logits" in samples:
         ref = samples["logits"]
         report["agreement_with_float"] = float((pred == ref.argmax(1)).mean() * 100)
@@ -164,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("model", help=".onnx or .engine")
     pr.add_argument("--samples", default=str(HERE.parent / "sample_inputs.npz"))
     pr.add_argument("--batch", type=int, default=32)
+    pr.add_argument("--allow-nonfinite", action="store_true",
+                    help="predict even if inputs hold NaN or infinity (a warning instead of an error)")
     _backend_arg(pr)
     pr.set_defaults(fn=cmd_predict)
     be = sub.add_parser("bench", help="latency (p50/p95/p99, min, max, std) and throughput; defaults = the report's")

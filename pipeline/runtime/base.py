@@ -17,6 +17,24 @@ from typing import Any, Mapping
 import numpy as np
 
 
+class NonFiniteInput(ValueError):
+    """An input holds NaN or infinity. A spiking net turns them into ordinary-looking logits (a NaN
+    membrane never crosses the threshold), so the prediction would look valid and be noise."""
+
+
+def check_finite(x: np.ndarray, what: str = "input") -> None:
+    """Raise :class:`NonFiniteInput` (how many samples, which values) unless every float of ``x`` is finite."""
+    x = np.asarray(x)
+    if x.dtype.kind not in "fc" or np.isfinite(x).all():
+        return
+    bad = ~np.isfinite(x)
+    rows = int(bad.reshape(len(x), -1).any(axis=1).sum()) if x.ndim else 1
+    kinds = [name for name, hit in (("NaN", np.isnan(x).any()), ("+inf", np.isposinf(x).any()),
+                                    ("-inf", np.isneginf(x).any())) if hit]
+    raise NonFiniteInput(f"{rows} of {len(x) if x.ndim else 1} {what} samples hold non-finite values "
+                         f"({int(bad.sum())} values: {', '.join(kinds)})")
+
+
 class Runner(abc.ABC):
     """A loaded model behind a numpy interface.
 
@@ -40,8 +58,11 @@ class Runner(abc.ABC):
         out = self.run({self.input_names[0]: np.ascontiguousarray(x, dtype=np.float32)})
         return np.asarray(out[self.output_names[0]], dtype=np.float32)
 
-    def predict_all(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """``predict`` over a large array in chunks (keeps memory flat on small devices)."""
+    def predict_all(self, x: np.ndarray, batch_size: int = 64, allow_nonfinite: bool = False) -> np.ndarray:
+        """``predict`` over a large array in chunks (keeps memory flat on small devices); refuses NaN or
+        infinite inputs (:class:`NonFiniteInput`) unless ``allow_nonfinite``."""
+        if not allow_nonfinite:
+            check_finite(x)
         parts = [self.predict(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pipeline import registry
-from pipeline.checkpoint import model_payload, read_checkpoint, save_atomic
+from pipeline.checkpoint import CheckpointError, model_payload, read_checkpoint, save_atomic
 from pipeline.console import LOG_ONLY
 from pipeline.console import progress as progress_bar
 from pipeline.distributed import any_rank, barrier
@@ -48,6 +48,15 @@ BEST, LAST = registry.file("train", "best"), registry.file("train", "last")
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class ResumeFailed(RuntimeError):
+    """An interrupted run's ``last.pt`` cannot be resumed from (damaged, or from another model); the
+    runner turns it into one message that says how to start afresh."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"cannot resume the interrupted run from {path}: {why}")
+        self.path = path
 
 
 @dataclass
@@ -183,7 +192,13 @@ def fit(model: torch.nn.Module, train_loader: DataLoader, val_loader: DataLoader
     last = ckpt_dir / LAST
     bare = unwrap(model)
     if last.is_file():
-        _resume(last, bare, optimizer, scheduler, scaler, state)
+        try:
+            _resume(last, bare, optimizer, scheduler, scaler, state)
+        except (CheckpointError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if isinstance(exc, CheckpointError) and "damaged" in why:
+                why = "it is damaged or not a torch file"
+            raise ResumeFailed(last, why) from exc
         if is_main:
             log.info("resumed from %s: %d of %d epochs already done", last, state.epoch, fc.epochs)
     if is_main and state.epoch < fc.epochs:  # worth a console line only when mixed precision is on
