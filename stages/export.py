@@ -99,7 +99,11 @@ def export_nir_checked(ctx: StageContext, flat: torch.nn.Module, x: torch.Tensor
     """The NIR graph of the unrolled float model, or the reason it has none: (metrics["nir"], gate failures)."""
     blockers = nir_blockers(flat)
     if blockers:
-        ctx.log.info("nir: skipped: %s", "; ".join(blockers))
+        # one short console line; every blocking module is in stage.log and metrics.json
+        parts = sorted({b.split(": ", 1)[1].split(":")[0].split(" (")[0] for b in blockers if ": " in b})
+        ctx.log.info("nir: skipped (%s; export/metrics.json nir.skipped says which modules and what to change)",
+                     ", ".join(parts) or "see stage.log")
+        ctx.log.debug("nir: skipped: %s", "; ".join(blockers))
         return {"exported": False, "skipped": blockers}, []
     import nir
 
@@ -110,7 +114,7 @@ def export_nir_checked(ctx: StageContext, flat: torch.nn.Module, x: torch.Tensor
         raise StageError(f"NIR export: {exc}") from exc
     write_nir(graph, path)
     failures: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="nir-", dir=ctx.out) as work:
+    with tempfile.TemporaryDirectory(prefix="nir-", dir=ctx.scratch) as work:  # never in the committed folder
         roundtrip = check_roundtrip(path, graph, Path(work))
     if not roundtrip["identical"]:
         failures.append(f"NIR: {path.name} read back and re-saved by nir differs in {', '.join(roundtrip['differs'])}")

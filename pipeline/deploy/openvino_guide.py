@@ -124,11 +124,13 @@ shape: the embedded default's INT8 graph compiled with its dynamic batch (as the
 report's main table do) ran 18 of 53 convolutions in u8 (99.5% of the convolution MACs) on the
 CPU this was written on, and the same adapted graph reshaped to a static batch of 1 or 32
 (`-shape` in benchmark_app, `model.reshape` in code, what an NPU or a fixed-batch deployment
-does) ran 12 of 53 (60.0%). The validation report's section *Executed precision per compiled
-shape* gives both for this run's graphs, each timing next to the counts of the compile it timed.
-To keep the integer kernels at batch 1 on a CPU, compile the dynamic-batch graph as it is and
-feed batch 1 (`staa_runtime bench {int8} --backend openvino --batch 1` does); where a static shape
-is required, check what it runs (`-exec_graph_path` above) before quoting its speed as INT8 speed.
+does) ran 12 of 53 (60.0%), and was still faster there (batch 1: 1.5 ms static vs 7.0 ms
+dynamic, one thread). The validation report's section *Executed precision per compiled shape*
+gives both for this run's graphs, each timing next to the counts of the compile it timed: pick
+the compile by its measured latency, and quote its speed as INT8 speed only with its own counts.
+The dynamic-batch graph as it is keeps the integer kernels at batch 1 (`staa_runtime bench {int8}
+--backend openvino --batch 1` runs it); a static shape is what benchmark_app's `-shape` and an NPU
+compile, so check what it runs (`-exec_graph_path` above) on the target.
 """
 
 

@@ -143,6 +143,8 @@ STATIC_BACKENDS = ("openvino",)
 
 
 def _compiled_shape(runner: Any) -> str:
+    if getattr(runner, "name", "") == "torch":
+        return "eager"
     shape = getattr(runner, "input_shape", ())
     return "dynamic batch" if shape and shape[0] is None else f"static batch {shape[0] if shape else '?'}"
 

@@ -148,7 +148,7 @@ def compiled_shapes_section(doc: Mapping[str, Any]) -> list[str]:
     """Latency and integer-kernel counts per compiled shape: a static batch-1 compile (the usual edge
     deployment) can run other kernels than the dynamic-batch model the main table timed."""
     body = []
-    for r in doc["rows"]:
+    for r in (r for r in doc["rows"] if r.get("static_benchmarks")):
         for b in list(r.get("benchmarks") or []) + list(r.get("static_benchmarks") or []):
             ex = b.get("executed") or {}
             if not ex or not b.get("compiled"):
@@ -163,7 +163,8 @@ def compiled_shapes_section(doc: Mapping[str, Any]) -> list[str]:
     return ["", "## Executed precision per compiled shape", "",
             "Each timing with the kernels of the model it timed: the main table's figures come from one "
             "dynamic-batch compile; OpenVINO rows are also compiled and timed at each batch size as a static "
-            "shape, which can pick other kernels (counted from that compile's own runtime model).", ""] + \
+            "shape, which can pick other kernels and run at another speed (counted from that compile's own "
+            "runtime model).", ""] + \
         _table(["artifact", "backend", "compiled", "batch", "int8 convs", "int8 MACs %", "p50 ms", "img/s"], body)
 
 
