@@ -201,13 +201,7 @@ class RunStore:
 
     def sweep(self, stage: str, key: str | None = None) -> list[Path]:
         """Remove :meth:`leftovers` (call it holding the run lock); returns what was removed."""
-        found = self.leftovers(stage, key)
-        for p in found:
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-        return found
+        return remove_paths(self.leftovers(stage, key))
 
     def lock(self) -> "RunLock":
         return RunLock(self.root / ".lock", self.name)
@@ -297,3 +291,13 @@ class RunLock:
         except PermissionError:
             pass  # alive, another user's
         return pid
+
+
+def remove_paths(paths: list[Path]) -> list[Path]:
+    """Delete each file or folder (a symlink as a link, never its target); returns ``paths``."""
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return paths

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from pipeline import __version__
-from pipeline.artifacts import TEMPORARY, ArtifactError, Manifest, RunStore, package_versions, write_json_atomic
+from pipeline.artifacts import (TEMPORARY, ArtifactError, Manifest, RunStore, package_versions, remove_paths,
+                                write_json_atomic)
 from pipeline.config import ConfigError, slice_hash, write_run_config
 from pipeline.console import held_warnings, tame_libraries
 from pipeline.disk import folder_bytes, free_bytes, megabytes, write_failure
@@ -424,12 +425,7 @@ def _drop_after_write_failure(part: Path) -> bool:
 def sweep_temporary(folder: Path) -> list[Path]:
     """Delete the temporary files and folders a killed or failed write leaves below ``folder``."""
     found = [p for p in Path(folder).rglob("*") if TEMPORARY.search(p.name)] if Path(folder).is_dir() else []
-    for p in found:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-    return found
+    return remove_paths(found)
 
 
 def _gate_message(stage: str, failed: list[str], store: RunStore) -> str:
