@@ -16,6 +16,11 @@
 #                       and CUDA graphs, p50 latency and img/s
 #   profile             the all-STAA bf16 training step with the fused kernels under torch.profiler: GPU time by
 #                       op (what STAA kernels would have to win)
+#   graphs              the training step (full width, T=4, batch 128, bf16, all-STAA and plain) eager vs CUDA
+#                       graphs (make_graphed_callables on forward+backward; the whole step captured): ms/step
+#   realdata            plain LIF vs all STAA through the train stage on the real CIFAR-10 subset (bench/data/ or
+#                       GPU_CHECK_DATA; python bench/gpu_data.py puts it there), seeds 0 and 1, full width,
+#                       GPU_CHECK_REALDATA_EPOCHS (8) epochs each: test top-1 on 2,000 images, mean difference
 #   throughput          training img/s + peak memory, ResNet-19 full width, T=4, batch 128: fp32 / bf16 /
 #                       fp16 eager (torch kernels), channels-last, fused Triton kernels (fp32, bf16), the
 #                       plain network both ways (all-STAA / plain step); torch.compile with GPU_CHECK_COMPILE=1
@@ -28,6 +33,8 @@
 # GPU_CHECK_BUDGET_S (default 540: total seconds),
 # GPU_CHECK_PARTS (default: all; facts always runs): e.g. GPU_CHECK_PARTS="kernels peer_sj infer profile throughput"
 # for the fused-kernel figures alone (stages and resumes already passed on an H200), or a rerun of some,
+# GPU_CHECK_REALDATA_EPOCHS (default 8), GPU_CHECK_REALDATA_SETS (more --set KEY=VALUE for its runs, space-separated),
+# GPU_CHECK_DATA (the folder with cifar10_test.npz and cifar10_train_subset.npz; default bench/data, ../shared/data),
 # GPU_CHECK_COMPILE=1 (add the torch.compile throughput variants: they did not finish compiling in 5 min),
 # GPU_CHECK_FULL=1 (the default config's full schedule instead of a short one),
 # GPU_CHECK_NNCF_BUILD=1 (let NNCF build its CUDA extension when nvcc matches; default: reference kernels).
@@ -147,6 +154,17 @@ part resume_cpu_to_cuda 90
 part peer_sj 120
 part infer 60
 part profile 60
+part graphs 120  # the training step eager vs CUDA graphs: capture, then about 90 timed steps per network
+
+# realdata: 4 train-stage runs (up to 300 s), leaving throughput 150 s to time its variants
+RD_LIMIT=$(( $(remaining) - $(selected throughput && echo 150 || echo 0) ))
+[ "$RD_LIMIT" -gt 300 ] && RD_LIMIT=300
+if selected realdata && [ "$RD_LIMIT" -lt 60 ]; then
+    echo "== realdata: skipped ($(remaining)s left, throughput keeps 150 s: it needs 60 s at least)"
+    echo "{\"part\": \"realdata\", \"status\": \"skip\", \"reason\": \"time budget: ${RD_LIMIT}s left for it (raise GPU_CHECK_BUDGET_S or select fewer parts)\", \"seconds\": 0, \"data\": {}}" >> "$RESULTS"
+else
+    part realdata "$RD_LIMIT"
+fi
 
 touch "$WORK/throughput.go"
 if [ -n "$BG_PID" ]; then
@@ -190,6 +208,16 @@ for k, v in by.get("infer", {}).get("rows", {}).items():
     print(f"infer {k}: p50 {v.get('p50_ms')} ms, {v.get('images_per_s')} img/s {v.get('error', '')}")
 for r in by.get("profile", {}).get("top_ops", [])[:12]:
     print(f"profile: {r['op'][:60]:<60} {r['self_ms_per_step']:>8} ms/step {100 * r['share']:>5.1f}%")
+for n, row in by.get("graphs", {}).get("networks", {}).items():
+    print(f"graphs {n}: ms/step {row.get('ms_per_step')}, speed-up over eager {row.get('speedup_over_eager')}"
+          + (f", errors {row['errors']}" if row.get("errors") else ""))
+rd = by.get("realdata", {})
+for k, r in rd.get("runs", {}).items():
+    print(f"realdata {k}: " + (f"test top-1 {r['test_top1']}% ({r['epochs']} epochs, {r['wall_s']} s)"
+                                if r.get("status") == "ok" else r.get("status", "")))
+if rd.get("runs"):
+    print(f"realdata: all STAA - plain LIF, test top-1 points by seed {rd.get('all_minus_plain_by_seed')}, "
+          f"mean {rd.get('all_minus_plain_mean')}")
 failed = [r["part"] for r in rows if r["status"] == "fail"]
 print("\nFAILED: " + ", ".join(failed) if failed else "\nno part failed")
 sys.exit(1 if failed else 0)

@@ -8,7 +8,8 @@ the reason on a machine where torch sees no GPU.
 Parts: facts, kernels (the Triton neuron kernels compiled: bit-identity, gradients, one layer's time),
 amp_step, resume_cuda, resume_cpu_to_cuda, stages, peer_sj (ours vs SpikingJelly on the plain ResNet-19),
 infer (the unrolled model's GPU inference, eager and CUDA graphs), profile (where the fused all-STAA
-step's GPU time goes, by op), throughput (the orchestrator:
+step's GPU time goes, by op), realdata (plain LIF vs all STAA through the train stage on the real CIFAR-10
+subset, two seeds), graphs (the training step eager vs CUDA graphs), throughput (the orchestrator:
 compiled variants, when asked for with ``GPU_CHECK_COMPILE=1``, warm up in the background from the
 start; timing waits for ``WORK/throughput.go``).
 """
@@ -833,10 +834,293 @@ def part_throughput(args: argparse.Namespace) -> dict[str, Any]:
     return {"sizes": sizes, "variants": results, "ratios": ratios}
 
 
+# --------------------------------------------------------------------------------- realdata
+# plain LIF vs all STAA (bench/ablation.py's variants) through the train stage on the real CIFAR-10 subset;
+# paired by seed, in this order, so a run cut short by the budget still holds whole pairs
+REALDATA_RUNS = (("plain", 0), ("all", 0), ("plain", 1), ("all", 1))
+REALDATA_FILES = ("cifar10_test.npz", ("cifar10_train_subset.npz", "cifar10_train.npz"))
+REALDATA_FIX = ("copy it beside the code: `python bench/gpu_data.py` writes bench/data/ (18.9 MiB, git-ignored; "
+                "carry \"bench/data\" to the GPU machine), or set GPU_CHECK_DATA=DIR")
+
+
+def realdata_dirs() -> list[Path]:
+    """Where part realdata looks for the CIFAR-10 npz files, first match wins: $GPU_CHECK_DATA, bench/data/
+    (what the GPU machine gets when bench/data is carried), ../shared/data (this workplace's copy)."""
+    env = os.environ.get("GPU_CHECK_DATA")
+    return ([Path(env)] if env else []) + [REPO / "bench" / "data", REPO.parent / "shared" / "data"]
+
+
+def find_realdata(dirs: list[Path]) -> Path:
+    """The first folder holding cifar10_test.npz and a cifar10 train npz; Skip naming every folder and the fix."""
+    test, trains = REALDATA_FILES
+    for d in dirs:
+        if (d / test).is_file() and any((d / t).is_file() for t in trains):
+            return d
+    raise Skip(f"the CIFAR-10 npz files ({test} and {' or '.join(trains)}) are in none of "
+               f"{', '.join(str(d) for d in dirs)}: {REALDATA_FIX}")
+
+
+def realdata_sets(root: Path, folder: Path, variant: str, seed: int, gpu: bool, epochs: int) -> list[str]:
+    """The train stage's --set list for one (variant, seed): configs/cifar10_small.yaml at full width, batch 128,
+    every train image, 2,000 test images on the GPU; a tiny, 2-batch run on the CPU (the wiring only)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from ablation import VARIANTS
+
+    sets = [f"artifacts_dir={folder}", f"seed={seed}", f"data.root={root}", *VARIANTS[variant],
+            "data.limit_test=2000"]
+    if gpu:
+        sets += ["device=cuda", "model.width=1.0", "data.batch_size=128", "data.limit_train=5000", "data.workers=4",
+                 f"train.epochs={epochs}"]
+    else:
+        sets += ["device=cpu", "model.width=0.0625", "data.batch_size=16", "data.limit_train=64",
+                 "data.limit_test=64", "train.epochs=1", "train.max_batches=2", "train.warmup_epochs=0"]
+    return sets + os.environ.get("GPU_CHECK_REALDATA_SETS", "").split()
+
+
+def realdata_summary(top1: dict[tuple[str, int], float]) -> dict[str, Any]:
+    """Per-seed all-STAA minus plain-LIF test top-1 (points) for the seeds where both ran, and their mean."""
+    import statistics
+
+    seeds = sorted({s for _, s in top1})
+    diffs = {s: round(top1[("all", s)] - top1[("plain", s)], 2) for s in seeds
+             if ("all", s) in top1 and ("plain", s) in top1}
+    mean = {v: round(statistics.fmean(t for (w, _), t in top1.items() if w == v), 2)
+            for v in ("plain", "all") if any(w == v for w, _ in top1)}
+    return {"mean_top1": mean, "all_minus_plain_by_seed": diffs,
+            "all_minus_plain_mean": round(statistics.fmean(diffs.values()), 2) if diffs else None}
+
+
+def part_realdata(args: argparse.Namespace) -> dict[str, Any]:
+    """A short real-data run through the train stage: CIFAR-10 train subset (4,500 train / 500 val images),
+    ResNet-19 full width, T=4, batch 128, configs/cifar10_small.yaml's recipe, GPU_CHECK_REALDATA_EPOCHS epochs
+    (default 8) per run, plain LIF vs all STAA, seeds 0 and 1: test top-1 on 2,000 test images and the mean
+    all-STAA - plain difference. On the CPU: the same runs at 2 batches of 16 (the wiring), then a skip."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from ablation import LABELS, read_result
+
+    gpu = torch.cuda.is_available() and not SIMULATE
+    root = find_realdata(realdata_dirs())
+    epochs = int(os.environ.get("GPU_CHECK_REALDATA_EPOCHS", "8"))
+    deadline = time.monotonic() + args.limit - 5
+    config = REPO / "configs" / "cifar10_small.yaml"
+    runs: dict[str, Any] = {}
+    top1: dict[tuple[str, int], float] = {}
+    longest = 0.0
+    print(f"data {root}; {'cuda, %d epochs per run' % epochs if gpu else 'cpu smoke (2 batches of 16)'}", flush=True)
+    for variant, seed in REALDATA_RUNS:
+        key = f"{variant} seed{seed}"
+        left = deadline - time.monotonic()
+        if left < max(1.2 * longest, 20):
+            runs[key] = {"status": f"skipped: {left:.0f} s left of the part's limit, the longest run took "
+                                   f"{longest:.0f} s (raise GPU_CHECK_BUDGET_S or lower GPU_CHECK_REALDATA_EPOCHS)"}
+            continue
+        folder = Path(args.work) / "realdata" / variant / f"seed{seed}"
+        cmd = _train_cmd(config, *realdata_sets(root, folder, variant, seed, gpu, epochs))
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=left)
+            rc, log = proc.returncode, proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            rc, log = "timeout", str(exc.stdout or "") + str(exc.stderr or "")
+        wall = time.perf_counter() - t0
+        longest = max(longest, wall)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "train.log").write_text(log if isinstance(log, str) else "")
+        if rc != 0:
+            runs[key] = {"status": f"failed (rc {rc}) after {wall:.0f} s: {_tail(log, 400)}"}
+            print(f"{LABELS[variant]:<10} seed {seed}: {runs[key]['status']}", flush=True)
+            continue
+        r = read_result(folder)
+        man = json.loads(next(folder.glob("*/train/manifest.json")).read_text())
+        runs[key] = {"status": "ok", "test_top1": r["test_top1"], "epochs": r["epochs"], "wall_s": round(wall, 1),
+                     "images_per_s": r["images_per_s"], "device": man.get("device"),
+                     "kernels": man.get("metrics", {}).get("kernels"),
+                     "precision": man.get("metrics", {}).get("precision"),
+                     "val_top1": [h.get("val_top1") for h in r["history"]]}
+        top1[(variant, seed)] = float(r["test_top1"])
+        print(f"{LABELS[variant]:<10} seed {seed}: test top-1 {r['test_top1']:.2f}% ({r['epochs']} epochs, "
+              f"{wall:.0f} s, {r['images_per_s']:.0f} img/s on {man.get('device')})", flush=True)
+    summary = realdata_summary(top1)
+    print(f"mean test top-1: {summary['mean_top1']}; all STAA - plain LIF by seed {summary['all_minus_plain_by_seed']}, "
+          f"mean {summary['all_minus_plain_mean']} points")
+    out = {"data": str(root), "epochs": epochs if gpu else 1, "runs": runs, **summary}
+    bad = [k for k, r in runs.items() if r["status"].startswith("failed")]
+    if bad:
+        raise Fail(f"train stage failed for {', '.join(bad)}: {runs[bad[0]]['status']}", out)
+    if not top1:
+        raise Fail("no run finished within the part's limit", out)
+    if not gpu:
+        raise Skip(f"CUDA part (full width, batch 128, {epochs} epochs x 4 runs): no GPU here; the CPU smoke "
+                   f"(width 0.0625, 2 batches of 16, 64 test images) ran the train stage "
+                   f"{len(top1)} times: {summary}")
+    off = {k: r["device"] for k, r in runs.items() if r.get("device") and not str(r["device"]).startswith("cuda")}
+    if off:
+        raise Fail(f"runs did not train on CUDA: {off}", out)
+    weak = {k: r["test_top1"] for k, r in runs.items() if r.get("test_top1") is not None
+            and r["test_top1"] <= CHANCE_DIGITS + 5}
+    if weak:
+        raise Fail(f"test top-1 within 5 points of chance (10%): {weak}: training did not learn", out)
+    return out
+
+
+# ----------------------------------------------------------------------------------- graphs
+def _graph_steps(net: Any, opt: Any, x: Any, y: Any, dtype: Any) -> dict[str, Any]:
+    """Three ways to run one training step of ``net`` (SGD, cross-entropy, autocast ``dtype``) on the static
+    batch ``x, y``: ``eager``; ``graph fwd+bwd`` (torch.cuda.make_graphed_callables on the model, optimiser
+    eager); ``graph whole step`` (forward, backward and the fused optimiser step captured as one CUDA graph,
+    the whole-network capture of torch's CUDA-graphs notes). Each returns its loss tensor. Building a graphed
+    one runs warm-up steps (they change the weights); one that cannot be captured gets its error instead."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    def autocast() -> Any:  # graphs: the autocast cache must be off (torch's make_graphed_callables notes)
+        return torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False)
+
+    def eager_step(m: Any, o: Any) -> Callable[[], Any]:
+        def step() -> Any:
+            with autocast():
+                loss = F.cross_entropy(m(x), y)
+            o.zero_grad(set_to_none=True)
+            loss.backward()
+            o.step()
+            return loss
+        return step
+
+    steps: dict[str, Any] = {"eager": eager_step(net, opt)}
+    errors: dict[str, str] = {}
+    models: dict[str, Any] = {"eager": net}
+    state = copy.deepcopy(net.state_dict())
+    make_opt = opt.__class__
+    defaults = {k: v for k, v in opt.defaults.items() if k in ("lr", "momentum", "weight_decay", "fused", "nesterov")}
+    try:
+        m = copy.deepcopy(net)
+        o = make_opt(m.parameters(), **defaults)
+        with autocast():
+            g = torch.cuda.make_graphed_callables(m, (x,), allow_unused_input=True)
+        steps["graph fwd+bwd"] = eager_step(g, o)
+        models["graph fwd+bwd"] = m
+    except Exception as exc:  # an op that syncs or allocates on the host breaks capture: recorded, not fatal
+        errors["graph fwd+bwd"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    try:
+        m = copy.deepcopy(net)
+        o = make_opt(m.parameters(), **defaults)
+        warm = eager_step(m, o)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                warm()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        o.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            with autocast():
+                static_loss = F.cross_entropy(m(x), y)
+            static_loss.backward()
+            o.step()
+
+        def whole() -> Any:
+            graph.replay()
+            return static_loss
+        steps["graph whole step"] = whole
+        models["graph whole step"] = m
+    except Exception as exc:
+        errors["graph whole step"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return {"steps": steps, "errors": errors, "models": models, "state": state}
+
+
+def part_graphs(args: argparse.Namespace) -> dict[str, Any]:
+    """Fewer launches per training step: the step of ResNet-19 (full width, T=4, batch 128, bf16, the fused
+    neuron kernels, the fused SGD of build_optimizer), all STAA and plain, eager vs CUDA graphs (model forward
+    + backward graphed; the whole step graphed), median ms per step over interleaved rounds, after checking
+    that a graphed step gives the eager loss from the same weights. Measures only: the training loop is
+    unchanged (a graphed step there would need static batches and a tensor learning rate)."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from step_timing import interleaved_seconds
+    from train_throughput import PLAIN
+
+    from pipeline.models import build_model
+    from pipeline.models.kernels import resolve_kernels, set_kernels
+    from pipeline.precision import training_precision
+    from pipeline.training.optim import build_optimizer
+
+    cuda = torch.cuda.is_available() and not SIMULATE
+    device = "cuda" if cuda else "cpu"
+    width, batch, rounds, per_round = (1.0, 128, 3, 10) if cuda else (0.0625, 4, 1, 1)
+    dtype = torch.bfloat16 if cuda else None
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "width": width, "T": 4,
+                           "batch": batch, "autocast": "bf16" if cuda else "off", "networks": {}}
+    for name, extra in (("all-STAA", {}), ("plain", PLAIN)):
+        torch.manual_seed(0)
+        cfg = {"arch": "resnet19", "width": width, "T": 4, "num_classes": 100, "in_channels": 3, **extra}
+        net = build_model(cfg).to(device).train()
+        backend = resolve_kernels("auto", device)
+        set_kernels(net, backend)
+        opt = build_optimizer(net.parameters(), {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9,
+                                                 "weight_decay": 1e-4}, device=device)
+        x = torch.randn(batch, 3, 32, 32, device=device)
+        y = torch.randint(0, 100, (batch,), device=device)
+        row: dict[str, Any] = {"kernels": backend}
+        built: dict[str, Any] | None = None
+        with training_precision(device):
+            if cuda:
+                built = _graph_steps(net, opt, x, y, dtype)
+                steps, row["errors"] = built["steps"], built["errors"]
+                losses = {}
+                for k, m in built["models"].items():  # the same weights and BN buffers, one step each: same loss?
+                    m.load_state_dict(built["state"])  # in place: the graphs' parameter addresses stay valid
+                    losses[k] = float(steps[k]().float())
+                    torch.cuda.synchronize()
+                row["first_loss"] = {k: round(v, 5) for k, v in losses.items()}
+            else:  # the CPU: the eager step of the same network (the wiring); graphs need CUDA
+                def step() -> None:
+                    opt.zero_grad(set_to_none=True)
+                    torch.nn.functional.cross_entropy(net(x), y).backward()
+                    opt.step()
+                steps, row["errors"] = {"eager": step}, {}
+
+            def synced(fn: Callable[[], Any]) -> Callable[[], None]:
+                def call() -> None:
+                    fn()
+                    if cuda:
+                        torch.cuda.synchronize()
+                return call
+
+            secs = interleaved_seconds({k: synced(f) for k, f in steps.items()}, rounds, per_round, warmup=3)
+        row["ms_per_step"] = {k: round(1e3 * s, 3) for k, s in secs.items()}
+        row["images_per_s"] = {k: round(batch / s, 1) for k, s in secs.items()}
+        row["speedup_over_eager"] = {k: round(secs["eager"] / s, 2) for k, s in secs.items() if k != "eager"}
+        out["networks"][name] = row
+        print(name, row, flush=True)
+        del net, opt, steps
+        built = None  # the graphs and their memory pools go before the next network's
+        if cuda:
+            torch.cuda.empty_cache()
+    if not cuda:
+        raise Skip(f"CUDA part (CUDA graphs need a GPU: full width, batch 128, bf16): no GPU here; the CPU smoke "
+                   f"(width {width}, batch {batch}) timed the eager step: "
+                   f"{ {k: r['ms_per_step'] for k, r in out['networks'].items()} } ms")
+    wrong = {n: r["first_loss"] for n, r in out["networks"].items()
+             if any(abs(v - r["first_loss"]["eager"]) > 0.02 * abs(r["first_loss"]["eager"]) + 1e-3 or v != v
+                    for v in r["first_loss"].values())}
+    if wrong:
+        raise Fail(f"a graphed step's loss differs from the eager one's from the same weights (> 2%): {wrong}", out)
+    if all(r["errors"] and len(r["errors"]) == 2 for r in out["networks"].values()):
+        raise Fail(f"no graph could be captured: {[r['errors'] for r in out['networks'].values()]}", out)
+    return out
+
+
 PARTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "facts": part_facts, "amp_step": part_amp_step, "resume_cuda": part_resume_cuda,
     "resume_cpu_to_cuda": part_resume_cpu_to_cuda, "stages": part_stages, "throughput": part_throughput,
     "kernels": part_kernels, "peer_sj": part_peer_sj, "infer": part_infer, "profile": part_profile,
+    "realdata": part_realdata, "graphs": part_graphs,
 }
 
 
