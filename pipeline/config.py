@@ -81,9 +81,10 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     """Read ``path`` (default: configs/default.yaml), apply ``--set`` overrides, validate, fill defaults.
 
     The result is a plain nested dict; ``name`` is set (from the file stem when absent) and
-    ``_source`` records the file for messages.
+    ``_source`` records the file and ``_overrides`` the ``--set`` items, for messages that name a command.
     """
     file = Path(path).resolve() if path else DEFAULT_CONFIG
+    overrides = list(overrides)
     raw = apply_overrides(_read_yaml(file), overrides)
     checked = validate(raw, SCHEMA, "")
     cfg = deep_merge(defaults(), checked)
@@ -91,6 +92,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         cfg["name"] = file.stem
     _check_semantics(cfg)
     cfg["_source"] = str(file)
+    cfg["_overrides"] = overrides
     return cfg
 
 

@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import logging
 import os
+import shlex
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -140,6 +141,15 @@ def is_record(stage: str, rel: str) -> bool:
     return False
 
 
+def command_for(cfg: Mapping[str, Any], head: str, *extra: str) -> str:
+    """``head --config F --set K=V ...``: a command for this very run. Why the overrides: without them
+    (another artifacts_dir, epochs, ...) the command would address another run folder."""
+    parts = [head, "--config", shlex.quote(str(cfg.get("_source", "F")))]
+    for item in cfg.get("_overrides", ()):
+        parts += ["--set", shlex.quote(item)]
+    return " ".join([*parts, *extra])
+
+
 def upstream_digest(store: RunStore, stage: str) -> str:
     """sha256 over the path and sha256 of every content output in ``stage``'s manifest ("none" without
     one): what a stage built from it read, so other bytes upstream mean another key downstream."""
@@ -265,8 +275,8 @@ def run_stage(cfg: dict[str, Any], name: str, force: bool = False, locked: bool 
         if up_state != "done":
             raise StageError(
                 f"stage '{name}' needs '{up}', which is {up_state} for config '{cfg['name']}'; "
-                f"run it first: python -m pipeline.stage {up} --config {cfg.get('_source', 'F')} "
-                f"(or run everything: python -m pipeline run --config {cfg.get('_source', 'F')})"
+                f"run it first: {command_for(cfg, f'python -m pipeline.stage {up}')} "
+                f"(or run everything: {command_for(cfg, 'python -m pipeline run')})"
             )
         inputs[up] = store.stage_dir(up)
 
@@ -305,17 +315,16 @@ def _execute(cfg: dict[str, Any], s: StageSpec, store: RunStore, key: str, input
         except KeyboardInterrupt:
             if rank != 0:
                 raise
-            src = cfg.get("_source", "F")
             if _only_scratch(part) and fresh:
                 kept = "it had nothing to resume from yet, so nothing of it is kept"
             else:
                 kept = (f"its partial run is kept in {part}: the same command resumes it "
-                        f"(python -m pipeline.stage {s.name} --config {src}; --force starts afresh)")
+                        f"({command_for(cfg, f'python -m pipeline.stage {s.name}')}; --force starts afresh)")
             raise Interrupted(f"[{s.name}] interrupted (Ctrl-C); finished stages are kept; {kept}") from None
         except Exception as exc:
             if type(exc).__name__ == "ResumeFailed":  # pipeline.training.loop's: not imported here (torch)
                 raise StageError(f"[{s.name}] {exc}; start the stage afresh, discarding the partial run in {part}: "
-                                 f"python -m pipeline.stage {s.name} --config {cfg.get('_source', 'F')} --force") from exc
+                                 f"{command_for(cfg, f'python -m pipeline.stage {s.name}', '--force')}") from exc
             _raise_if_write_failed(exc, cfg, s.name, part, rank)
             raise
         finished = True
@@ -409,7 +418,7 @@ def _raise_if_write_failed(exc: BaseException, cfg: Mapping[str, Any], stage: st
         + (f"its checkpoints are kept in {part} and the next run resumes from them"
            if kept else f"its partial folder {part.name} was removed")
         + f". Free space there or set artifacts_dir to a bigger disk, then run again: "
-          f"python -m pipeline.stage {stage} --config {cfg.get('_source', 'F')}") from exc
+          f"{command_for(cfg, f'python -m pipeline.stage {stage}')}") from exc
 
 
 def _drop_after_write_failure(part: Path) -> bool:
