@@ -249,7 +249,9 @@ SCHEMA: dict[str, Any] = {
             "unroll": 0.1,  # torch vs torch with BN folded: the same kernels, another summation order
             "onnx_fp32": 0.5,
             "onnx_int8": 0.5,  # ONNX Runtime's exact Q/DQ vs torch fake-quant: an int8 rounding boundary moves a step
-            "runtime_int8": 0.5,  # a runtime running the INT8 file (OpenVINO) vs the file's exact Q/DQ numbers
+            # a runtime running the INT8 file (OpenVINO) vs the file's exact Q/DQ numbers (ONNX Runtime): its own
+            # kernels are not exact (measured: default 0 of 360, cifar10_small 15 of 2,000; nmnist.yaml sets its own)
+            "runtime_int8": 2.0,
         },
         # identity keys whose largest logit difference is gated too (always recorded): empty by default
         "max_logit_diff": FreeMap(),
