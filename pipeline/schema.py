@@ -233,7 +233,7 @@ SCHEMA: dict[str, Any] = {
             "qat": 1.0,
             # rows that must equal their parent (unroll, FP32 graphs) are held to validate.changed below; their
             # accuracy gate is the same share, so it never passes what the agreement gate refuses
-            "unroll": 0.1,
+            "unroll": 0.25,
             "onnx_fp32": 0.5,
             "onnx_int8": 1.0,
             "engine": 1.0,
@@ -246,7 +246,7 @@ SCHEMA: dict[str, Any] = {
         # cifar10_small's 2,000 test images, ONNX Runtime FP32 0 and OpenVINO FP32 1 changed; every threshold
         # 1e-4 low changed about 0.8% of the images
         "changed": {
-            "unroll": 0.1,  # torch vs torch with BN folded: the same kernels, another summation order
+            "unroll": 0.25,  # torch vs torch with BN folded: another summation order (cifar10_small: 2 of 2,000 changed)
             "onnx_fp32": 0.5,
             "onnx_int8": 0.5,  # ONNX Runtime's exact Q/DQ vs torch fake-quant: an int8 rounding boundary moves a step
             # a runtime running the INT8 file (OpenVINO) vs the file's exact Q/DQ numbers (ONNX Runtime): its own
