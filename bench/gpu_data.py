@@ -27,8 +27,8 @@ def cut_test(src: Path, dst: Path, n: int) -> int:
     with np.load(src, allow_pickle=False) as z:
         missing = [k for k in KEYS if k not in z.files]
         if missing:
-            raise SystemExit(f"gpu_data: {src} lacks {', '.join(missing)}: not the CIFAR-10 layout of "
-                             f"../shared/data/README.md")
+            raise SystemExit(f"gpu_data: {src} lacks {', '.join(missing)}: not the CIFAR-10 npz layout of "
+                             f"docs/data.md")
         rows = min(n, len(z["labels"]))
         arrays = {k: (z[k] if k == "classes" else z[k][:rows]) for k in z.files}
     np.savez_compressed(dst, **arrays)
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in (TRAIN, TEST):
         if not (args.src / name).is_file():
             print(f"gpu_data: {args.src / name} is absent: pass --src DIR (a folder holding {TRAIN} and {TEST}, "
-                  f"the layout of ../shared/data/README.md)", file=sys.stderr)
+                  f"the npz layout of docs/data.md)", file=sys.stderr)
             return 2
     args.dst.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(args.src / TRAIN, args.dst / TRAIN)
