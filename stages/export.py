@@ -26,7 +26,8 @@ from pipeline import __version__
 from pipeline.config import slice_hash
 from pipeline.data import data_bundle, eval_loader
 from pipeline.deploy.compact import CompactError
-from pipeline.deploy.nir_export import NirExportError, check_roundtrip, nir_blockers, to_nir, write_nir
+from pipeline.deploy.nir_export import (NirExportError, blocker_kinds, check_roundtrip, nir_blockers, to_nir,
+                                       write_nir)
 from pipeline.deploy.nir_readers import roundtrip_parity
 from pipeline.deploy.onnx_export import ExportError, deploy_metadata
 from pipeline.deploy.streaming import stream_blockers
@@ -100,9 +101,8 @@ def export_nir_checked(ctx: StageContext, flat: torch.nn.Module, x: torch.Tensor
     blockers = nir_blockers(flat)
     if blockers:
         # one short console line; every blocking module is in stage.log and metrics.json
-        parts = sorted({b.split(": ", 1)[1].split(":")[0].split(" (")[0] for b in blockers if ": " in b})
         ctx.log.info("nir: skipped (%s; export/metrics.json nir.skipped says which modules and what to change)",
-                     ", ".join(parts) or "see stage.log")
+                     ", ".join(blocker_kinds(flat)))
         ctx.log.debug("nir: skipped: %s", "; ".join(blockers))
         return {"exported": False, "skipped": blockers}, []
     import nir

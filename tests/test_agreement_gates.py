@@ -67,5 +67,9 @@ def test_openvino_int8_row_is_held_to_the_files_exact_numbers():
     assert check["reference"] == "export/model_int8.onnx"
     assert check["max_logit_diff"] == pytest.approx(float(np.abs(ov - exact).max()))
     assert check["changed"] == int((ov.argmax(1) != exact.argmax(1)).sum())
+    top2 = np.sort(exact, axis=1)[:, -2:]
+    for c in check["changed_images"]:  # each changed image listed with the reference's own top-2 margin
+        assert ov[c["index"]].argmax() == c["pred"] != c["reference_pred"] == exact[c["index"]].argmax()
+        assert c["reference_margin"] == pytest.approx(top2[c["index"], 1] - top2[c["index"], 0])
     failed = apply_gates(rows, GATES, "train/best.pt", changed=CHANGED, max_logit_diff={"runtime_int8": 0.1})
     assert rows[3]["agreement_gate"]["passed"] is False and any("logits max |diff|" in f for f in failed)

@@ -285,3 +285,20 @@ def test_streaming_event_frames_in_torch():
         assert (net.run_clip(events) - flat(events)).abs().max() <= 1e-5
         static = torch.stack([events[:, 0]] * 2, 1)  # a clip whose frames differ must not equal frame 0 repeated
         assert (net.run_clip(static) - net.run_clip(events)).abs().max() > 1e-4
+
+
+def test_export_fails_when_the_openvino_adaptation_changes_the_files_numbers(export_run, digits, monkeypatch):
+    """The gate behind metrics["int8"]["openvino_adaptation"]: any difference is a failure (here forced)."""
+    import types
+
+    import stages.export
+
+    _, out, _ = export_run
+    ctx = types.SimpleNamespace(output=lambda role: out / "model_int8.onnx", log=logging.getLogger("test.export"))
+    failures: list[str] = []
+    res = stages.export._adaptation_exact(ctx, digits[0][:4].numpy(), failures)
+    assert res["max_abs_diff"] == 0.0 and failures == []
+    real = stages.export.adaptation_exactness
+    monkeypatch.setattr(stages.export, "adaptation_exactness", lambda m, x: dict(real(m, x), max_abs_diff=0.5))
+    stages.export._adaptation_exact(ctx, digits[0][:4].numpy(), failures)
+    assert len(failures) == 1 and "changes its numbers" in failures[0]

@@ -140,6 +140,9 @@ def test_staa_and_adaptive_models_are_refused_with_the_part_named():
     assert "layer3.0.sn1.staa.gc" in text and "global context (GC)" in text
     assert "layer3.0.sn1.staa.sa" in text and "step attention (SA)" in text
     assert "stem.sn" not in text  # STAA only on the last stage: the stem is fine
+    # the console's one-line summary: each kind once, no module names
+    assert ne.blocker_kinds(unroll_float(staa)) == ["STAA global context", "STAA position encoding",
+                                                    "STAA step attention"]
     with pytest.raises(ne.NirExportError, match=r"layer3\.0\.sn1\.staa\.sa.*step attention"):
         ne.to_nir(unroll_float(staa), (2, 34, 34))
     alif = ne.nir_blockers(unroll_float(build_model(dict(PLAIN, neuron=dict(kind="alif")))))

@@ -52,6 +52,8 @@ def test_a_row_that_gained_nothing_is_not_bounded_by_its_observed_drop():
     assert d.only_row == 0 and d.only_reference == 3
     assert d.ci95[0] < d.delta - 1.0  # a paired bootstrap gives about [-1.94, 0.00]
     assert d.ci95[1] >= 0 and not d.significant
+    # Tango's own upper end (not merely widened to 0): three losses do not rule out a small gain
+    assert 0.1 < d.ci95[1] < 0.5 and -3.0 < d.ci95[0] < -2.0, d.ci95
 
 
 def test_an_identical_row_still_has_an_interval_of_its_sampling_error():

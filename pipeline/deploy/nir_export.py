@@ -159,6 +159,12 @@ def nir_blockers(model: nn.Module) -> list[str]:
     return lines
 
 
+def blocker_kinds(model: nn.Module) -> list[str]:
+    """The kinds of part that block ``model`` (each reason's headline, before its first colon), sorted: a
+    one-line summary for the console; :func:`nir_blockers` names every module."""
+    return sorted({reason.split(":")[0].split(" (")[0] for _, reason in blocking_parts(model)})
+
+
 def _f32(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()

@@ -178,7 +178,6 @@ def apply_gates(rows: Sequence[dict[str, Any]], gates: Mapping[str, float], base
         if ref is None or ref["top1"] is None:  # parent absent or broken: fall back to the baseline
             ref_name, ref = baseline, base
         r["gate"] = _check(r, ref_name, ref, key, float(gates[key])) if key in gates else None
-        r["agreement_gate"] = None
         identity = r.get("identity_key")
         if identity is not None and changed is not None:
             ident_name = r.get("identity_parent") or ref_name

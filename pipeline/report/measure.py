@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from pipeline.models import record_firing_rates
 from pipeline.report.energy import count_ops, summarize
-from pipeline.report.inventory import Artifact
+from pipeline.report.inventory import RUNNER_OPTIONS, Artifact
+from pipeline.runtime.backends import get_backend
 from pipeline.runtime.base import benchmark
 from pipeline.training.evaluate import evaluate
 
@@ -157,9 +158,6 @@ def _counts(ex: dict[str, Any] | None) -> dict[str, Any] | None:
 def static_speed(art: Artifact, sample: np.ndarray, settings: Settings, log: Any = None) -> list[dict[str, Any]]:
     """Latency at each timed batch size of the graph compiled for that static batch, with that compile's
     executed-precision counts (a static compile can pick other kernels than the dynamic one)."""
-    from pipeline.report.inventory import RUNNER_OPTIONS
-    from pipeline.runtime.backends import get_backend
-
     out = []
     for b in sorted(set(settings.batch_sizes)):
         try:
