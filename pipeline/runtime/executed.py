@@ -252,7 +252,7 @@ def _trt_is_int8(binding: Mapping[str, Any]) -> bool:
 
 def tensorrt_executed(info: str | Mapping[str, Any]) -> dict[str, Any]:
     """Count an engine's layer information (``IEngineInspector.get_engine_information(JSON)``,
-    which needs ``ProfilingVerbosity.DETAILED`` at build time, as :mod:`.trt_build` sets).
+    which needs ``ProfilingVerbosity.DETAILED`` at build time, as :mod:`.backends.tensorrt_build` sets).
 
     A layer is a convolution when its ``LayerType`` names one (``CaskConvolution``,
     ``CaskGemmConvolution``...), a matmul for gemm/matrix-multiply types; it is integer when its
@@ -264,7 +264,7 @@ def tensorrt_executed(info: str | Mapping[str, Any]) -> dict[str, Any]:
     layers = doc.get("Layers", [])
     if layers and not all(isinstance(l, Mapping) for l in layers):
         raise ValueError("the engine was built without ProfilingVerbosity.DETAILED: its layer information "
-                         "has names only; rebuild it with the pipeline's build (trt_build sets DETAILED)")
+                         "has names only; rebuild it with the pipeline's build (tensorrt_build sets DETAILED)")
     ops, opaque = [], Counter()
     for layer in layers:
         ltype = str(layer.get("LayerType", ""))

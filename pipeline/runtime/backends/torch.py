@@ -1,13 +1,14 @@
-"""Runner over a torch module (float, QAT or unrolled), for parity and the latency baseline."""
+"""The torch backend: a runner over a torch module (float, QAT or unrolled), for parity and the latency baseline."""
 from __future__ import annotations
 
 from typing import Any, Mapping
 
 import numpy as np
 
-from .base import Runner
-from .executed import torch_executed
-from .precision import strict_fp32
+from ..base import Runner
+from ..executed import torch_executed
+from ..precision import strict_fp32
+from . import Backend
 
 
 class TorchRunner(Runner):
@@ -45,3 +46,20 @@ class TorchRunner(Runner):
     def executed_precision(self) -> dict[str, Any]:
         """Float kernels by construction: QAT and unrolled INT8 modules are fake-quant in eager torch."""
         return torch_executed(self.module, self.precision)
+
+
+class Manager(Backend):
+    dists = ("torch",)
+
+    def is_available(self) -> tuple[bool, str]:
+        try:
+            import torch
+        except ImportError as exc:
+            return False, f"torch is not installed ({exc})"
+        return True, f"torch {torch.__version__}"
+
+    def build(self, module: Any) -> Any:
+        return module
+
+    def make_runner(self, model: Any, **options: Any) -> TorchRunner:
+        return TorchRunner(model, **options)

@@ -1,4 +1,4 @@
-"""Runner over an ONNX Runtime session (CPU by default; CUDA/TensorRT providers where present).
+"""The ONNX Runtime backend: a runner over an ONNX Runtime session (CPU by default; CUDA/TensorRT providers where present).
 
 Exact Q/DQ semantics by default: ONNX Runtime's ``WeightBiasQuantization`` graph transformer
 (ORT >= 1.20, on at the basic optimisation level) rewrites the float bias of a Q/DQ conv into
@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from .base import Runner
-from .executed import onnxruntime_executed
+from ..base import Runner
+from ..executed import onnxruntime_executed
+from . import Backend
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -118,3 +119,20 @@ class OrtRunner(Runner):
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
+
+
+class Manager(Backend):
+    dists = ("onnxruntime", "onnxruntime-gpu")
+
+    def is_available(self) -> tuple[bool, str]:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            return False, f"onnxruntime is not installed ({exc})"
+        return True, f"onnxruntime {ort.__version__} ({', '.join(ort.get_available_providers())})"
+
+    def build(self, onnx_path: Path) -> Path:
+        return Path(onnx_path)
+
+    def make_runner(self, model: Any, **options: Any) -> OrtRunner:
+        return OrtRunner(model, **options)

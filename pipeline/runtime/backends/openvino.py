@@ -1,7 +1,7 @@
-"""Runner over OpenVINO: the exported ONNX graph compiled for an Intel CPU (or iGPU/NPU).
+"""The OpenVINO backend: a runner over OpenVINO, the exported ONNX graph compiled for an Intel CPU (or iGPU/NPU).
 
 Why OpenVINO next to ONNX Runtime: both read the same explicit Q/DQ graph, but ONNX Runtime's
-CPU provider runs it as DequantizeLinear -> float Conv (fake-quant, see ``ort_runner.EXACT_QDQ``)
+CPU provider runs it as DequantizeLinear -> float Conv (fake-quant, see ``backends.onnxruntime.EXACT_QDQ``)
 while OpenVINO's low-precision transformations compile the Q/DQ convolutions into u8/i8
 kernels, the way TensorRT does on a GPU. So this runner measures real INT8 speed on a CPU, and
 :meth:`OpenVinoRunner.executed_precision` proves it from OpenVINO's runtime model.
@@ -13,7 +13,7 @@ model is recompiled when :meth:`set_threads` changes it. openvino is imported wh
 created, so importing this module never fails where it is absent.
 
 ``adapt_qdq=True`` (default): an INT8 Q/DQ graph is compiled from an adapted in-memory copy
-(:mod:`.openvino_qdq`: spike Q/DQ pairs in uint8, the other activation pairs as float arithmetic),
+(:mod:`..openvino_qdq`: spike Q/DQ pairs in uint8, the other activation pairs as float arithmetic),
 because on AVX2 CPUs without VNNI OpenVINO's u8 kernels saturate on this model's int8 activations
 and change its predictions. The file is not touched. :meth:`describe` and
 :meth:`executed_precision` say what was adapted (``qdq_adaptation``). The adaptation needs
@@ -27,8 +27,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .base import Runner
-from .executed import openvino_executed
+from ..base import Runner
+from ..executed import openvino_executed
+from . import Backend
 
 # Allocators that replace malloc through LD_PRELOAD and abort OpenVINO's CPU plugin: its TBB
 # loads hwloc, which frees memory with glibc's free directly ("free(): invalid pointer" while
@@ -125,7 +126,7 @@ class OpenVinoRunner(Runner):
         try:
             import onnx
 
-            from .openvino_qdq import adapt_qdq_for_openvino
+            from ..openvino_qdq import adapt_qdq_for_openvino
         except ImportError as exc:
             raise QdqAdaptationUnavailable(
                 f"{self.path.name} is an INT8 Q/DQ graph: OpenVINO runs it exactly only after adapting it, which "
@@ -179,3 +180,32 @@ class OpenVinoRunner(Runner):
     def close(self) -> None:
         self.request = None
         self.compiled = None
+
+
+class Manager(Backend):
+    """OpenVINO on an Intel CPU (iGPU/NPU through ``device=``): compiles the exported ONNX directly."""
+
+    dists = ("openvino",)
+
+    def is_available(self) -> tuple[bool, str]:
+        conflict = allocator_conflict()
+        if conflict:
+            return False, conflict
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            return False, f"openvino is not installed ({exc}); pip install openvino (x86-64 or ARM64 CPU)"
+        try:
+            devices = ov.Core().available_devices
+        except Exception as exc:  # a broken plugin install is a state to report, not a crash
+            return False, f"openvino {ov.get_version()} is installed but cannot list devices ({exc})"
+        return True, f"openvino {ov.get_version()} ({', '.join(devices)})"
+
+    def env_extra(self) -> dict[str, Any]:
+        return {"openvino": self.version()}
+
+    def build(self, onnx_path: Path) -> Path:
+        return Path(onnx_path)  # compiled when the runner loads it
+
+    def make_runner(self, model: Any, **options: Any) -> OpenVinoRunner:
+        return OpenVinoRunner(model, **options)

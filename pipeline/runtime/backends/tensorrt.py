@@ -1,4 +1,4 @@
-"""Runner over a serialized TensorRT 10 engine (``execute_async_v3`` with tensor addresses).
+"""The TensorRT backend: a runner over a serialized TensorRT 10 engine (``execute_async_v3`` with tensor addresses).
 
 Device buffers and the CUDA stream come from torch (present on Jetson with NVIDIA's wheels),
 which keeps this free of pycuda. TensorRT and torch are imported when a runner is created, so
@@ -11,8 +11,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .base import Runner
-from .executed import tensorrt_executed
+from ..base import Runner
+from ..executed import tensorrt_executed
+from . import Backend, dist_version
+from .tensorrt_build import BuildRequest, build_all
 
 
 class TrtRunner(Runner):
@@ -77,7 +79,7 @@ class TrtRunner(Runner):
         """The engine's layers by precision, from TensorRT's engine inspector (JSON).
 
         With the execution context attached the inspector reports the formats of this context's
-        shapes; the engine must have been built with ``ProfilingVerbosity.DETAILED`` (trt_build does).
+        shapes; the engine must have been built with ``ProfilingVerbosity.DETAILED`` (tensorrt_build does).
         """
         inspector = self.engine.create_engine_inspector()
         try:
@@ -93,3 +95,44 @@ class TrtRunner(Runner):
     def close(self) -> None:
         self.context = None
         self.engine = None
+
+
+class Manager(Backend):
+    """TensorRT 10 through its Python API; needs the ``tensorrt`` package and a CUDA GPU."""
+
+    dists = ("tensorrt", "tensorrt-cu12", "tensorrt_cu13")
+
+    def is_available(self) -> tuple[bool, str]:
+        try:
+            import tensorrt as trt
+        except ImportError as exc:
+            return False, (f"the tensorrt Python package is not installed ({exc}); TensorRT needs an NVIDIA GPU "
+                           f"(pip install tensorrt on x86 with CUDA, or JetPack's python3-libnvinfer on a Jetson)")
+        major = int(str(trt.__version__).split(".")[0])
+        if major < 10:
+            return False, f"TensorRT {trt.__version__} found; this pipeline targets the TensorRT 10 API"
+        cuda, why = _cuda_device()
+        if not cuda:
+            return False, f"TensorRT {trt.__version__} is installed but {why}"
+        return True, f"TensorRT {trt.__version__} on {why}"
+
+    def env_extra(self) -> dict[str, Any]:
+        return {"tensorrt": self.version(), "torch": dist_version("torch")}
+
+    def build(self, request: BuildRequest) -> dict[str, Any]:
+        """Build ``request``'s engines in its folder: ``{engine name: result or {"error": ...}}``."""
+        return build_all(request)
+
+    def make_runner(self, model: Any, **options: Any) -> TrtRunner:
+        return TrtRunner(model, **options)
+
+
+def _cuda_device() -> tuple[bool, str]:
+    """(True, GPU name) or (False, why not); asks torch, which the engine runner uses for buffers."""
+    try:
+        import torch
+    except ImportError:
+        return False, "torch (used for CUDA buffers by the engine runner) is not installed"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is visible (torch.cuda.is_available() is False)"
+    return True, torch.cuda.get_device_name(0)
