@@ -27,7 +27,8 @@ from pipeline.deploy.unroll import unroll_float, unroll_qat
 from pipeline.report import fake_quant, render
 from pipeline.report.inventory import OPENVINO_SUFFIX, discover
 from pipeline.runtime import OpenVinoRunner, OrtRunner, TorchRunner, get_backend, load_runner
-from pipeline.runtime.executed import KEYS, tensorrt_executed
+from pipeline.runtime.backends.tensorrt import tensorrt_executed
+from pipeline.runtime.executed import KEYS
 from pipeline.runtime.openvino_qdq import adaptation_exactness, adapt_qdq_for_openvino, has_qdq, saturating_inputs
 from tests.helpers import QDQConv2d, firing_model, quantize_convs, real_images
 

@@ -7,7 +7,7 @@ Public API::
     benchmark(runner, batch, warmup, iters, threads) -> {p50_ms, p95_ms, mean_ms, throughput, ...}
     TorchRunner(module), OrtRunner(path, threads=...), TrtRunner(engine_path)   # TrtRunner: lazy
     OpenVinoRunner(path, threads=..., inference_precision="f32")               # imports openvino on creation
-    runner.executed_precision() -> {int8_ops, ops, int8_mac_share, kernels, source, ...}  # see .executed
+    runner.executed_precision() -> {int8_ops, ops, int8_mac_share, kernels, source, ...}  # see .executed and backends/<name>.py
     specs.SPECS                 # the backend table: one row per backend (stdlib only)
     BACKENDS / get_backend(name) -> Backend with is_available(), check_env(), version(), build(), runner()
     load_runner(path, backend=None)   # by suffix from the table: .onnx -> ONNX Runtime (or "openvino"), .engine -> TensorRT

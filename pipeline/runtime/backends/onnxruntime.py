@@ -10,13 +10,16 @@ Pass ``disabled_optimizers=()`` to measure ONNX Runtime with all its defaults.
 """
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..base import Runner
-from ..executed import onnxruntime_executed
+from ..executed import Op, conv_macs, summarize
 from . import Backend
 
 if TYPE_CHECKING:
@@ -119,6 +122,103 @@ class OrtRunner(Runner):
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------- executed precision: ONNX Runtime
+ORT_INT_CONV = ("QLinearConv", "ConvInteger", "NhwcQLinearConv")
+ORT_INT_MATMUL = ("MatMulInteger", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
+ORT_FLOAT_CONV = ("Conv", "FusedConv", "NhwcConv", "NhwcFusedConv", "ConvTranspose")
+ORT_FLOAT_MATMUL = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+               "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+
+ORT_FLOAT_REASON = ("ONNX Runtime's CPU provider runs DequantizeLinear -> float Conv: the runner disables its Q/DQ "
+                    "integer fusion (QDQSelectorActionTransformer), whose u8s8 kernels saturate on CPUs without VNNI "
+                    "and change the logits; even with it on, ORT fuses a Q/DQ conv only when its output is "
+                    "quantised too")
+
+
+def _ort_kind(op_type: str) -> tuple[str, bool] | None:
+    if op_type in ORT_INT_CONV:
+        return "conv", True
+    if op_type in ORT_INT_MATMUL:
+        return "matmul", True
+    if op_type in ORT_FLOAT_CONV:
+        return "conv", False
+    if op_type in ORT_FLOAT_MATMUL:
+        return "matmul", False
+    return None
+
+
+def _profile_shapes(profile: Path) -> dict[str, tuple[list[list[int]], list[list[int]]]]:
+    """``{node name: (input shapes, output shapes)}`` from an ONNX Runtime profile (one run)."""
+    out: dict[str, tuple[list[list[int]], list[list[int]]]] = {}
+    for ev in json.loads(profile.read_text()):
+        name, args = ev.get("name", ""), ev.get("args") or {}
+        if ev.get("cat") != "Node" or not name.endswith("_kernel_time"):
+            continue
+        shapes = [[list(v) for d in args.get(k, []) for v in d.values()] for k in ("input_type_shape",
+                                                                                    "output_type_shape")]
+        out[name[:-len("_kernel_time")]] = (shapes[0], shapes[1])
+    return out
+
+
+def _ort_feeds(session: Any) -> dict[str, np.ndarray]:
+    """Zeros for every input at batch 1 (dynamic axes 1): enough for one profiled run."""
+    feeds = {}
+    for i in session.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+        feeds[i.name] = np.zeros(shape, _ORT_DTYPES.get(i.type, np.float32))
+    return feeds
+
+
+def onnxruntime_executed(path: Path | str, options: Callable[[], Any], providers: Sequence[str],
+                         disabled_optimizers: Sequence[str] = (), float_reason: str | None = ORT_FLOAT_REASON,
+                         ) -> dict[str, Any]:
+    """Count the graph ONNX Runtime really runs: a session built with the runner's own options
+    (``options()`` returns a fresh ``SessionOptions``) and disabled optimisers writes its optimised
+    graph (``optimized_model_filepath``) into a temp dir, which is loaded with onnx and counted by
+    op type (contrib ops such as ``com.microsoft`` QLinearConv or the NCHWc Conv included).
+
+    Convolution MACs come from one profiled run at batch 1 (zeros in): the profile records each
+    executed node's input and output shapes. NCHWc convs store channel-padded weights, so their
+    MACs may be slightly overstated.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="staa_ort_") as tmp:
+        opts = options()
+        opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tmp, "profile")
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers),
+                                       disabled_optimizers=list(disabled_optimizers))
+        shapes: dict[str, Any] = {}
+        try:
+            session.run(None, _ort_feeds(session))
+            shapes = _profile_shapes(Path(session.end_profiling()))
+        except Exception:  # MACs are a bonus: the counts below stand without them
+            shapes = {}
+        graph = onnx.load(opts.optimized_model_filepath, load_external_data=False).graph
+        ops = []
+        for node in graph.node:
+            kind = _ort_kind(node.op_type)
+            if kind is None:
+                continue
+            macs = None
+            if kind[0] == "conv" and node.name in shapes:
+                ins, outs = shapes[node.name]
+                w = 3 if node.op_type in ("QLinearConv", "NhwcQLinearConv") else 1
+                macs = conv_macs(outs[0] if outs else None, ins[w] if len(ins) > w else None)
+            domain = f"{node.domain}." if node.domain not in ("", "ai.onnx") else ""
+            ops.append(Op(kind[0], kind[1], f"{domain}{node.op_type}", macs))
+    disabled = f", disabled: {', '.join(disabled_optimizers)}" if disabled_optimizers else ""
+    return summarize(ops, f"ONNX Runtime optimised graph (SessionOptions.optimized_model_filepath, the runner's "
+                          f"options{disabled}; providers {', '.join(providers)}); MACs from one profiled run",
+                     float_reason=float_reason)
+
 
 
 class Manager(Backend):

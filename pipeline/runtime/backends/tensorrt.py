@@ -6,13 +6,15 @@ importing this module never fails where they are absent.
 """
 from __future__ import annotations
 
+import json
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from ..base import Runner
-from ..executed import tensorrt_executed
+from ..executed import Op, dims_product, summarize
 from . import Backend, dist_version
 from .tensorrt_build import BuildRequest, build_all
 
@@ -95,6 +97,59 @@ class TrtRunner(Runner):
     def close(self) -> None:
         self.context = None
         self.engine = None
+
+
+# ---------------------------------------------------------------- executed precision: TensorRT
+TRT_CONV = ("convolution", "deconvolution")
+TRT_MATMUL = ("gemm", "matrixmultiply", "fullyconnected", "matmul")
+
+
+def _trt_is_int8(binding: Mapping[str, Any]) -> bool:
+    return "int8" in str(binding.get("Format/Datatype", "")).lower()
+
+
+def tensorrt_executed(info: str | Mapping[str, Any]) -> dict[str, Any]:
+    """Count an engine's layer information (``IEngineInspector.get_engine_information(JSON)``,
+    which needs ``ProfilingVerbosity.DETAILED`` at build time, as :mod:`.backends.tensorrt_build` sets).
+
+    A layer is a convolution when its ``LayerType`` names one (``CaskConvolution``,
+    ``CaskGemmConvolution``...), a matmul for gemm/matrix-multiply types; it is integer when its
+    first input's ``Format/Datatype`` is Int8 and its weights are Int8 (or its tactic is an
+    ``i8i8`` kernel). MACs: output H*W times the weight count. Fused opaque layers (Myelin) are
+    listed in ``kernels`` but not counted: their inner precision is not reported.
+    """
+    doc = json.loads(info) if isinstance(info, str) else dict(info)
+    layers = doc.get("Layers", [])
+    if layers and not all(isinstance(l, Mapping) for l in layers):
+        raise ValueError("the engine was built without ProfilingVerbosity.DETAILED: its layer information "
+                         "has names only; rebuild it with the pipeline's build (tensorrt_build sets DETAILED)")
+    ops, opaque = [], Counter()
+    for layer in layers:
+        ltype = str(layer.get("LayerType", ""))
+        low = ltype.lower()
+        kind = "conv" if any(k in low for k in TRT_CONV) else "matmul" if any(k in low for k in TRT_MATMUL) else None
+        if kind is None:
+            if "myelin" in low:
+                opaque[ltype] += 1
+            continue
+        inputs, outputs = layer.get("Inputs") or [], layer.get("Outputs") or []
+        weights = layer.get("Weights") or {}
+        tactic = str(layer.get("TacticName", "")).lower()
+        int8_in = bool(inputs) and _trt_is_int8(inputs[0])
+        int8_w = str(weights.get("Type", "")).lower() == "int8" or "i8i8" in tactic
+        integer = int8_in and (int8_w or not weights)
+        macs = None
+        if kind == "conv" and outputs and weights.get("Count"):
+            dims = outputs[0].get("Dimensions")
+            if dims and len(dims) >= 3 and all(isinstance(d, int) and d > 0 for d in dims[2:]):
+                macs = dims_product(dims[2:]) * float(weights["Count"])
+        fmt = "int8" if integer else str((inputs[0] if inputs else {}).get("Format/Datatype", "?")).split(" ")[-1]
+        ops.append(Op(kind, integer, f"{ltype}:{fmt}", macs))
+    return summarize(ops, "TensorRT engine layer information (IEngineInspector JSON: LayerType, Format/Datatype of "
+                          "inputs, Weights.Type, TacticName)",
+                     float_reason="TensorRT chose float kernels for the convolutions (no Int8 input format)",
+                     opaque_layers=dict(opaque))
+
 
 
 class Manager(Backend):

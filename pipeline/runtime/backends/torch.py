@@ -6,7 +6,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..base import Runner
-from ..executed import torch_executed
+from ..executed import Op, summarize
 from ..precision import strict_fp32
 from . import Backend
 
@@ -46,6 +46,28 @@ class TorchRunner(Runner):
     def executed_precision(self) -> dict[str, Any]:
         """Float kernels by construction: QAT and unrolled INT8 modules are fake-quant in eager torch."""
         return torch_executed(self.module, self.precision)
+
+
+# ---------------------------------------------------------------- executed precision: torch
+TORCH_REASON = ("torch eager runs fake-quant: the quantisers quantise and dequantise around float "
+                "convolutions (QAT and the unrolled INT8 module), no integer kernel runs")
+
+
+def torch_executed(module: Any, precision: str) -> dict[str, Any]:
+    """Torch rows: every conv/linear module runs float kernels by construction (fake-quant for int8)."""
+    from torch import nn
+
+    ops = []
+    for m in module.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            ops.append(Op("conv", False, f"{type(m).__name__}:fp32"))
+        elif isinstance(m, nn.Linear):
+            ops.append(Op("matmul", False, f"{type(m).__name__}:fp32"))
+    source = ("torch eager: conv/linear modules counted; all run float kernels"
+              + ("; INT8 here is fake-quant by construction (quantise -> dequantise -> float op)"
+                 if precision == "int8" else ""))
+    return summarize(ops, source, float_reason=TORCH_REASON)
+
 
 
 class Manager(Backend):
