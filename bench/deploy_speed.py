@@ -147,7 +147,7 @@ def prepare(width: float, T: int, x: torch.Tensor, y: torch.Tensor, work: Path, 
                     notes, compact)
 
 
-class _LocalOpenVino(Runner):  # pragma: no cover - only while pipeline.runtime.openvino_runner is absent
+class _LocalOpenVino(Runner):  # pragma: no cover - only while pipeline.runtime.backends.openvino is absent
     """FALLBACK, local to this bench: plain OpenVINO compile (f32 hint, one stream)."""
 
     name = "openvino"

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from pipeline.runtime.specs import NAMES as BACKEND_NAMES
 from pipeline.schema import SCHEMA
 
 # what an output is (how a runtime or a reader opens it)
@@ -34,7 +35,7 @@ KINDS = (
     "samples",  # sample_inputs.npz: images, labels, float logits
     "metrics", "report", "plot", "log", "check", "config", "script", "doc", "folder",
 )
-BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+BACKENDS = BACKEND_NAMES  # the backend table's names, live (pipeline/runtime/specs.py)
 PRECISIONS = ("fp32", "fp16", "int8")
 # where a report finds an output's time steps: model.T, the "{T}" in its file name, the stage's
 # metrics.json "T", the graph's metadata "T", or its parent's T

@@ -16,7 +16,7 @@ from pipeline import registry
 from pipeline.deploy.bundle import make_bundle
 from pipeline.runner import StageContext, StageError, StageResult
 from pipeline.runtime import get_backend, load_runner
-from pipeline.runtime.trt_build import BuildRequest
+from pipeline.runtime.backends.tensorrt_build import BuildRequest
 
 
 def _engine_check(folder: Path, engine: str) -> dict[str, Any]:

@@ -85,7 +85,7 @@ def test_build_records_skipped_with_its_reason(build_run):
 def test_bundle_is_self_contained(build_run):
     _, out = build_run
     for name in ("model_fp32.onnx", "model_int8.onnx", "step_fp32.onnx", "sample_inputs.npz", "bundle.json",
-                 "build_engines.sh", "JETSON.md", "staa_runtime/__main__.py", "staa_runtime/trt_build.py"):
+                 "build_engines.sh", "JETSON.md", "staa_runtime/__main__.py", "staa_runtime/backends/tensorrt_build.py"):
         assert (out / name).is_file(), name
     assert os.access(out / "build_engines.sh", os.X_OK)
     bundle = json.loads((out / "bundle.json").read_text())
@@ -156,7 +156,7 @@ def test_build_request_is_one_checked_object(tmp_path):
     import dataclasses
     import inspect
 
-    from pipeline.runtime.trt_build import BuildRequest, EngineSpec
+    from pipeline.runtime.backends.tensorrt_build import BuildRequest, EngineSpec
 
     fp16 = EngineSpec("model_fp16", "model_fp32.onnx", "fp16", {"input": [-1, 1, 16, 16]}, 1, 4, 32)
     req = BuildRequest(str(tmp_path), [fp16])

@@ -28,7 +28,7 @@ def test_qdq_module_exports_with_dynamo(tmp_path):
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ops.count("QuantizeLinear") > 20 and ops.count("QuantizeLinear") == ops.count("DequantizeLinear")
     assert "FakeQuantize" not in ops
-    # the product's session settings: Q/DQ arithmetic as written (see pipeline/runtime/ort_runner.py EXACT_QDQ)
+    # the product's session settings: Q/DQ arithmetic as written (see pipeline/runtime/backends/onnxruntime.py EXACT_QDQ)
     got = OrtRunner(path, threads=1).predict(images.numpy())
     with torch.no_grad():
         want = module(images).numpy()

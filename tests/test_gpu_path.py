@@ -227,7 +227,7 @@ def test_torch_spike_reference_and_validate_torch_rows_run_in_strict_fp32(loose_
     import numpy as np
 
     from pipeline.deploy.parity import torch_with_spikes
-    from pipeline.runtime.torch_runner import TorchRunner
+    from pipeline.runtime.backends.torch import TorchRunner
 
     spy = _Spy()
     torch_with_spikes(spy, membranes=False)(torch.randn(2, 4))

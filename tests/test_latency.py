@@ -86,7 +86,7 @@ class ThreadProbe(torch.nn.Module):
 
 
 def test_torch_runner_threads_in_force_while_timed():
-    from pipeline.runtime.torch_runner import TorchRunner
+    from pipeline.runtime.backends.torch import TorchRunner
 
     probe = ThreadProbe()
     runner = TorchRunner(probe, input_shape=(None, 3, 2, 2))

@@ -27,7 +27,8 @@ from pipeline.deploy.unroll import unroll_float, unroll_qat
 from pipeline.report import fake_quant, render
 from pipeline.report.inventory import OPENVINO_SUFFIX, discover
 from pipeline.runtime import OpenVinoRunner, OrtRunner, TorchRunner, get_backend, load_runner
-from pipeline.runtime.executed import KEYS, tensorrt_executed
+from pipeline.runtime.backends.tensorrt import tensorrt_executed
+from pipeline.runtime.executed import KEYS
 from pipeline.runtime.openvino_qdq import adaptation_exactness, adapt_qdq_for_openvino, has_qdq, saturating_inputs
 from tests.helpers import QDQConv2d, firing_model, quantize_convs, real_images
 
@@ -317,7 +318,7 @@ def _ort_exact(model, x):
     """ONNX Runtime with the runner's settings (QDQ fusion off: exact Q/DQ arithmetic), on a path or a ModelProto."""
     import onnxruntime as ort
 
-    from pipeline.runtime.ort_runner import EXACT_QDQ
+    from pipeline.runtime.backends.onnxruntime import EXACT_QDQ
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
@@ -383,7 +384,7 @@ def test_an_fp32_graph_passes_through_unchanged(graphs):
 def test_the_runner_says_when_onnx_is_missing_for_an_int8_graph(graphs, monkeypatch):
     import sys
 
-    from pipeline.runtime.openvino_runner import QdqAdaptationUnavailable
+    from pipeline.runtime.backends.openvino import QdqAdaptationUnavailable
 
     paths, _, _, _ = graphs
     monkeypatch.setitem(sys.modules, "onnx", None)
@@ -413,7 +414,7 @@ TCMALLOC = next(iter(sorted(Path("/usr/lib").glob("*/libtcmalloc_minimal.so.4"))
 
 
 def test_allocator_conflict_reads_the_process_maps(tmp_path):
-    from pipeline.runtime.openvino_runner import allocator_conflict
+    from pipeline.runtime.backends.openvino import allocator_conflict
 
     maps = tmp_path / "maps"
     maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
@@ -430,7 +431,7 @@ def test_openvino_under_preloaded_tcmalloc_is_a_reported_state_not_an_abort(tmp_
     import sys
 
     code = ("from pipeline.runtime.backends import get_backend\n"
-            "from pipeline.runtime.openvino_runner import OpenVinoRunner, OpenVinoUnavailable\n"
+            "from pipeline.runtime.backends.openvino import OpenVinoRunner, OpenVinoUnavailable\n"
             "ok, why = get_backend('openvino').is_available()\n"
             "assert not ok and 'tcmalloc' in why, why\n"
             "try:\n"

@@ -181,7 +181,7 @@ def test_qdq_module_matches_and_exports_to_onnxruntime(qat_model, qat_file, imag
     assert ops.count("QuantizeLinear") > 20 and ops.count("QuantizeLinear") == ops.count("DequantizeLinear")
     assert "FakeQuantize" not in ops and all(n.domain in ("", "ai.onnx") for n in graph.node)
     # the product's session settings (OrtRunner): Q/DQ arithmetic as written, no integer-kernel fusion
-    # (whose u8s8 kernels saturate on AVX2-only CPUs: see pipeline/runtime/ort_runner.py EXACT_QDQ)
+    # (whose u8s8 kernels saturate on AVX2-only CPUs: see pipeline/runtime/backends/onnxruntime.py EXACT_QDQ)
     from pipeline.runtime import OrtRunner
 
     runner = OrtRunner(path, threads=1)

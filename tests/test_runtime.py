@@ -117,7 +117,7 @@ def test_runtime_package_imports_nothing_else_from_the_pipeline():
 
     import pipeline.runtime as rt
 
-    for f in Path(rt.__file__).parent.glob("*.py"):
+    for f in Path(rt.__file__).parent.rglob("*.py"):  # backends/ too
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level == 0:
                 assert not (node.module or "").startswith("pipeline"), f"{f.name} imports {node.module}"
@@ -130,7 +130,7 @@ def test_tensorrt_runner_matches_onnxruntime(exported, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU; none is visible here")
     from pipeline.runtime import EngineSpec, build_engine
-    from pipeline.runtime.trt_runner import TrtRunner
+    from pipeline.runtime.backends.tensorrt import TrtRunner
 
     _, path, x, _ = exported
     (tmp_path / path.name).write_bytes(path.read_bytes())

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import pipeline.runtime as rt
 from pipeline import registry
-from pipeline.runtime.trt_build import EngineSpec
+from pipeline.runtime.backends.tensorrt_build import EngineSpec
 
 from .onnx_export import io_shapes, neuron_nodes, read_metadata
 from .openvino_guide import render_intel_guide
@@ -60,8 +60,9 @@ def copy_runtime(dst: Path) -> Path:
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
-    for f in sorted(src.glob("*.py")):
-        shutil.copy2(f, target / f.name)
+    for f in sorted(src.rglob("*.py")):  # with its subpackages (backends/)
+        (target / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, target / f.relative_to(src))
     return target
 
 

@@ -2,7 +2,7 @@
 
 Engines are tied to one GPU model and TensorRT version, so where this machine has no TensorRT
 the build stage ships a script that builds, on the device, exactly what the Python API path
-(:mod:`pipeline.runtime.trt_build`) would: same profile, precision recipe, FP32 neurons,
+(:mod:`pipeline.runtime.backends.tensorrt_build`) would: same profile, precision recipe, FP32 neurons,
 timing cache and layer information.
 
 The flags come from ``trtexec --help`` of TensorRT 10 (samples/trtexec and
@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 from pipeline import registry
 from pipeline.runtime.base import BENCH_DEFAULTS
-from pipeline.runtime.trt_build import EngineSpec
+from pipeline.runtime.backends.tensorrt_build import EngineSpec
 
 _SHAPES = re.compile(r"^[^:,]+:\d+(x\d+)*(,[^:,]+:\d+(x\d+)*)*$")
 _TYPE = r"(fp32|fp16|bf16|int32|int8)"

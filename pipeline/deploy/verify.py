@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.runtime import OrtRunner, StepRunner
-from pipeline.runtime.ort_runner import EXACT_QDQ
+from pipeline.runtime.backends.onnxruntime import EXACT_QDQ
 from .compact import compact_onnx, file_stats
 from .onnx_export import (SPIKE_PREFIX, SpikeProbe, check_onnx, export_onnx, neuron_scopes, strip_outputs,
                           write_metadata)
@@ -48,7 +48,7 @@ def ort_candidate(graph: Path, probe: Path | None = None, threads: int | None = 
                   ort_defaults: bool = False) -> SpikeFn:
     """``x -> (logits from graph, spikes from the probe graph)`` through ONNX Runtime.
 
-    Exact graph semantics unless ``ort_defaults`` (see ``pipeline.runtime.ort_runner``).
+    Exact graph semantics unless ``ort_defaults`` (see ``pipeline.runtime.backends.onnxruntime``).
     """
     disabled = () if ort_defaults else EXACT_QDQ
     real = OrtRunner(graph, threads=threads, disabled_optimizers=disabled)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from pipeline import registry
 from pipeline.artifacts import MANIFEST
@@ -34,14 +34,15 @@ from pipeline.compress.quantize import load_qat_model
 from pipeline.deploy.onnx_export import read_metadata
 from pipeline.deploy.unroll import load_unrolled
 from pipeline.registry import FLOAT_AT_T, Output
+from pipeline.runtime import specs
 from pipeline.runtime.backends import get_backend
 from pipeline.schema import SCHEMA, defaults
 
 BASELINE = registry.artifact(registry.baseline()[0], registry.baseline()[1].role)  # "train/best.pt"
 OPENVINO_SUFFIX = "@openvino"  # "export/model_int8.onnx@openvino": the same file, compiled by OpenVINO
-# runner options per backend: the report measures what the graph asks for (OpenVINO would otherwise
-# be free to run an FP32 graph in bf16 on CPUs that have it)
-RUNNER_OPTIONS: dict[str, dict[str, Any]] = {"openvino": {"inference_precision": "f32"}}
+# runner options per backend, the spec rows' defaults: the report measures what the graph asks for
+# (OpenVINO would otherwise be free to run an FP32 graph in bf16 on CPUs that have it)
+RUNNER_OPTIONS: Mapping[str, Mapping[str, Any]] = specs.column("defaults")
 
 
 @dataclass

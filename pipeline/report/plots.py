@@ -19,10 +19,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pipeline import registry  # noqa: E402
+from pipeline.runtime import specs  # noqa: E402
 from pipeline.training.history import HISTORY_FILE, read_history  # noqa: E402
 
-MARKERS = {"torch": "o", "onnxruntime": "s", "openvino": "D", "tensorrt": "^"}
+MARKERS = specs.column("marker")  # backend -> marker, from the backend table (pipeline/runtime/specs.py)
 TRAINING_CURVES = registry.file("validate", "plot", plot="training_curves")
+
+
+def _legend() -> str:
+    """The plot key ('o torch, s ONNX Runtime, ...'): every backend's marker and label."""
+    return ", ".join(f"{s.marker} {s.label}" for s in specs.SPECS.values())
 
 
 def accuracy_vs_latency(doc: Mapping[str, Any], path: Path) -> bool:
@@ -38,7 +44,7 @@ def accuracy_vs_latency(doc: Mapping[str, Any], path: Path) -> bool:
     batch = rows[0]["latency"]["batch"]
     ax.set_xscale("log")  # latencies span orders of magnitude (eager fake-quant vs ONNX Runtime)
     ax.set(xlabel=f"p50 latency at batch {batch} (ms, log scale)", ylabel="top-1 (%)",
-           title=f"{doc['run']}: accuracy vs latency (o torch, s ONNX Runtime, D OpenVINO, ^ TensorRT)")
+           title=f"{doc['run']}: accuracy vs latency ({_legend()})")
     ax.margins(x=0.15, y=0.25)  # room for the labels
     ax.grid(alpha=0.3)
     _save(fig, path)

@@ -76,6 +76,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from pipeline.runtime.specs import NAMES as BACKEND_NAMES
+
 SCHEMA_VERSION = 4
 
 ROW_FIELDS: dict[str, tuple[type, ...]] = {
@@ -99,7 +101,7 @@ GATE_FIELDS = ("name", "max_drop", "reference", "reference_top1", "drop", "passe
 AGREE_FIELDS = ("name", "reference", "n", "changed", "max_changed", "max_changed_share", "changed_images",
                 "max_logit_diff", "max_allowed_logit_diff", "passed")
 STATS_FIELDS = ("delta", "ci95", "p_value", "significant", "only_row", "only_reference", "n")
-BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+BACKENDS = BACKEND_NAMES  # live view of the backend table (pipeline/runtime/specs.py)
 EXECUTED_FIELDS = ("int8_ops", "ops", "int8_mac_share", "kernels", "source")
 STATUS_PREFIXES = ("ok", "skipped", "error")
 

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import BACKENDS, GRAPH_BACKENDS, get_backend, load_runner
+from . import specs
+from .backends import BACKENDS, get_backend, load_runner
 from .base import BENCH_DEFAULTS, NonFiniteInput, Runner, benchmark, check_finite
-from .trt_build import BuildRequest, EngineSpec
+from .backends.tensorrt_build import BuildRequest, EngineSpec
 
 HERE = Path(__file__).resolve().parent
 
@@ -46,12 +47,10 @@ def _open_runner(model: str, backend: str | None = None) -> Runner:
     """A runner for ``model`` (``backend``: onnxruntime or openvino for .onnx), or a UsageError that says why
     it cannot run here."""
     path = _existing(model, "model", "pass an .onnx or .engine file of this bundle (ls *.onnx *.engine)")
-    if path.suffix not in (".onnx", ".engine", ".plan", ".trt"):
-        raise UsageError(f"no runner for {path.name}: expected .onnx or .engine")
-    name = backend or ("onnxruntime" if path.suffix == ".onnx" else "tensorrt")
-    if (path.suffix == ".onnx") != (name in GRAPH_BACKENDS):
-        raise UsageError(f"--backend {name} cannot run {path.name}: .onnx runs on {' or '.join(GRAPH_BACKENDS)}, "
-                         f".engine on tensorrt")
+    try:
+        name = specs.backend_for(path, backend)
+    except ValueError as exc:  # no backend loads the suffix, or --backend cannot load it
+        raise UsageError(str(exc)) from None
     ok, reason = get_backend(name).is_available()
     if not ok:
         raise UsageError(f"cannot run {path.name} here: {reason}")

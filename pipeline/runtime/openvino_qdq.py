@@ -238,7 +238,7 @@ def adaptation_exactness(model: onnx.ModelProto, x: np.ndarray, threads: int | N
     """
     import onnxruntime as ort
 
-    from .ort_runner import EXACT_QDQ
+    from .backends.onnxruntime import EXACT_QDQ
 
     adapted, counts = adapt_qdq_for_openvino(copy.deepcopy(model))
     rounds = [n.output[0] for n in adapted.graph.node if n.op_type == "Round" and n.name.startswith("ov_qdq/")]

@@ -1,7 +1,7 @@
-"""Runner over OpenVINO: the exported ONNX graph compiled for an Intel CPU (or iGPU/NPU).
+"""The OpenVINO backend: a runner over OpenVINO, the exported ONNX graph compiled for an Intel CPU (or iGPU/NPU).
 
 Why OpenVINO next to ONNX Runtime: both read the same explicit Q/DQ graph, but ONNX Runtime's
-CPU provider runs it as DequantizeLinear -> float Conv (fake-quant, see ``ort_runner.EXACT_QDQ``)
+CPU provider runs it as DequantizeLinear -> float Conv (fake-quant, see ``backends.onnxruntime.EXACT_QDQ``)
 while OpenVINO's low-precision transformations compile the Q/DQ convolutions into u8/i8
 kernels, the way TensorRT does on a GPU. So this runner measures real INT8 speed on a CPU, and
 :meth:`OpenVinoRunner.executed_precision` proves it from OpenVINO's runtime model.
@@ -13,7 +13,7 @@ model is recompiled when :meth:`set_threads` changes it. openvino is imported wh
 created, so importing this module never fails where it is absent.
 
 ``adapt_qdq=True`` (default): an INT8 Q/DQ graph is compiled from an adapted in-memory copy
-(:mod:`.openvino_qdq`: spike Q/DQ pairs in uint8, the other activation pairs as float arithmetic),
+(:mod:`..openvino_qdq`: spike Q/DQ pairs in uint8, the other activation pairs as float arithmetic),
 because on AVX2 CPUs without VNNI OpenVINO's u8 kernels saturate on this model's int8 activations
 and change its predictions. The file is not touched. :meth:`describe` and
 :meth:`executed_precision` say what was adapted (``qdq_adaptation``). The adaptation needs
@@ -27,8 +27,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .base import Runner
-from .executed import openvino_executed
+from ..base import Runner
+from ..executed import INTEGER_TYPES, Op, conv_macs, summarize
+from . import Backend
 
 # Allocators that replace malloc through LD_PRELOAD and abort OpenVINO's CPU plugin: its TBB
 # loads hwloc, which frees memory with glibc's free directly ("free(): invalid pointer" while
@@ -125,7 +126,7 @@ class OpenVinoRunner(Runner):
         try:
             import onnx
 
-            from .openvino_qdq import adapt_qdq_for_openvino
+            from ..openvino_qdq import adapt_qdq_for_openvino
         except ImportError as exc:
             raise QdqAdaptationUnavailable(
                 f"{self.path.name} is an INT8 Q/DQ graph: OpenVINO runs it exactly only after adapting it, which "
@@ -179,3 +180,92 @@ class OpenVinoRunner(Runner):
     def close(self) -> None:
         self.request = None
         self.compiled = None
+
+
+# ---------------------------------------------------------------- executed precision: OpenVINO
+OV_CONV = ("Convolution", "GroupConvolution", "Deconvolution", "ConvolutionBackpropData",
+           "GroupConvolutionBackpropData")
+OV_MATMUL = ("FullyConnected", "MatMul", "Gemm", "FullyConnectedCompressed")
+
+
+def _rt(info: Any, key: str) -> str:
+    if key not in info:
+        return ""
+    value = info[key]
+    try:
+        return str(value.astype(str))
+    except AttributeError:
+        return str(value)
+
+
+def _ov_static(shape: Any) -> list[int] | None:
+    """The dims of an OpenVINO partial shape, ``None`` for a dynamic rank; a dynamic axis gives -1."""
+    if shape.rank.is_dynamic:
+        return None
+    return [d.get_length() if d.is_static else -1 for d in shape]
+
+
+def openvino_executed(compiled: Any, qdq_adaptation: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Count ``compiled.get_runtime_model()``: every node's ``rt_info`` has ``layerType``,
+    ``runtimePrecision`` and ``primitiveType`` (the kernel the CPU plugin chose).
+    ``qdq_adaptation``: what the runner adapted before compiling (recorded as it is, and named in
+    ``source``).
+
+    A node is integer when its runtime precision is u8/i8 *and* its data input is u8/i8 (a
+    weight-only compressed FC dequantises its weights and computes in float). Convolution MACs
+    come from the node's output shape and its weight input's shape.
+    """
+    ops = []
+    for node in compiled.get_runtime_model().get_ordered_ops():
+        info = node.get_rt_info()
+        layer = _rt(info, "layerType")
+        kind = "conv" if layer in OV_CONV else "matmul" if layer in OV_MATMUL else None
+        if kind is None:
+            continue
+        prec = _rt(info, "runtimePrecision").lower()
+        data = node.input(0).get_element_type().get_type_name() if node.get_input_size() else ""
+        integer = prec in INTEGER_TYPES and (data in INTEGER_TYPES or not data)
+        macs = None
+        if kind == "conv" and node.get_input_size() > 1:
+            macs = conv_macs(_ov_static(node.output(0).get_partial_shape()),
+                             _ov_static(node.input(1).get_partial_shape()))
+        ops.append(Op(kind, integer, f"{layer}:{prec}:{_rt(info, 'primitiveType')}", macs))
+    source = ("OpenVINO runtime model (get_runtime_model(): rt_info layerType, runtimePrecision, primitiveType of "
+              "every node)")
+    if qdq_adaptation and qdq_adaptation.get("adapted"):
+        source += (f"; compiled from the Q/DQ-adapted copy ({qdq_adaptation.get('spikes_uint8', 0)} spike Q/DQ pairs "
+                   f"in uint8 zero point 0, {qdq_adaptation.get('float_qdq', 0)} activation pairs as float arithmetic)")
+    return summarize(ops, source,
+                     float_reason="OpenVINO compiled the convolutions in float (runtimePrecision f32): its "
+                                  "low-precision transformations did not apply to this graph",
+                     qdq_adaptation=dict(qdq_adaptation) if qdq_adaptation is not None else None)
+
+
+
+class Manager(Backend):
+    """OpenVINO on an Intel CPU (iGPU/NPU through ``device=``): compiles the exported ONNX directly."""
+
+    dists = ("openvino",)
+
+    def is_available(self) -> tuple[bool, str]:
+        conflict = allocator_conflict()
+        if conflict:
+            return False, conflict
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            return False, f"openvino is not installed ({exc}); pip install openvino (x86-64 or ARM64 CPU)"
+        try:
+            devices = ov.Core().available_devices
+        except Exception as exc:  # a broken plugin install is a state to report, not a crash
+            return False, f"openvino {ov.get_version()} is installed but cannot list devices ({exc})"
+        return True, f"openvino {ov.get_version()} ({', '.join(devices)})"
+
+    def env_extra(self) -> dict[str, Any]:
+        return {"openvino": self.version()}
+
+    def build(self, onnx_path: Path) -> Path:
+        return Path(onnx_path)  # compiled when the runner loads it
+
+    def make_runner(self, model: Any, **options: Any) -> OpenVinoRunner:
+        return OpenVinoRunner(model, **options)
