@@ -86,9 +86,10 @@ def charge(x_t: Tensor, u: Tensor | None, m: Tensor | float, n: Tensor | float) 
     return n * x_t if u is None else m * u + n * x_t
 
 
-def heaviside(h: Tensor, v_th: float) -> Tensor:
-    """``S_t = (H_t >= v_th)`` as 0/1 in ``h``'s dtype: the forward of every fire (surrogate or plain)."""
-    return float_mask(torch.ge, h, v_th)
+def heaviside(h: Tensor, v_th: float, out: Tensor | None = None) -> Tensor:
+    """``S_t = (H_t >= v_th)`` as 0/1 in ``h``'s dtype (into ``out`` when given): the forward of every fire
+    (surrogate or plain)."""
+    return float_mask(torch.ge, h, v_th) if out is None else torch.ge(h, v_th, out=out)
 
 
 def _hard(h: Tensor, s: Tensor, v_th: float) -> Tensor:
@@ -148,8 +149,7 @@ class MultiStepLIF(torch.autograd.Function):
         u: Tensor | None = None
         for t in range(x.shape[0]):
             h[t] = charge(x[t], u, m, n)
-            s[t] = heaviside(h[t], v_th)
-            u = rule.value(h[t], s[t], v_th)
+            u = rule.value(h[t], heaviside(h[t], v_th, out=s[t]), v_th)
         ctx.save_for_backward(h, x if ctx.needs_input_grad[2] else None,
                               decay if isinstance(decay, Tensor) else None, gain if isinstance(gain, Tensor) else None)
         ctx.coeffs = (None if isinstance(decay, Tensor) else decay, None if isinstance(gain, Tensor) else gain)
