@@ -207,3 +207,27 @@ def test_nir_export_names_soft_reset_as_a_blocker():
     assert nir_blockers(hard) == []
     soft_blockers = nir_blockers(soft)
     assert len(soft_blockers) == 1 and all("model.neuron.reset: hard" in b for b in soft_blockers)
+
+
+def test_soft_reset_exports_to_onnx_and_runs_the_same():
+    """The per-step ops of the soft rule are plain ONNX ops: ONNX Runtime computes what torch computes."""
+    import io
+
+    import numpy as np
+    ort = pytest.importorskip("onnxruntime")
+    from tests.helpers import firing_model
+
+    torch.manual_seed(0)
+    cfg = dict(_cfg(reset="soft"), in_channels=3)
+    model = fold_batchnorm(firing_model(cfg, torch.randn(16, 3, 12, 12)).inference_mode(True))
+    hard = fold_batchnorm(firing_model(dict(cfg, neuron={}), torch.randn(16, 3, 12, 12)).inference_mode(True))
+    hard.load_state_dict(model.state_dict())
+    buf = io.BytesIO()
+    torch.onnx.export(model, (torch.randn(2, 3, 12, 12),), buf, dynamo=False, opset_version=17, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}})
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        ref, other = model(x).numpy(), hard(x).numpy()
+    np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], ref, atol=1e-4, rtol=0)
+    assert np.abs(ref - other).max() > 1e-2  # the graph runs the soft rule, not the hard one
