@@ -138,6 +138,9 @@ def test_reset_setting_reaches_every_neuron_and_the_checkpoint(tmp_path):
     torch.save(payload, tmp_path / "m.pt")
     loaded, _ = load_model(tmp_path / "m.pt")
     assert {m.reset_mode for _, m in neuron_modules(loaded)} == {"soft"}
+    del payload["model_cfg"]["neuron"]["reset"]  # a checkpoint written before the setting: the hard reset
+    torch.save(payload, tmp_path / "old.pt")
+    assert {m.reset_mode for _, m in neuron_modules(load_model(tmp_path / "old.pt")[0])} == {"hard"}
     with pytest.raises(ConfigError, match="reset"):
         build_model(_cfg(reset="subtract"))
 
