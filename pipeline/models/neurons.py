@@ -81,15 +81,24 @@ def tracing() -> bool:
 
 # --- the dynamics, once ----------------------------------------------------------------------
 
+def drive(x: Tensor, n: Tensor | float) -> Tensor:
+    """The input term ``N I_t`` of the charge (of one step, or of every step at once)."""
+    return n * x
+
+
+def leak(u: Tensor, m: Tensor | float) -> Tensor:
+    """The leak term ``M U_{t-1}`` of the charge."""
+    return m * u
+
+
 def charge(x_t: Tensor, u: Tensor | None, m: Tensor | float, n: Tensor | float) -> Tensor:
     """``H_t = M U_{t-1} + N I_t``; ``u`` None is ``U_0 = 0`` (no leak term at all, none traced)."""
-    return n * x_t if u is None else m * u + n * x_t
+    return drive(x_t, n) if u is None else leak(u, m) + drive(x_t, n)
 
 
-def heaviside(h: Tensor, v_th: float, out: Tensor | None = None) -> Tensor:
-    """``S_t = (H_t >= v_th)`` as 0/1 in ``h``'s dtype (into ``out`` when given): the forward of every fire
-    (surrogate or plain)."""
-    return float_mask(torch.ge, h, v_th) if out is None else torch.ge(h, v_th, out=out)
+def heaviside(h: Tensor, v_th: float) -> Tensor:
+    """``S_t = (H_t >= v_th)`` as 0/1 in ``h``'s dtype: the forward of every fire (surrogate or plain)."""
+    return float_mask(torch.ge, h, v_th)
 
 
 def _hard(h: Tensor, s: Tensor, v_th: float) -> Tensor:
@@ -133,7 +142,8 @@ class MultiStepLIF(torch.autograd.Function):
     """The whole ``[T, B, C, ...]`` neuron loop as one autograd node (fp32 in, fp32 0/1 spikes out): the
     ``torch`` backend of the definition above.
 
-    Forward: :func:`charge`, :func:`heaviside` and the reset rule's ``value``, step by step, without autograd.
+    Forward: :func:`charge` (its two terms: :func:`drive` for all T in one op, then :func:`leak` step by step,
+    in place), :func:`heaviside` and the reset rule's ``value``, without autograd.
     Backward, with ``a_t = dL/dS_t * sg(h_t)`` and ``b_t = dU_t/dH_t`` (the rule's ``grad``: hard
     ``(1 - S_t) - h_t sg(h_t)``, soft ``1 - v_th sg(h_t)``, as autograd differentiates the reset):
     ``dL/dH_t = a_t + M * dL/dH_{t+1} * b_t``; then ``dL/dI = N * dL/dH``,
@@ -145,11 +155,11 @@ class MultiStepLIF(torch.autograd.Function):
                 surrogate: str, param: float, reset: str = "hard") -> Tensor:
         rule = reset_rule(reset)
         m, n = _per_channel(decay, x.dim() - 1), _per_channel(gain, x.dim() - 1)
-        h, s = torch.empty_like(x), torch.empty_like(x)
-        u: Tensor | None = None
-        for t in range(x.shape[0]):
-            h[t] = charge(x[t], u, m, n)
-            u = rule.value(h[t], heaviside(h[t], v_th, out=s[t]), v_th)
+        h = drive(x, n)  # N I_t of every step in one op; each step then adds its leak in place: H_t = N I_t + M U_{t-1}
+        for t in range(1, x.shape[0]):
+            prev = h[t - 1]
+            h[t] += leak(rule.value(prev, heaviside(prev, v_th), v_th), m)
+        s = heaviside(h, v_th)
         ctx.save_for_backward(h, x if ctx.needs_input_grad[2] else None,
                               decay if isinstance(decay, Tensor) else None, gain if isinstance(gain, Tensor) else None)
         ctx.coeffs = (None if isinstance(decay, Tensor) else decay, None if isinstance(gain, Tensor) else gain)
