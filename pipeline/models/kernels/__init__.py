@@ -4,8 +4,9 @@ A neuron's ``kernels`` attribute names the backend its training forward runs whe
 wanted (``BaseLIF._fused``): ``torch`` is ``neurons.MultiStepLIF`` (plain torch ops, any device),
 ``triton`` is ``triton_lif.TritonMultiStepLIF`` (the whole T loop in one Triton launch per layer and
 direction, CUDA, or the CPU under Triton's interpreter ``TRITON_INTERPRET=1``). Both are backends of the
-one definition in ``neurons`` (charge, fire, hard or soft reset) and compute the same spikes bit for bit. Evaluation, tracing, export and NNCF never reach a backend (they run the neuron's
-per-step ops), so the setting only changes training speed.
+one definition in ``neurons`` (charge, fire, hard or soft reset) and compute the same spikes bit for
+bit. Evaluation, tracing, export and NNCF never reach a backend (they run the neuron's per-step ops),
+so the setting only changes training speed.
 
 ``train.kernels`` (``auto | triton | torch``) picks the backend for the train stage through
 :func:`resolve_kernels` and :func:`set_kernels`; ``auto`` is Triton on CUDA where the ``triton``
