@@ -143,7 +143,7 @@ def part_amp_step(args: argparse.Namespace) -> dict[str, Any]:
     """A few real training steps through fit(): bf16 (auto) and fp16 + GradScaler on CUDA; bf16 on the CPU."""
     import torch
 
-    from pipeline.deploy.parity import record_membranes
+    from pipeline.models import record_membranes
     from pipeline.models import build_model
     from pipeline.precision import amp_dtype, autocast, fp32_settings
     from pipeline.training.loop import FitConfig, fit

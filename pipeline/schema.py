@@ -114,6 +114,7 @@ SCHEMA: dict[str, Any] = {
             "surrogate": Choice(("rect", "tanh", "atan"), "rect"),
             "surrogate_width": Num(1.0, lo=0.0, lo_open=True),  # rect window width
             "surrogate_k": Num(3.0, lo=0.0, lo_open=True),  # tanh/atan sharpness
+            "reset": Choice(("hard", "soft"), "hard"),  # after a spike: U = H (1 - S) (to 0) or U = H - S v_th
         },
         "staa": {
             "pe": True,

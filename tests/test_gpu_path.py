@@ -254,7 +254,7 @@ def test_amp_policy():
 
 @pytest.mark.parametrize("staa", [False, True])
 def test_membranes_are_fp32_under_cpu_bf16_autocast(staa):
-    from pipeline.deploy.parity import record_membranes
+    from pipeline.models import record_membranes
     from pipeline.models import build_model, neuron_modules
 
     torch.manual_seed(0)

@@ -66,6 +66,9 @@ def test_spikes_and_membranes_bit_identical_fp32(report):
     # the exact-grid inputs put membranes on the threshold, so ">=" and the reset's "<" are exercised
     assert all(r["at_threshold"] > 0 for r in rows if r["case"].endswith("-exact"))
     assert all(0.05 < r["spike_rate"] < 0.95 for r in rows)
+    soft = [r for r in rows if r["case"].endswith("-soft")]  # model.neuron.reset: soft runs on Triton too
+    assert {r["case"].split("-")[0] for r in soft} == {"lif", "alif"}
+    assert all(r["at_threshold"] > 0 for r in soft if "-exact" in r["case"])
 
 
 @needs_triton
@@ -157,15 +160,18 @@ def _contracted(ptx: str) -> list[str]:
 
 needs_ptx = pytest.mark.skipif(triton_missing() is not None or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
                                reason="needs triton, not in interpreter mode (kernels compiled to PTX)")
-FWD = {"T": 4, "PER_CHANNEL": True, "BLOCK_R": 4, "BLOCK_S": 256}
-BWD = {"T": 4, "PER_CHANNEL": True, "NEED_GX": True, "NEED_GM": True, "NEED_GN": True, "BLOCK_R": 4, "BLOCK_S": 256}
+FWD = {"T": 4, "PER_CHANNEL": True, "SOFT": False, "BLOCK_R": 4, "BLOCK_S": 256}
+BWD = {"T": 4, "PER_CHANNEL": True, "SOFT": False, "NEED_GX": True, "NEED_GM": True, "NEED_GN": True, "BLOCK_R": 4,
+       "BLOCK_S": 256}
 
 
 @needs_ptx
 @pytest.mark.parametrize("kernel, consts, dtypes", [
     ("_lif_fwd", FWD, {}),
+    ("_lif_fwd", dict(FWD, SOFT=True), {}),
     ("_lif_fwd", dict(FWD, PER_CHANNEL=False), {"x_ptr": "*bf16", "s_ptr": "*bf16"}),
     *(("_lif_bwd", dict(BWD, SURROGATE=k), {"gs_ptr": "*bf16", "x_ptr": "*bf16"} if k else {}) for k in (0, 1, 2)),
+    ("_lif_bwd", dict(BWD, SURROGATE=0, SOFT=True), {}),
 ])
 def test_kernels_compile_without_fma_contraction(kernel, consts, dtypes):
     """The GPU rounds like the torch path only if no ``a * b + c`` becomes one FMA (one rounding instead of

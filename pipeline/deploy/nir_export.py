@@ -87,6 +87,9 @@ def _neuron_blocker(name: str, unit: nn.Module) -> list[Blocker]:
             if part is not None:
                 out.append((f"{name}.staa.{label}", f"STAA {STAA_PARTS[label]} (train with model.staa.{label}: false)"))
     lif = unit.lif
+    if getattr(lif, "reset_mode", "hard") != "hard":  # NIR's LIF resets to v_reset; a subtracting reset has no form
+        out.append((f"{name}.lif",
+                    f"reset {lif.reset_mode!r}: NIR's LIF resets to v_reset (use model.neuron.reset: hard)"))
     if not isinstance(lif, LIF):
         kind = "adaptive LIF (alif: learned per-channel decay and gain)" if isinstance(lif, BaseLIF) else type(lif).__name__
         out.append((f"{name}.lif", f"{kind}: NIR could hold per-neuron constants, but snnTorch's reader takes one "

@@ -36,14 +36,13 @@ Raw numbers over all samples (agreement with cascades, max abs diff) are reporte
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 
-from pipeline.models import neuron_modules, record_spikes
+from pipeline.models import recording
 from pipeline.precision import strict_fp32
 
 
@@ -234,42 +233,15 @@ class ParityReport:
 SpikeFn = Callable[[Any], tuple]  # x -> (logits, {layer: spikes}[, {layer: h - v_th}])
 
 
-@contextlib.contextmanager
-def record_membranes(model: Any) -> Iterator[dict[str, Any]]:
-    """Yield ``{neuron name: h - v_th [T, B, ...]}`` of the last forward pass (wraps each neuron's ``fire``)."""
-    steps: dict[str, list[Any]] = {}
-    store: dict[str, Any] = {}
-    patched = []
-    for name, m in neuron_modules(model):
-        original = m.fire
-
-        def fire(h: Any, _name: str = name, _m: Any = m, _fire: Any = original) -> Any:
-            steps.setdefault(_name, []).append((h - _m.v_th).detach())
-            return _fire(h)
-
-        m.fire = fire  # instance attribute: shadows the method for this forward only
-        patched.append(m)
-    try:
-        yield store
-    finally:
-        for m in patched:
-            del m.fire
-        store.update({k: torch.stack(v) for k, v in steps.items()})
-
-
 def torch_with_spikes(model: Any, membranes: bool = True) -> SpikeFn:
-    """``x -> (logits, spikes, membranes)`` for a torch model (record_spikes + record_membranes),
-    computed in strict FP32 (no TF32: see :mod:`pipeline.precision`)."""
+    """``x -> (logits, spikes, membranes)`` for a torch model, from the neurons' step hook
+    (:func:`pipeline.models.recording`; ``membranes=False``: None in their place), computed in strict FP32
+    (no TF32: see :mod:`pipeline.precision`)."""
     @torch.no_grad()
     def run(x: Any) -> tuple:
-        with strict_fp32(), record_spikes(model) as store:
-            if membranes:
-                with record_membranes(model) as h:
-                    logits = model(x)
-            else:
-                logits, h = model(x), None
-            spikes = {k: v.clone() for k, v in store.items()}
-        return logits, spikes, h
+        with strict_fp32(), recording(model) as rec:
+            logits = model(x)
+        return logits, rec.spikes, rec.membranes if membranes else None
 
     return run
 

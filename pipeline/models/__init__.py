@@ -6,7 +6,7 @@ from typing import Any, Mapping
 from .layers import SeqConvBN, SeqModule, fold_batchnorm, merge_time, split_time
 from .net import SpikingNet
 from .neurons import LIF, AdaptiveLIF, BaseLIF, make_neuron, neuron_modules, set_inference_mode
-from .probes import record_firing_rates, record_spikes
+from .probes import Recording, record_firing_rates, record_membranes, record_spikes, recording
 from .resnet import ARCHS
 from .spec import ModelSpec, NeuronSpec, STAASpec, resolve_model_cfg
 from .staa import (PE_MODES, STAA, STAALIF, GlobalContext, PositionEncoding, StepAttention, set_hand_backward,
@@ -14,9 +14,10 @@ from .staa import (PE_MODES, STAA, STAALIF, GlobalContext, PositionEncoding, Ste
 
 __all__ = [
     "ARCHS", "LIF", "PE_MODES", "STAA", "STAALIF", "AdaptiveLIF", "BaseLIF", "GlobalContext", "ModelSpec",
-    "NeuronSpec", "PositionEncoding", "STAASpec", "SeqConvBN", "SeqModule", "SpikingNet", "StepAttention",
-    "build_model", "fold_batchnorm", "make_neuron", "merge_time", "neuron_modules", "record_firing_rates",
-    "record_spikes", "resolve_model_cfg", "set_hand_backward", "set_inference_mode", "set_tsrd_p", "split_time",
+    "NeuronSpec", "PositionEncoding", "Recording", "STAASpec", "SeqConvBN", "SeqModule", "SpikingNet",
+    "StepAttention", "build_model", "fold_batchnorm", "make_neuron", "merge_time", "neuron_modules",
+    "record_firing_rates", "record_membranes", "record_spikes", "recording", "resolve_model_cfg", "set_hand_backward",
+    "set_inference_mode", "set_tsrd_p", "split_time",
 ]
 
 

@@ -33,6 +33,7 @@ class NeuronSpec:
     surrogate: str = _NEURON["surrogate"]
     surrogate_width: float = _NEURON["surrogate_width"]
     surrogate_k: float = _NEURON["surrogate_k"]
+    reset: str = _NEURON["reset"]  # "hard": U = H (1 - S); "soft": U = H - S v_th (neurons.RESETS)
 
 
 @dataclass(frozen=True)
@@ -109,13 +110,16 @@ def checkpoint_model_cfg(stored: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def stored_model_cfg(model_cfg: Mapping[str, Any], spec: ModelSpec) -> dict[str, Any]:
-    """``model_cfg`` with what the built model fixed: its current T and SA's hidden width and gate.
+    """``model_cfg`` with what the built model fixed: its current T, SA's hidden width and gate, and the
+    neuron's reset rule.
 
     What a checkpoint must store so that ``build_model`` rebuilds exactly this model after it was
-    carried to another T (``SpikingNet.set_time_steps`` keeps the hidden width).
+    carried to another T (``SpikingNet.set_time_steps`` keeps the hidden width), whatever a later
+    default says.
     """
     staa = dict(model_cfg.get("staa") or {}, sa_hidden=spec.staa.sa_hidden, gate=spec.staa.gate)
-    return dict(model_cfg, T=spec.T, staa=staa)
+    neuron = dict(model_cfg.get("neuron") or {}, reset=spec.neuron.reset)
+    return dict(model_cfg, T=spec.T, staa=staa, neuron=neuron)
 
 
 def resolve_model_cfg(cfg: Mapping[str, Any]) -> ModelSpec:

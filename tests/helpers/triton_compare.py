@@ -67,7 +67,7 @@ def _inputs(shape: tuple[int, ...], gen: Any, device: str) -> Any:
     return torch.where(pick, grid, x).to(device)
 
 
-def _neurons(kind: str, surrogate: str, channels: int, gen: Any, device: str, exact: bool):
+def _neurons(kind: str, surrogate: str, channels: int, gen: Any, device: str, exact: bool, reset: str = "hard"):
     import torch
 
     from pipeline.models import LIF, AdaptiveLIF
@@ -76,9 +76,10 @@ def _neurons(kind: str, surrogate: str, channels: int, gen: Any, device: str, ex
     param = 1.0 if surrogate == "rect" else 2.0
     if kind == "lif":
         decay, gain = (0.25, 1.0) if exact else (0.3, 1.1)
-        pair = [LIF(decay=decay, gain=gain, surrogate=surrogate, surrogate_param=param) for _ in range(2)]
+        pair = [LIF(decay=decay, gain=gain, surrogate=surrogate, surrogate_param=param, reset=reset)
+                for _ in range(2)]
     else:
-        pair = [AdaptiveLIF(channels, surrogate=surrogate, surrogate_param=param) for _ in range(2)]
+        pair = [AdaptiveLIF(channels, surrogate=surrogate, surrogate_param=param, reset=reset) for _ in range(2)]
         if not exact:
             with torch.no_grad():
                 pair[0].decay.copy_(torch.rand(channels, generator=gen) * 0.6 + 0.1)
@@ -110,13 +111,13 @@ def _node_names(root: Any) -> dict[str, int]:
 
 
 def compare_neuron(kind: str, surrogate: str, shape: tuple[int, ...], dtype: str, device: str, exact: bool,
-                   seed: int = 0) -> dict[str, Any]:
+                   seed: int = 0, reset: str = "hard") -> dict[str, Any]:
     """One neuron layer, torch path vs Triton path, on the same input and upstream gradient."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     channels = shape[2] if len(shape) >= 3 else 1
-    ref, tri = _neurons(kind, surrogate, channels, gen, device, exact)
+    ref, tri = _neurons(kind, surrogate, channels, gen, device, exact, reset)
     dt = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype])
     x = _inputs(shape, gen, device).to(dt)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -127,7 +128,8 @@ def compare_neuron(kind: str, surrogate: str, shape: tuple[int, ...], dtype: str
     (sa * g).sum().backward()
     (sb * g).sum().backward()
     out: dict[str, Any] = {
-        "case": f"{kind}-{surrogate}-{dtype}-{'x'.join(map(str, shape))}{'-exact' if exact else ''}",
+        "case": f"{kind}-{surrogate}-{dtype}-{'x'.join(map(str, shape))}{'-exact' if exact else ''}"
+                f"{'' if reset == 'hard' else '-' + reset}",
         "nodes": nodes, "spike_dtype": [str(sa.dtype), str(sb.dtype)], "spikes_equal": bool(torch.equal(sa, sb)),
         "spike_rate": round(sa.float().mean().item(), 4), "grad_dtype": [str(xa.grad.dtype), str(xb.grad.dtype)],
         "grad_x_rel": _rel(xb.grad, xa.grad),
@@ -211,6 +213,10 @@ CASES: list[dict[str, Any]] = [
     {"kind": "alif", "surrogate": "rect", "shape": (1, 2, 3, 4, 4), "dtype": "fp32", "exact": False},  # T = 1
     *({"kind": k, "surrogate": "rect", "shape": (4, 2, 3, 5, 7), "dtype": d, "exact": e}
       for k in ("lif", "alif") for d in ("bf16", "fp16") for e in (False, True)),
+    # soft reset (U = H - S v_th): both kinds, the grid inputs that hit the threshold, and one smooth surrogate
+    *({"kind": k, "surrogate": s, "shape": (4, 2, 3, 5, 7), "dtype": "fp32", "exact": e, "reset": "soft"}
+      for k, s in (("lif", "rect"), ("alif", "rect"), ("alif", "atan")) for e in (False, True)),
+    {"kind": "alif", "surrogate": "rect", "shape": (4, 2, 3, 5, 7), "dtype": "bf16", "exact": False, "reset": "soft"},
 ]
 
 

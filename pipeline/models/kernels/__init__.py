@@ -3,9 +3,10 @@
 A neuron's ``kernels`` attribute names the backend its training forward runs when a gradient is
 wanted (``BaseLIF._fused``): ``torch`` is ``neurons.MultiStepLIF`` (plain torch ops, any device),
 ``triton`` is ``triton_lif.TritonMultiStepLIF`` (the whole T loop in one Triton launch per layer and
-direction, CUDA, or the CPU under Triton's interpreter ``TRITON_INTERPRET=1``). Both compute the same
-spikes bit for bit. Evaluation, tracing, export and NNCF never reach a backend (they run the neuron's
-per-step ops), so the setting only changes training speed.
+direction, CUDA, or the CPU under Triton's interpreter ``TRITON_INTERPRET=1``). Both are backends of the
+one definition in ``neurons`` (charge, fire, hard or soft reset) and compute the same spikes bit for
+bit. Evaluation, tracing, export and NNCF never reach a backend (they run the neuron's per-step ops),
+so the setting only changes training speed.
 
 ``train.kernels`` (``auto | triton | torch``) picks the backend for the train stage through
 :func:`resolve_kernels` and :func:`set_kernels`; ``auto`` is Triton on CUDA where the ``triton``
@@ -64,13 +65,19 @@ def set_kernels(model: nn.Module, backend: str) -> nn.Module:
     return model
 
 
-MultiStep = Callable[[Tensor, "Tensor | float", "Tensor | float", float, str, float], Tensor]
+# (x, decay, gain, v_th, surrogate, surrogate_param, reset) -> spikes
+MultiStep = Callable[[Tensor, "Tensor | float", "Tensor | float", float, str, float, str], Tensor]
 
 
-def fused_multistep(backend: str, x: Tensor) -> MultiStep | None:
+def fused_multistep(backend: str, x: Tensor, reset: str = "hard") -> MultiStep | None:
     """The fused T loop of ``backend`` for input ``x`` (``[T, B, C, ...]`` in, spikes in ``x.dtype`` out),
     or ``None`` where the neuron's own torch loop (``MultiStepLIF``) runs: the torch backend, or a tensor
-    the backend cannot take (Triton: not on CUDA and no interpreter)."""
+    the backend cannot take (Triton: not on CUDA and no interpreter). Every backend runs both resets
+    (``model.neuron.reset``); an unknown one is refused here, naming the valid ones."""
+    from ..neurons import RESETS
+
+    if reset not in RESETS:
+        raise ValueError(f"unknown neuron reset {reset!r}; valid: {', '.join(RESETS)}")
     if backend == "torch":
         return None
     if backend == "triton":

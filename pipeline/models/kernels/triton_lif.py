@@ -1,9 +1,10 @@
 """The multi-step LIF over all T as two Triton kernels: one forward and one backward launch per layer.
 
-Same maths as ``neurons.MultiStepLIF`` (its docstring has the backward recursion), same float
-operations in the same order, so the spikes are bit-identical to the torch path:
+Same maths as the definition in ``neurons`` (charge, fire, reset; ``MultiStepLIF``'s docstring has the
+backward recursion), same float operations, so the spikes are bit-identical to the torch path:
 
-- forward, per element: ``h_1 = x_1 * N``; ``h_t = x_t * N + (h_{t-1} * (h_{t-1} < v_th)) * M``, each
+- forward, per element: ``h_1 = x_1 * N``; ``h_t = x_t * N + U_{t-1} * M`` with ``U = h * (1 - S)`` (hard
+  reset) or ``U = h - S * v_th`` (soft, ``SOFT``: ``S * v_th`` is exactly 0 or v_th), each
   product and the sum rounded on its own (the kernels are compiled with ``enable_fp_fusion=False``:
   Triton would otherwise contract ``a * b + c`` into one FMA, which rounds once and moves spikes);
   ``S_t = h_t >= v_th``. Inputs are read in their dtype (fp32, bf16, fp16) and computed in fp32, as the
@@ -55,8 +56,29 @@ def _surrogate(xm, p0, p1, SURROGATE: tl.constexpr):
 
 
 @triton.jit
+def _reset(h, v_th, SOFT: tl.constexpr):
+    """``U_t`` from ``h_t``: hard ``h (1 - S)`` (``neurons._hard``), soft ``h - S v_th`` (``neurons._soft``)."""
+    if SOFT:
+        u = h - tl.where(h >= v_th, 1.0, 0.0) * v_th
+    else:
+        u = h * tl.where(h < v_th, 1.0, 0.0)
+    return u
+
+
+@triton.jit
+def _reset_grad(h, sg, v_th, SOFT: tl.constexpr):
+    """``dU_t/dH_t`` through the surrogate: hard ``(1 - S) - h sg``, soft ``1 - sg v_th`` (``Reset.grad``)."""
+    if SOFT:
+        b = 1.0 - sg * v_th
+    else:
+        b = tl.where(h < v_th, 1.0, 0.0) - h * sg
+    return b
+
+
+@triton.jit
 def _lif_fwd(x_ptr, s_ptr, h_ptr, m_ptr, n_ptr, m_val, n_val, v_th, R, S, C, N,
-             T: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+             T: tl.constexpr, PER_CHANNEL: tl.constexpr, SOFT: tl.constexpr, BLOCK_R: tl.constexpr,
+             BLOCK_S: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     mask = (rows < R)[:, None] & (cols < S)[None, :]
@@ -76,7 +98,7 @@ def _lif_fwd(x_ptr, s_ptr, h_ptr, m_ptr, n_ptr, m_val, n_val, v_th, R, S, C, N,
         x_ptr += N
         h_ptr += N
         s_ptr += N
-        u = h * tl.where(h < v_th, 1.0, 0.0)  # U = H (1 - S), the torch path's product
+        u = _reset(h, v_th, SOFT)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         h = x * n + u * m
         tl.store(h_ptr + offs, h, mask=mask)
@@ -85,7 +107,8 @@ def _lif_fwd(x_ptr, s_ptr, h_ptr, m_ptr, n_ptr, m_val, n_val, v_th, R, S, C, N,
 
 @triton.jit
 def _lif_bwd(gs_ptr, h_ptr, x_ptr, m_ptr, n_ptr, m_val, n_val, gx_ptr, part_ptr, v_th, p0, p1, R, S, C, N,
-             T: tl.constexpr, SURROGATE: tl.constexpr, PER_CHANNEL: tl.constexpr, NEED_GX: tl.constexpr,
+             T: tl.constexpr, SURROGATE: tl.constexpr, PER_CHANNEL: tl.constexpr, SOFT: tl.constexpr,
+             NEED_GX: tl.constexpr,
              NEED_GM: tl.constexpr, NEED_GN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -111,10 +134,9 @@ def _lif_bwd(gs_ptr, h_ptr, x_ptr, m_ptr, n_ptr, m_val, n_val, gx_ptr, part_ptr,
     for i in tl.static_range(T):
         gs = tl.load(gs_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         sg = _surrogate(h - v_th, p0, p1, SURROGATE)
-        rest = tl.where(h < v_th, 1.0, 0.0)  # 1 - S
         gh = gs * sg  # a_t
-        if i > 0:  # dL/dH_t = a_t + M dL/dH_{t+1} b_t, b_t = (1 - S_t) - h_t sg_t
-            gh = gh + (g_next * m) * (rest - h * sg)
+        if i > 0:  # dL/dH_t = a_t + M dL/dH_{t+1} b_t, b_t = dU_t/dH_t
+            gh = gh + (g_next * m) * _reset_grad(h, sg, v_th, SOFT)
         if NEED_GX:
             tl.store(gx_ptr + offs, gh * n, mask=mask)
         if NEED_GN:
@@ -126,7 +148,7 @@ def _lif_bwd(gs_ptr, h_ptr, x_ptr, m_ptr, n_ptr, m_val, n_val, gx_ptr, part_ptr,
             gx_ptr -= N
             h = tl.load(h_ptr + offs, mask=mask, other=0.0)  # h_{t-1}
             if NEED_GM:
-                acc_m += gh * (h * tl.where(h < v_th, 1.0, 0.0))  # dL/dH_t U_{t-1}
+                acc_m += gh * _reset(h, v_th, SOFT)  # dL/dH_t U_{t-1}
         g_next = gh
     nsb = tl.num_programs(1)
     part = rows * nsb + tl.program_id(1)
@@ -174,7 +196,8 @@ class TritonMultiStepLIF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, decay: Tensor | float, gain: Tensor | float, v_th: float,  # type: ignore[override]
-                surrogate: str, param: float) -> Tensor:
+                surrogate: str, param: float, reset: str = "hard") -> Tensor:
+        soft = _soft(reset)
         per_channel = isinstance(decay, Tensor)
         if per_channel != isinstance(gain, Tensor):
             raise ValueError("decay and gain must both be tensors (ALIF) or both floats (LIF)")
@@ -188,17 +211,17 @@ class TritonMultiStepLIF(torch.autograd.Function):
         block_r, block_s, grid = _tiles(R, S)
         if x.numel():
             _lif_fwd[grid](x, s, h, m_ptr, n_ptr, m_val, n_val, float(v_th), R, S, C, R * S, T=T,
-                           PER_CHANNEL=per_channel, BLOCK_R=block_r, BLOCK_S=block_s, **LAUNCH)
+                           PER_CHANNEL=per_channel, SOFT=soft, BLOCK_R=block_r, BLOCK_S=block_s, **LAUNCH)
         ctx.save_for_backward(h, x if ctx.needs_input_grad[2] else None,
                               decay if per_channel else None, gain if per_channel else None)
         ctx.coeffs = (m_val, n_val)
-        ctx.meta = (per_channel, float(v_th), surrogate, float(param), R, S, C, x.dtype)
+        ctx.meta = (per_channel, float(v_th), surrogate, float(param), R, S, C, x.dtype, soft)
         return s
 
     @staticmethod
     def backward(ctx, grad_s: Tensor):  # type: ignore[override]
         h, x, decay, gain = ctx.saved_tensors
-        per_channel, v_th, surrogate, param, R, S, C, x_dtype = ctx.meta
+        per_channel, v_th, surrogate, param, R, S, C, x_dtype, soft = ctx.meta
         m_val, n_val = ctx.coeffs
         T = h.shape[0]
         need_gx = ctx.needs_input_grad[0]
@@ -213,7 +236,7 @@ class TritonMultiStepLIF(torch.autograd.Function):
         p0, p1 = _surrogate_params(surrogate, param)
         if h.numel():
             _lif_bwd[grid](grad_s, h, x if x is not None else h, m_ptr, n_ptr, m_val, n_val, gx, part, v_th, p0, p1,
-                           R, S, C, R * S, T=T, SURROGATE=SURROGATE_IDS[surrogate], PER_CHANNEL=per_channel,
+                           R, S, C, R * S, T=T, SURROGATE=SURROGATE_IDS[surrogate], PER_CHANNEL=per_channel, SOFT=soft,
                            NEED_GX=need_gx, NEED_GM=need_gm, NEED_GN=need_gn, BLOCK_R=block_r, BLOCK_S=block_s,
                            **LAUNCH)
         g_decay = g_gain = None
@@ -222,14 +245,21 @@ class TritonMultiStepLIF(torch.autograd.Function):
             g_decay = sums[0] if need_gm else None
             g_gain = sums[1] if need_gn else None
         grad_x = gx.to(x_dtype) if need_gx else None
-        return grad_x, g_decay, g_gain, None, None, None
+        return grad_x, g_decay, g_gain, None, None, None, None
+
+
+def _soft(reset: str) -> bool:
+    """The kernels' ``SOFT`` flag for ``model.neuron.reset``; an unknown rule is refused, naming both."""
+    if reset not in ("hard", "soft"):
+        raise ValueError(f"unknown neuron reset {reset!r}; the Triton kernels run: hard, soft")
+    return reset == "soft"
 
 
 @torch.compiler.disable
 def triton_multistep(x: Tensor, decay: Tensor | float, gain: Tensor | float, v_th: float, surrogate: str,
-                     param: float) -> Tensor:
+                     param: float, reset: str = "hard") -> Tensor:
     """Spikes of the whole T loop (``[T, B, C, ...]`` -> same shape, ``x.dtype``) with the Triton kernels.
     Outside ``torch.compile``'s graph (a graph break per neuron): its tracer does not see into them."""
     if surrogate not in SURROGATE_IDS:
         raise ValueError(f"unknown surrogate {surrogate!r}; valid: {', '.join(SURROGATE_IDS)}")
-    return TritonMultiStepLIF.apply(x, decay, gain, v_th, surrogate, param)
+    return TritonMultiStepLIF.apply(x, decay, gain, v_th, surrogate, param, reset)
