@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -96,16 +96,35 @@ class Output:
         return found.groupdict() if found else None
 
 
+WILDCARD = "*"  # an input that reads every earlier stage (validate measures whatever the table declares)
+
+
 @dataclass(frozen=True)
 class StageSpec:
+    """One stage: what it reads (``inputs``), which config decides it, what it writes.
+
+    ``inputs``: ``"name=stage.role"`` (the stage asks ``ctx.input("name")``, so the row, not the
+    code, says which upstream output it is), ``"stage.role"`` (name = the reference itself),
+    ``"stage.*"`` (the whole folder of ``stage``: a stage that packages or measures all of it) or
+    ``"*"`` (every earlier stage). ``needs`` is derived from them by the registry, never written.
+    ``feeds``: ``"stage.name=role"``: this stage's output ``role`` replaces the input ``name`` of the
+    later ``stage`` (how a stage inserted into the chain takes over what the next one reads,
+    without that stage's row or code changing).
+    """
+
     name: str
-    needs: tuple[str, ...]  # upstream stages whose finished outputs this stage reads
+    inputs: tuple[str, ...]  # what the stage reads (see above); needs follows from it
     config_keys: tuple[str, ...]  # config sections in this stage's cache key (upstream keys chain in)
     outputs: tuple[Output, ...]  # what the stage writes (see Output)
     help: str
     # may run as several processes (torchrun, WORLD_SIZE > 1); the runner refuses the others before any work
     distributed: bool = False
     module: str = ""  # module with run(ctx) -> StageResult; "" means stages.<name>
+    fits: bool = False  # trains (fits weights): the Makefile runs it with tcmalloc (FIT_STAGES)
+    feeds: tuple[str, ...] = ()
+    # derived by the registry from inputs and every row's feeds (see _wire): set on the table's rows only
+    needs: tuple[str, ...] = field(default=(), init=False, compare=False)
+    wiring: tuple[tuple[str, str], ...] = field(default=(), init=False, compare=False)  # (input name, reference)
 
     def __post_init__(self) -> None:
         if not self.module:
@@ -123,6 +142,63 @@ class StageSpec:
                 return o
         raise KeyError(f"stage {self.name!r} has no output {role!r}; its outputs: "
                        f"{', '.join(f'{o.role} ({o.file})' for o in self.outputs)}")
+
+    def reference(self, name: str) -> str:
+        """What input ``name`` resolves to on this (wired) row: ``"stage.role"`` or ``"stage.*"``;
+        a ``"stage.role"`` of a stage read whole (``stage.*``, ``*``) resolves to itself."""
+        wired = dict(self.wiring)
+        if name in wired:
+            return wired[name]
+        stage, dot, _ = name.partition(".")
+        if dot and (f"{stage}.*" in wired.values() or (WILDCARD in wired.values() and stage in self.needs)):
+            return name
+        raise KeyError(f"stage {self.name!r} reads no input {name!r}: declare it in its row's inputs in "
+                       f"pipeline/registry.py; it reads {', '.join(f'{n} ({r})' for n, r in self.wiring) or 'nothing'}")
+
+
+def _parse_input(text: str) -> tuple[str, str]:
+    """``"model=reduce_t.chosen"`` -> ``("model", "reduce_t.chosen")``; ``"x.y"`` -> ``("x.y", "x.y")``."""
+    name, eq, ref = text.partition("=")
+    return (name.strip(), ref.strip()) if eq else (text.strip(), text.strip())
+
+
+def _wire(rows: list[StageSpec]) -> tuple[list[StageSpec], list[str]]:
+    """The rows with ``wiring`` (input name -> reference, feeds applied) and ``needs`` (the stages the
+    references name, in run order) filled in, and the problems found on the way (dangling roles)."""
+    problems: list[str] = []
+    wiring = {s.name: dict(_parse_input(i) for i in s.inputs) for s in rows}
+    order = [s.name for s in rows]
+    for i, s in enumerate(rows):
+        for feed in s.feeds:
+            target, eq, role = feed.partition("=")
+            stage, _, name = target.partition(".")
+            if not eq or stage not in wiring or name not in wiring[stage] or order.index(stage) <= i:
+                problems.append(f"{s.name}: feeds {feed!r}: name a later stage's input as 'stage.input=role'")
+            elif role not in {o.role for o in s.outputs}:
+                problems.append(f"{s.name}: feeds {feed!r}: {role!r} is no output of {s.name}")
+            else:
+                wiring[stage][name] = f"{s.name}.{role}"
+    out: list[StageSpec] = []
+    for i, s in enumerate(rows):
+        earlier = {r.name: r for r in rows[:i]}
+        needs: set[str] = set()
+        for name, ref in wiring[s.name].items():
+            if ref == WILDCARD:
+                needs |= set(earlier)
+                continue
+            stage, dot, role = ref.partition(".")
+            if not dot or stage not in earlier:
+                problems.append(f"{s.name}: input {name!r} reads {ref!r}, which names no output of an earlier stage")
+            elif role != "*" and role not in {o.role for o in earlier[stage].outputs}:
+                problems.append(f"{s.name}: input {name!r} reads {ref!r}, which names no output of an earlier stage "
+                                f"(its outputs: {', '.join(o.role for o in earlier[stage].outputs)})")
+            else:
+                needs.add(stage)
+        wired = replace(s)
+        object.__setattr__(wired, "wiring", tuple(wiring[s.name].items()))
+        object.__setattr__(wired, "needs", tuple(n for n in order if n in needs))
+        out.append(wired)
+    return out, problems
 
 
 def _metrics() -> Output:
@@ -142,29 +218,29 @@ _BUILTIN: tuple[StageSpec, ...] = (
         Output("last", "last.pt", "training_state", help="weights, optimiser, scheduler and history of the last epoch"),
         _metrics(),
         *_training_logs(),
-    ), "train the float STAA-SNN at model.T time steps", distributed=True),
-    StageSpec("reduce_t", ("train",), ("reduce_t", "validate.gates.reduce_t"), (
+    ), "train the float STAA-SNN at model.T time steps", distributed=True, fits=True),
+    StageSpec("reduce_t", ("teacher=train.best",), ("reduce_t", "validate.gates.reduce_t"), (
         Output("reduced", "t{T}.pt", "checkpoint", ("torch",), "fp32", parent="train.best", gate="reduce_t",
                steps_from="name", help="the float model fine-tuned at T, one per T in reduce_t.steps"),
         Output("chosen", "chosen.pt", "checkpoint", help="a copy of the checkpoint handed to qat (reduce_t.choose)"),
         _metrics(),
         *_training_logs(),
-    ), "fine-tune at fewer time steps, optionally distilling from the T-step teacher"),
-    StageSpec("qat", ("train", "reduce_t"), ("qat",), (
+    ), "fine-tune at fewer time steps, optionally distilling from the T-step teacher", fits=True),
+    StageSpec("qat", ("model=reduce_t.chosen",), ("qat",), (
         Output("qat", "qat.pt", "qat_checkpoint", ("torch",), "int8", parent=FLOAT_AT_T, gate="qat",
                steps_from="metrics", help="NNCF config + state dict (fake-quant: the report says so from what ran)"),
         Output("nncf_config", "nncf_config.json", "config", help="the quantiser setup, readable"),
         _metrics(),
         *_training_logs(),
-    ), "NNCF INT8 quantisation-aware fine-tuning (symmetric, per-channel weights)"),
-    StageSpec("unroll", ("train", "reduce_t", "qat"), ("unroll",), (
+    ), "NNCF INT8 quantisation-aware fine-tuning (symmetric, per-channel weights)", fits=True),
+    StageSpec("unroll", ("float=reduce_t.chosen", "int8=qat.qat"), ("unroll",), (
         Output("float", "float.pt", "unrolled", ("torch",), "fp32", parent=FLOAT_AT_T, gate="unroll",
                identity="unroll", steps_from="metrics", notes=("unrolled",)),
         Output("int8", "int8.pt", "unrolled", ("torch",), "int8", parent="qat.qat", gate="unroll",
                identity="unroll", steps_from="metrics", notes=("unrolled",)),
         _metrics(),
     ), "static, stateless modules: fixed T, BN folded, hard spikes; parity gates"),
-    StageSpec("export", ("unroll",), ("export",), (
+    StageSpec("export", ("float=unroll.float", "int8=unroll.int8"), ("export",), (
         Output("onnx_fp32", "model_fp32.onnx", "onnx", ("onnxruntime", "openvino"), "fp32", parent="unroll.float",
                gate="onnx_fp32", identity="onnx_fp32", ships=True, steps_from="metadata", bundled=True),
         Output("onnx_int8", "model_int8.onnx", "onnx", ("onnxruntime", "openvino"), "int8", parent="unroll.int8",
@@ -179,7 +255,7 @@ _BUILTIN: tuple[StageSpec, ...] = (
         Output("trt_check", "trt_check.json", "check", bundled=True, help="static TensorRT check of every graph"),
         _metrics(),
     ), "ONNX FP32 and INT8 (QDQ) with dynamic batch, a streaming graph, static TensorRT check; NIR for plain-LIF models"),
-    StageSpec("build", ("export",), ("build",), (
+    StageSpec("build", ("export.*",), ("build",), (
         Output("engine_fp16", "model_fp16.engine", "engine", ("tensorrt",), "fp16", parent="export.onnx_fp32",
                gate="engine", ships=True, steps_from="parent", optional=True),
         Output("engine_int8", "model_int8.engine", "engine", ("tensorrt",), "int8", parent="export.onnx_int8",
@@ -195,7 +271,7 @@ _BUILTIN: tuple[StageSpec, ...] = (
         Output("runtime", "staa_runtime/", "folder", help="the standalone runner"),
         _metrics(),
     ), "TensorRT FP16/INT8 engines, or a skipped record and a trtexec script for the target"),
-    StageSpec("validate", ("train", "reduce_t", "qat", "unroll", "export", "build"), ("validate",), (
+    StageSpec("validate", (WILDCARD,), ("validate",), (
         Output("report_md", "report.md", "report"),
         Output("report_json", "report.json", "report"),
         Output("plot", "{plot}.png", "plot", help="accuracy vs latency, firing rates, accuracy vs T"),
@@ -203,26 +279,27 @@ _BUILTIN: tuple[StageSpec, ...] = (
     ), "accuracy, agreement, latency, firing rates and energy of every artifact; gates"),
 )
 
-_rows: list[StageSpec] = list(_BUILTIN)
+_rows: list[StageSpec] = list(_BUILTIN)  # the rows as declared, in run order
+_table: list[StageSpec] = _wire(_rows)[0]  # the same rows wired (needs, wiring): what everything reads
 _sections: set[str] = set()  # schema sections added by register()
 # snapshots of the table, refreshed on register/unregister: code that must see a stage registered
 # later (tests, plugins) calls stages()/names()/spec() instead of importing these
-STAGES: tuple[StageSpec, ...] = tuple(_rows)
+STAGES: tuple[StageSpec, ...] = tuple(_table)
 BY_NAME: dict[str, StageSpec] = {s.name: s for s in STAGES}
 NAMES: tuple[str, ...] = tuple(BY_NAME)
 
 
 def stages() -> tuple[StageSpec, ...]:
-    """Every registered stage, in run order."""
-    return tuple(_rows)
+    """Every registered stage (wired: ``needs`` and ``wiring`` filled in), in run order."""
+    return tuple(_table)
 
 
 def names() -> tuple[str, ...]:
-    return tuple(s.name for s in _rows)
+    return tuple(s.name for s in _table)
 
 
 def spec(name: str) -> StageSpec:
-    for s in _rows:
+    for s in _table:
         if s.name == name:
             return s
     raise KeyError(f"unknown stage {name!r}; stages are: {', '.join(names())}")
@@ -256,7 +333,7 @@ def ref(reference: str) -> tuple[str, Output]:
 
 def baseline() -> tuple[str, Output]:
     """The float reference output (``train.best``)."""
-    found = [(s.name, o) for s in _rows for o in s.outputs if o.baseline]
+    found = [(s.name, o) for s in _table for o in s.outputs if o.baseline]
     if len(found) != 1:
         raise RuntimeError(f"the registry needs exactly one baseline output, found {len(found)}")
     return found[0]
@@ -276,7 +353,7 @@ def torch_source(stage: str, role: str) -> tuple[str, Output] | None:
 
 def measured() -> list[tuple[str, Output]]:
     """(stage, output) for every output a report measures, in pipeline order."""
-    return [(s.name, o) for s in _rows for o in s.outputs if o.backends]
+    return [(s.name, o) for s in _table for o in s.outputs if o.backends]
 
 
 def upstream(name: str) -> tuple[str, ...]:
@@ -301,17 +378,19 @@ def config_sections(name: str) -> tuple[str, ...]:
 
 
 def check(rows: tuple[StageSpec, ...] | list[StageSpec] | None = None) -> list[str]:
-    """Problems in the table (empty when sound): unknown needs/kinds/backends/precisions, repeated
-    names or roles, parents that name no output, gates that are no key of ``validate.gates``."""
+    """Problems in the table (empty when sound): inputs or feeds that name no output of an earlier
+    stage (dangling roles), unknown kinds/backends/precisions, repeated names or roles, parents
+    that name no output, gates that are no key of ``validate.gates``."""
     rows = list(_rows if rows is None else rows)
     problems: list[str] = []
+    if len({s.name for s in rows}) == len(rows):  # wiring needs unique names; a repeat is reported below
+        problems += _wire(rows)[1]
     seen: dict[str, StageSpec] = {}
     gates = set(SCHEMA["validate"]["gates"])
     changed = set(SCHEMA["validate"]["changed"])
     for s in rows:
         if s.name in seen:
             problems.append(f"stage {s.name!r} is registered twice")
-        problems += [f"{s.name}: needs {n!r}, which is not an earlier stage" for n in s.needs if n not in seen]
         roles = [o.role for o in s.outputs]
         problems += [f"{s.name}: output role {r!r} repeats" for r in sorted({r for r in roles if roles.count(r) > 1})]
         for o in s.outputs:
@@ -344,24 +423,30 @@ def check(rows: tuple[StageSpec, ...] | list[StageSpec] | None = None) -> list[s
 
 
 def _refresh() -> None:
-    global STAGES, BY_NAME, NAMES
-    STAGES = tuple(_rows)
+    global STAGES, BY_NAME, NAMES, _table
+    _table = _wire(_rows)[0]
+    STAGES = tuple(_table)
     BY_NAME = {s.name: s for s in STAGES}
     NAMES = tuple(BY_NAME)
 
 
-def register(stage: StageSpec, section: Mapping[str, Any] | None = None) -> None:
-    """Add ``stage`` after the registered ones (a plugin or a test's dummy stage).
+def register(stage: StageSpec, section: Mapping[str, Any] | None = None, after: str | None = None) -> None:
+    """Add ``stage`` (a plugin or a test's dummy stage) after the registered ones, or right after the
+    stage ``after`` (a stage inserted into the chain; its ``feeds`` rewire what the next one reads).
 
     ``section``: its config schema (``SCHEMA[stage.name]``, e.g. ``{"factor": 2}``), so configs may
     set it. The row is checked first: a bad row raises ValueError and changes nothing.
     """
     if section is not None and stage.name in SCHEMA:
         raise ValueError(f"config section {stage.name!r} already exists in pipeline/schema.py")
-    problems = check([*_rows, stage])
+    if after is not None and after not in names():
+        raise ValueError(f"cannot register stage {stage.name!r} after {after!r}: no such stage ({', '.join(names())})")
+    at = len(_rows) if after is None else names().index(after) + 1
+    rows = [*_rows[:at], stage, *_rows[at:]]
+    problems = check(rows)
     if problems:
         raise ValueError(f"cannot register stage {stage.name!r}: " + "; ".join(problems))
-    _rows.append(stage)
+    _rows.insert(at, stage)
     if section is not None:
         SCHEMA[stage.name] = dict(section)
         _sections.add(stage.name)
@@ -372,10 +457,10 @@ def unregister(name: str) -> None:
     """Remove a stage added by :func:`register` (and its schema section); built-in stages stay."""
     if any(s.name == name for s in _BUILTIN):
         raise ValueError(f"stage {name!r} is built in; only registered stages can be removed")
-    stage = spec(name)
-    dependants = [s.name for s in _rows if name in s.needs]
-    if dependants:
-        raise ValueError(f"stage {name!r} is needed by {', '.join(dependants)}; unregister those first")
+    stage = next(s for s in _rows if s.name == spec(name).name)
+    dangling = _wire([s for s in _rows if s is not stage])[1]  # a stage it feeds reads its own input again
+    if dangling:
+        raise ValueError(f"stage {name!r} is read by later stages ({'; '.join(dangling)}); unregister those first")
     _rows.remove(stage)
     if name in _sections:
         _sections.discard(name)
@@ -384,9 +469,10 @@ def unregister(name: str) -> None:
 
 
 @contextmanager
-def temporary(stage: StageSpec, section: Mapping[str, Any] | None = None) -> Iterator[StageSpec]:
+def temporary(stage: StageSpec, section: Mapping[str, Any] | None = None,
+              after: str | None = None) -> Iterator[StageSpec]:
     """``register`` for the duration of a ``with`` block (tests): removed again on exit, even on error."""
-    register(stage, section)
+    register(stage, section, after)
     try:
         yield stage
     finally:

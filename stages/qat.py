@@ -40,7 +40,7 @@ def run(ctx: StageContext) -> StageResult:
     cfg, q, t = ctx.cfg, ctx.cfg["qat"], ctx.cfg["train"]
     if not ctx.is_main:  # one process quantises and fine-tunes; other ranks wait at the runner's barrier
         return StageResult()
-    model, ckpt = ctx.load_upstream_model("reduce_t", registry.file("reduce_t", "chosen"))
+    model, ckpt = ctx.load_upstream_model("model")  # the float model to quantise (reduce_t's chosen.pt)
     kernels = prepare_nncf_kernels(ctx.device)  # on CUDA: NNCF's extension only if the toolkit matches torch
     mcfg, meta, T = ckpt["model_cfg"], ckpt["data_meta"], model.T
     bundle = data_bundle(cfg, T)

@@ -33,8 +33,8 @@ def run(ctx: StageContext) -> StageResult:
     cfg, r = ctx.cfg, ctx.cfg["reduce_t"]
     if not ctx.is_main:  # one process does the (small) fine-tunes; other ranks wait at the runner's barrier
         return StageResult()
-    src = ctx.input("train", "best")
-    teacher, ckpt = ctx.load_upstream_model("train", src.name)
+    src = ctx.input("teacher")
+    teacher, ckpt = ctx.load_upstream_model("teacher")
     T0 = teacher.T
     steps = sorted({int(s) for s in r["steps"]}, reverse=True)
     bad = [s for s in steps if not 1 <= s < T0]
@@ -73,7 +73,7 @@ def run(ctx: StageContext) -> StageResult:
         "baseline_top1": base["test_top1"], "baseline_top5": base["test_top5"], "test_n": base["test_n"],
         "pe_mode": r["pe_mode"], "distill": r["distill"], "alpha": r["alpha"] if r["distill"] else 0.0,
         "temperature": r["temperature"], "epochs": r["epochs"], "gate": gate,
-        "chosen_T": chosen, "chosen_file": registry.artifact("train", "best") if chosen == T0 else chosen_src.name,
+        "chosen_T": chosen, "chosen_file": ctx.input_artifact("teacher") if chosen == T0 else chosen_src.name,
         "choice_reason": why, "table": rows, "table_md": table,
     })
 

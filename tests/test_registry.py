@@ -36,7 +36,7 @@ def test_builtin_table_is_sound_and_its_modules_exist():
     assert registry.check() == []
     for s in registry.stages():
         assert importlib.util.find_spec(s.module) is not None, s.module
-    assert registry.NAMES == registry.names() == ("train", "reduce_t", "qat", "unroll", "export", "build", "validate")
+    assert registry.NAMES == registry.names() == tuple(s.name for s in registry.STAGES)
 
 
 def test_outputs_name_files_and_resolve_parents():
@@ -70,7 +70,10 @@ def test_export_hashes_every_upstream_config_section():
 
 
 @pytest.mark.parametrize("row, problem", [
-    (StageSpec("bad", ("nope",), (), (), "x"), "needs 'nope'"),
+    (StageSpec("bad", ("nope",), (), (), "x"), "input 'nope' reads 'nope', which names no output"),
+    (StageSpec("bad", ("m=reduce_t.chosn",), (), (), "x"), "input 'm' reads 'reduce_t.chosn', which names no output"),
+    (StageSpec("bad", ("m=later.model",), (), (), "x"), "input 'm' reads 'later.model', which names no output"),
+    (StageSpec("bad", (), (), (Output("m", "m.pt", "checkpoint"),), "x", feeds=("qat.modle=m",)), "feeds 'qat.modle=m'"),
     (StageSpec("bad", (), (), (Output("a", "a.pt", "checkpoint", ("torch",), "fp32", parent="qat.nope",
                                        steps_from="config"),), "x"), "parent 'qat.nope'"),
     (StageSpec("bad", (), (), (Output("a", "a.pt", "blob"),), "x"), "kind 'blob'"),
