@@ -101,6 +101,15 @@ class StageContext:
         stage, role = self._resolve(name)
         return f"{stage}/{output_file(stage, role, **values)}"
 
+    def checkpoints(self, folder: Path | None = None):
+        """Where a fit keeps its checkpoints (``pipeline.training.loop.Checkpoints``): the train stage's
+        ``best``/``last`` names, in ``folder`` (default: this stage's folder). Fine-tunes use the same
+        names so that a write failure keeps their resume state (:func:`_drop_after_write_failure`)."""
+        from pipeline.training.loop import Checkpoints  # torch: not at the top (the CLI imports this module)
+
+        return Checkpoints(self.out if folder is None else Path(folder), output_file("train", "best"),
+                           output_file("train", "last"))
+
     def load_upstream_model(self, name: str) -> tuple[nn.Module, dict[str, Any]]:
         """The common start of a fine-tuning stage: fix threads and seed, then load the checkpoint of
         the declared input ``name`` onto the stage's device -> (model, checkpoint); a damaged or foreign

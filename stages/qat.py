@@ -25,7 +25,7 @@ from pipeline.deploy.parity import ParityReport
 from pipeline.runner import StageContext, StageError, StageResult
 from pipeline.training.evaluate import agreement, evaluate
 from pipeline.training.finetune import FineTune, fine_tune
-from pipeline.training.history import HISTORY_FILE, history_rows, write_history
+from pipeline.training.history import history_rows, write_history
 from pipeline.training.loop import NonFiniteLoss
 
 
@@ -67,7 +67,7 @@ def run(ctx: StageContext) -> StageResult:
     history = []
     if q["epochs"] > 0:
         qmodel, history = _fine_tune(ctx, qmodel, bundle, mcfg, meta)
-    write_history(ctx.out / HISTORY_FILE, history_rows(T, history))
+    write_history(ctx.output("history"), history_rows(T, history))
     qat = evaluate(qmodel, test, ctx.device, desc="test QAT", keep_logits=True)
     summary = quantizer_summary(qmodel)
     if summary["neuron_internal_quantizers"]:
@@ -107,7 +107,7 @@ def _fine_tune(ctx: StageContext, qmodel: torch.nn.Module, bundle, mcfg: dict, m
     ft = FineTune(desc="qat", epochs=q["epochs"], lr=q["lr"], lr_key="qat.lr", seed=cfg["seed"],
                   max_batches=q["max_batches"], amp=False, cpu_bf16=False, no_decay=_no_decay)
     try:
-        return fine_tune(qmodel, ft, cfg, bundle, ctx.device, ctx.out / "qat_fit", stage_dir=ctx.out,
+        return fine_tune(qmodel, ft, cfg, bundle, ctx.device, ctx.checkpoints(ctx.out / "qat_fit"), stage_dir=ctx.out,
                          payload=lambda m: qat_payload(m, mcfg, meta, q["fold_bn"]))
     except NonFiniteLoss as exc:
         raise StageError(str(exc)) from exc

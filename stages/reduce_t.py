@@ -25,7 +25,7 @@ from pipeline.data import data_bundle, eval_loader, make_loader
 from pipeline.runner import StageContext, StageError, StageResult
 from pipeline.training.evaluate import agreement, evaluate
 from pipeline.training.finetune import FineTune, fine_tune
-from pipeline.training.history import HISTORY_FILE, history_rows, write_history
+from pipeline.training.history import history_rows, write_history
 from pipeline.training.loop import NonFiniteLoss
 
 
@@ -61,8 +61,8 @@ def run(ctx: StageContext) -> StageResult:
         raise StageError(str(exc)) from exc
     chosen_src = src if chosen == T0 else ctx.output("reduced", T=chosen)
     shutil.copyfile(chosen_src, ctx.output("chosen"))
-    write_history(ctx.out / HISTORY_FILE, [h for row in rows for h in history_rows(row["T"], row["history"])])
-    table = format_table(rows, T0, base, chosen)
+    write_history(ctx.output("history"), [h for row in rows for h in history_rows(row["T"], row["history"])])
+    table = format_table(rows, T0, base, chosen, ctx.input_artifact("teacher"))
     ctx.log.debug("time-step reduction:\n%s", table)  # the whole table: stage.log and metrics.json
     picked = next((r for r in rows if r["T"] == chosen), None)
     ctx.log.info("chosen T=%d (%s, on the validation split): val top-1 %s vs %s at T=%d; test top-1 %.2f%%",
@@ -143,7 +143,7 @@ def _fine_tune(ctx: StageContext, teacher: torch.nn.Module, student: torch.nn.Mo
                   step_loss=distill_step_loss(teacher if distill else None, r["alpha"], r["temperature"], t["loss"],
                                               t["label_smoothing"], teacher_frames))
     try:
-        return fine_tune(student, ft, cfg, bundle, ctx.device, fit_dir, stage_dir=ctx.out,
+        return fine_tune(student, ft, cfg, bundle, ctx.device, ctx.checkpoints(fit_dir), stage_dir=ctx.out,
                          payload=lambda m: model_payload(m, ckpt["model_cfg"], ckpt["data_meta"]))
     except NonFiniteLoss as exc:
         raise StageError(str(exc)) from exc

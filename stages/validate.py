@@ -17,7 +17,7 @@ from pipeline.report import (BASELINE, CONVENTION, E_AC_PJ, E_MAC_PJ, E_MUL_PJ, 
                              build_report, discover, inherit_energy, measure, render, upstream_parity,
                              validate_report)
 from pipeline.report.nir_note import nir_note, nir_summary, read_nir_metrics
-from pipeline.report.plots import draw_all, draw_training_curves
+from pipeline.report.plots import TRAINING_CURVES, draw_all, draw_training_curves
 from pipeline.runner import StageContext, StageError, StageResult
 
 
@@ -73,8 +73,10 @@ def run(ctx: StageContext) -> StageResult:
         baseline=BASELINE, energy_model={"e_mac_pj": E_MAC_PJ, "e_ac_pj": E_AC_PJ, "e_mul_pj": E_MUL_PJ,
                                             "convention": CONVENTION, "excluded": list(EXCLUDED)},
         parity=upstream_parity(ctx.inputs), failed=failed, plots=[])
-    doc["plots"] = draw_all(doc, ctx.out)
-    curves = draw_training_curves(ctx.inputs, ctx.out)
+    doc["plots"] = draw_all(doc, lambda plot: ctx.output("plot", plot=plot))
+    histories = {s.name: ctx.input(f"{s.name}.history") for s in registry.stages()
+                 if s.name in ctx.inputs and any(o.role == "history" for o in s.outputs)}
+    curves = draw_training_curves(histories, ctx.output("plot", plot=TRAINING_CURVES))
     if curves:
         doc["plots"].append(curves)
     problems = validate_report(doc)
@@ -82,7 +84,8 @@ def run(ctx: StageContext) -> StageResult:
         raise StageError(f"{ctx.output('report_json').name} does not match its schema: " + "; ".join(problems))
     write_json_atomic(ctx.output("report_json"), doc)
     md = render(doc)
-    nir = read_nir_metrics(ctx.inputs.get("export"))  # the NIR graph is not measured here: export's record, noted
+    # the NIR graph is not measured here: export's record, noted
+    nir = read_nir_metrics(ctx.input("export.metrics") if "export" in ctx.inputs else None)
     if nir_note(nir):
         md = md.rstrip("\n") + "\n" + "\n".join(nir_note(nir)) + "\n"
     ctx.output("report_md").write_text(md)

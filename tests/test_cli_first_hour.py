@@ -295,7 +295,8 @@ def test_build_script_times_each_engine():
     for args in timed:
         assert validate_args(args) == [] and "--skipInference" not in args and "--shapes=input:1x1x16x16" in args
     assert len(parse_script(text)) == 2  # the build commands, as before
-    guide = render_jetson_guide(specs, {})
+    guide = render_jetson_guide(specs, {}, graph="model_fp32.onnx", step="step_fp32.onnx",
+                                samples="sample_inputs.npz", first_engine="model_fp16.engine")
     assert "Performance summary" in guide and "GPU Compute Time" in guide and "timing.log" in guide
 
 

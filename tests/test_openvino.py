@@ -232,6 +232,7 @@ def test_bundle_intel_guide_commands_run(tmp_path, graphs):
     import sys
 
     from pipeline.deploy.bundle import make_bundle
+    from stages.build import bundle_layout
 
     paths, _, _, _ = graphs
     export = tmp_path / "export"
@@ -240,7 +241,7 @@ def test_bundle_intel_guide_commands_run(tmp_path, graphs):
         shutil.copy(p, export / p.name)
     build = {"precisions": ["fp16", "int8"], "min_batch": 1, "opt_batch": 8, "max_batch": 32, "workspace_mb": 256,
              "fp32_neurons": False}
-    make_bundle(export, tmp_path / "bundle", build)
+    make_bundle(export, tmp_path / "bundle", build, bundle_layout())
     guide = (tmp_path / "bundle" / "INTEL.md").read_text()
     assert "--backend openvino" in guide and "int8 ops executed" in guide
     line = next(l for l in guide.replace("\\\n", "").splitlines() if "benchmark_app -m model_int8.onnx" in l)
