@@ -137,17 +137,17 @@ def test_choose_T_rule_uses_the_validation_split():
 
 
 def test_the_stage_chooses_T_on_validation_where_validation_and_test_disagree():
-    """The stage's own choice (``stages/reduce_t.py`` calls ``choose_T_on_val`` with its score dicts, shaped as
-    ``_score`` and ``_reduce_one`` write them): validation says T=2, the test split would say T=3 whichever of
+    """The stage's own choice (its recipe ``pipeline.compress.reduce_recipe`` calls ``choose_T_on_val`` with its
+    score dicts, shaped as ``_score`` and ``_reduce_one`` write them): validation says T=2, the test split would say T=3 whichever of
     the baseline's or the rows' test figures were read instead."""
-    import stages.reduce_t
+    import pipeline.compress.reduce_recipe as recipe
 
     # the stage's one choice is this function on its own score dicts, unchanged (no other chooser, no edited dict)
-    calls = [n for n in ast.walk(ast.parse(inspect.getsource(stages.reduce_t.run)))
+    calls = [n for n in ast.walk(ast.parse(inspect.getsource(recipe.reduce_time_steps)))
              if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id.startswith("choose_T")]
     assert [(c.func.id, [ast.unparse(a) for a in c.args[:4]]) for c in calls] == [
         ("choose_T_on_val", ["rows", "T0", "base", "gate"])]
-    assert stages.reduce_t.choose_T_on_val is choose_T_on_val
+    assert recipe.choose_T_on_val is choose_T_on_val
     base = {"val_top1": 90.0, "val_n": 100, "test_top1": 99.0, "test_n": 300}
     rows = [{"T": 3, "val_top1": 85.0, "before_val_top1": 80.0, "before_top1": 90.0, "after_top1": 99.0},
             {"T": 2, "val_top1": 89.5, "before_val_top1": 80.0, "before_top1": 70.0, "after_top1": 80.0}]
