@@ -21,6 +21,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from pipeline import registry
 from pipeline.deploy.compact import compact_onnx
 from pipeline.deploy.onnx_export import export_onnx, write_metadata
 from pipeline.deploy.unroll import unroll_float, unroll_qat
@@ -197,7 +198,7 @@ def test_inventory_adds_an_openvino_row_per_onnx_graph(tmp_path, graphs):
     (tmp_path / "export").mkdir()
     for p in paths.values():
         (tmp_path / "export" / p.name).write_bytes(p.read_bytes())
-    rows = {a.name: a for a in discover({"export": tmp_path / "export"}, 1, "cpu", (None, 1, 16, 16))}
+    rows = {a.name: a for a in discover({"export": tmp_path / "export"}, 1, "cpu", (None, 1, 16, 16), registry.table())}
     for prec, src in (("fp32", "unroll/float.pt"), ("int8", "unroll/int8.pt")):
         ort_row, ov_row = rows[f"export/model_{prec}.onnx"], rows[f"export/model_{prec}.onnx{OPENVINO_SUFFIX}"]
         assert (ov_row.backend, ov_row.precision, ov_row.status, ov_row.ships) == ("openvino", prec, "ok", True)

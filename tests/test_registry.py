@@ -142,7 +142,8 @@ def test_dummy_stage_output_appears_in_the_report_inventory(dummy, tmp_path):
     folder.mkdir()
     torch.manual_seed(0)
     save_atomic(model_payload(build_model(mcfg), mcfg, {"num_classes": 10}), folder / "copy.pt")
-    rows = {a.name: a for a in discover({"dummy": folder}, model_T=2, device="cpu", input_shape=(None, 1, 16, 16))}
+    rows = {a.name: a for a in discover({"dummy": folder}, model_T=2, device="cpu", input_shape=(None, 1, 16, 16),
+                                          table=registry.table())}
     row = rows["dummy/copy.pt"]
     assert (row.stage, row.backend, row.precision, row.T, row.parent, row.status) == (
         "dummy", "torch", "fp32", 2, "train/best.pt", "ok")

@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 
-from pipeline.report import (BASELINE, CONVENTION, SCHEMA_VERSION, apply_gates, build_report, render,
-                             validate_report)
 from pipeline import registry
+from pipeline.report import CONVENTION, SCHEMA_VERSION, apply_gates, build_report, render, validate_report
 from pipeline.report.plots import draw_all
 
 GATES = {"reduce_t": 3.0, "qat": 1.0, "unroll": 0.0, "onnx_fp32": 0.0, "onnx_int8": 1.0, "engine": 1.0, "total": 3.0}
+
+BASELINE = registry.table().baseline_artifact()  # "train/best.pt"
 
 
 def row(name, stage, backend, precision, T, top1, gate=None, parent=None, status="ok", preds=None, rates=True):
