@@ -175,7 +175,8 @@ def part_amp_step(args: argparse.Namespace) -> dict[str, Any]:
         work = Path(args.work) / f"amp_{precision}"
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        state = fit(net, loader, None, opt, None, step_loss, fc, Checkpoints(work, "best.pt", "last.pt"), payload=lambda m: {"model": m.state_dict()})
+        state = fit(net, loader, None, opt, None, step_loss, fc, Checkpoints(work, "best.pt", "last.pt"),
+                    payload=lambda m: {"model": m.state_dict()})
         wall = time.perf_counter() - t0
         dtype = amp_dtype(device, precision)
         with torch.no_grad(), autocast(device, dtype), record_membranes(net) as h:

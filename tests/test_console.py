@@ -123,7 +123,8 @@ def test_fine_tune_history_has_one_row_per_epoch(write_config, tmp_path):
     torch.manual_seed(0)
     net = build_model(mcfg)
     ft = FineTune(desc="reduce_t T=2", epochs=2, lr=1e-3, lr_key="reduce_t.lr", seed=0, max_batches=1, amp=False)
-    model, history = fine_tune(net, ft, cfg, bundle, "cpu", Checkpoints(tmp_path / "fit", "best.pt", "last.pt"), stage_dir=tmp_path,
+    model, history = fine_tune(net, ft, cfg, bundle, "cpu", Checkpoints(tmp_path / "fit", "best.pt", "last.pt"),
+                               stage_dir=tmp_path,
                                payload=lambda m: model_payload(m, mcfg, data_meta(bundle)))
     assert model is net and not model.training
     assert [h["epoch"] for h in history] == [1, 2] and all("val_top1" in h for h in history)

@@ -174,7 +174,8 @@ def test_nonfinite_check_every_n_steps_names_the_range(tmp_path):
 
     fc = FitConfig(epochs=1, device="cpu", progress=False, check_every=4)
     with pytest.raises(NonFiniteLoss, match=r"batch 1-4 \(checked every 4 batches\)"):
-        fit(lin, loader, None, torch.optim.SGD(lin.parameters(), lr=0.1), None, step_loss, fc, Checkpoints(tmp_path, "best.pt", "last.pt"),
+        fit(lin, loader, None, torch.optim.SGD(lin.parameters(), lr=0.1), None, step_loss, fc,
+                    Checkpoints(tmp_path, "best.pt", "last.pt"),
             payload=lambda m: {"model": m.state_dict()})
     assert calls["n"] == 4  # found at the first check, not at the end of the epoch
 
@@ -425,7 +426,8 @@ def test_resume_takes_the_optimizer_implementation_of_the_new_run(tmp_path):
         torch.manual_seed(0)
         lin = torch.nn.Linear(3, 2)
         opt = torch.optim.AdamW(lin.parameters(), lr=0.01, fused=fused)
-        state = fit(lin, loader, None, opt, None, step_loss, FitConfig(epochs=epochs, progress=False), Checkpoints(tmp_path, "best.pt", "last.pt"),
+        state = fit(lin, loader, None, opt, None, step_loss, FitConfig(epochs=epochs, progress=False),
+                    Checkpoints(tmp_path, "best.pt", "last.pt"),
                     payload=lambda m: {"model": m.state_dict(), "model_cfg": {}, "data_meta": {}})
         return state, opt
 

@@ -157,3 +157,28 @@ def test_the_stage_chooses_T_on_validation_where_validation_and_test_disagree():
     chosen, why = choose_T_on_val(rows, 4, base, 1.0)
     assert chosen == 2, f"T={chosen} chosen: not on the validation split (val says T=2)"
     assert "smallest T within 1 points" in why
+
+
+def test_the_stage_turns_the_recipes_error_into_a_stage_error(write_config, tmp_path):
+    """stages/reduce_t.py wires pipeline.compress.reduce_recipe: the recipe's ReduceError (here: no validation
+    split to choose the T on) reaches the user as the stage's StageError, with the recipe's fix in it."""
+    import logging
+
+    from pipeline import registry
+    from pipeline.checkpoint import model_payload, save_atomic
+    from pipeline.config import load_config
+    from pipeline.data import data_bundle, data_meta, model_config
+    from pipeline.models import build_model
+    from pipeline.runner import StageContext, StageError, run_store
+    from stages import reduce_t
+
+    cfg = load_config(write_config({"data": {"val_fraction": 0.0}}))
+    bundle = data_bundle(cfg)
+    mcfg = model_config(cfg, bundle)
+    (tmp_path / "train").mkdir()
+    save_atomic(model_payload(build_model(mcfg), mcfg, data_meta(bundle)), tmp_path / "train" / "best.pt")
+    (tmp_path / "out").mkdir()
+    ctx = StageContext(cfg=cfg, spec=registry.spec("reduce_t"), out=tmp_path / "out",
+                       inputs={"train": tmp_path / "train"}, store=run_store(cfg), device="cpu", log=logging.getLogger("pipeline.reduce_t"))
+    with pytest.raises(StageError, match="data.val_fraction > 0"):
+        reduce_t.run(ctx)
