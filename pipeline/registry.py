@@ -5,13 +5,16 @@ targets, the cache keys and the report all read this table, so adding a stage is
 (``StageSpec.module``, ``stages.<name>`` unless the row says otherwise) plus one row here (plus
 its schema section and config keys).
 
-Each row declares its outputs (:class:`Output`): the file, what kind of thing it is, which
-runtimes measure it, at which precision, what it was made from (``parent``) and which gate
-guards it. Code names a file through the table (``registry.file("export", "onnx_fp32")``,
+Each row declares the inputs it reads (``"model=reduce_t.chosen"``; ``needs`` is derived from
+them, see :class:`StageSpec`) and its outputs (:class:`Output`): the file, what kind of thing it
+is, which runtimes measure it, at which precision, what it was made from (``parent``) and which
+gate guards it. Code names a file through the table (``registry.file("export", "onnx_fp32")``,
 ``StageContext.output``/``StageContext.input``), never as a string literal, so a file is named
-in one place and the report's inventory can be derived from the table alone.
+in one place and the report's inventory can be derived from the table alone. Only the
+orchestration imports this module; a library that reads the table is handed ``table()``.
 
-Stdlib only: the Makefile imports this module before the venv exists.
+The types live in pipeline/stage_table.py (re-exported here). Stdlib only: the Makefile imports
+this module before the venv exists.
 """
 from __future__ import annotations
 
