@@ -10,14 +10,17 @@ TCMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal
 RUN := $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC)) $(PYTHON)
 # ... but OpenVINO's CPU plugin aborts under a preloaded tcmalloc (docs/architecture.md §5), so only
 # the fitting stages get it; unroll, export, build, validate and the tests run with glibc malloc.
-FIT_STAGES := train reduce_t qat
-LAST_FIT := $(lastword $(FIT_STAGES))
-# the stage names, read from the registry (plain Python: works before the venv exists)
-STAGES := $(shell $(firstword $(wildcard $(PYTHON)) python3) -c 'from pipeline.registry import NAMES; print(*NAMES)' 2>/dev/null)
+# The stage names and the fitting ones (rows with fits=True), read from the registry (plain Python:
+# works before the venv exists)
+REGISTRY_PY := $(firstword $(wildcard $(PYTHON)) python3)
+STAGES := $(shell $(REGISTRY_PY) -c 'from pipeline.registry import NAMES; print(*NAMES)' 2>/dev/null)
+FIT_STAGES := $(shell $(REGISTRY_PY) -c 'from pipeline.registry import STAGES; print(*(s.name for s in STAGES if s.fits))' 2>/dev/null)
 ifeq ($(strip $(STAGES)),)
 $(warning could not read the stage names from pipeline/registry.py; using the default list)
 STAGES := train reduce_t qat unroll export build validate
+FIT_STAGES := train reduce_t qat
 endif
+LAST_FIT := $(lastword $(FIT_STAGES))
 # SET goes to the CLI whole, single-quoted for the shell; the CLI splits it before each KEY=
 SETFLAGS = $(if $(strip $(SET)),--sets '$(subst ','\'',$(SET))')
 

@@ -146,7 +146,7 @@ def part_amp_step(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.models import record_membranes
     from pipeline.models import build_model
     from pipeline.precision import amp_dtype, autocast, fp32_settings
-    from pipeline.training.loop import FitConfig, fit
+    from pipeline.training.loop import Checkpoints, FitConfig, fit
     from pipeline.training.losses import classification_loss
     from pipeline.training.optim import build_optimizer
 
@@ -175,7 +175,8 @@ def part_amp_step(args: argparse.Namespace) -> dict[str, Any]:
         work = Path(args.work) / f"amp_{precision}"
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        state = fit(net, loader, None, opt, None, step_loss, fc, work, payload=lambda m: {"model": m.state_dict()})
+        state = fit(net, loader, None, opt, None, step_loss, fc, Checkpoints(work, "best.pt", "last.pt"),
+                    payload=lambda m: {"model": m.state_dict()})
         wall = time.perf_counter() - t0
         dtype = amp_dtype(device, precision)
         with torch.no_grad(), autocast(device, dtype), record_membranes(net) as h:

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from pipeline import registry  # noqa: E402
 from pipeline.config import ConfigError, load_config  # noqa: E402
 from pipeline.data import data_bundle, eval_loader  # noqa: E402
 from pipeline.report.inventory import discover  # noqa: E402
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     bundle = data_bundle(cfg)
     inputs = {s: store.stage_dir(s) for s in ("train", "reduce_t", "qat", "unroll", "export")
               if store.stage_dir(s).is_dir()}
-    arts = {a.name: a for a in discover(inputs, cfg["model"]["T"], "cpu", (None, *bundle.test[0][0].shape))}
+    arts = {a.name: a for a in discover(inputs, cfg["model"]["T"], "cpu", (None, *bundle.test[0][0].shape),
+                                         registry.table())}
     reduced = sorted(a.T for a in arts.values() if a.stage == "reduce_t" and a.T is not None)
     unroll_parent = arts["unroll/float.pt"].parent if "unroll/float.pt" in arts else None
     pairs = _pairs(set(arts), cfg["model"]["T"], reduced, unroll_parent)

@@ -5,125 +5,29 @@ targets, the cache keys and the report all read this table, so adding a stage is
 (``StageSpec.module``, ``stages.<name>`` unless the row says otherwise) plus one row here (plus
 its schema section and config keys).
 
-Each row declares its outputs (:class:`Output`): the file, what kind of thing it is, which
-runtimes measure it, at which precision, what it was made from (``parent``) and which gate
-guards it. Code names a file through the table (``registry.file("export", "onnx_fp32")``,
+Each row declares the inputs it reads (``"model=reduce_t.chosen"``; ``needs`` is derived from
+them, see :class:`StageSpec`) and its outputs (:class:`Output`): the file, what kind of thing it
+is, which runtimes measure it, at which precision, what it was made from (``parent``) and which
+gate guards it. Code names a file through the table (``registry.file("export", "onnx_fp32")``,
 ``StageContext.output``/``StageContext.input``), never as a string literal, so a file is named
-in one place and the report's inventory can be derived from the table alone.
+in one place and the report's inventory can be derived from the table alone. Only the
+orchestration imports this module; a library that reads the table is handed ``table()``.
 
-Stdlib only: the Makefile imports this module before the venv exists.
+The types live in pipeline/stage_table.py (re-exported here). Stdlib only: the Makefile imports
+this module before the venv exists.
 """
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from pipeline.runtime.specs import NAMES as BACKEND_NAMES
 from pipeline.schema import SCHEMA
+from pipeline.stage_table import (FLOAT_AT_T, KINDS, PRECISIONS, STEPS_FROM, WILDCARD, Output,  # noqa: F401
+                                  StageSpec, Table, _parse_input, _wire)
 
-# what an output is (how a runtime or a reader opens it)
-KINDS = (
-    "checkpoint",  # a float model checkpoint (pipeline.checkpoint.load_model)
-    "training_state",  # resumable training state (optimiser, scheduler, history): not a deliverable model
-    "qat_checkpoint",  # NNCF QAT model (pipeline.compress.quantize.load_qat_model)
-    "unrolled",  # static, stateless torch module (pipeline.deploy.unroll.load_unrolled)
-    "onnx", "engine",  # graphs for ONNX runtimes / TensorRT
-    "nir",  # a NIR graph (HDF5) for neuromorphic toolchains (pipeline.deploy.nir_export)
-    "samples",  # sample_inputs.npz: images, labels, float logits
-    "metrics", "report", "plot", "log", "check", "config", "script", "doc", "folder",
-)
 BACKENDS = BACKEND_NAMES  # the backend table's names, live (pipeline/runtime/specs.py)
-PRECISIONS = ("fp32", "fp16", "int8")
-# where a report finds an output's time steps: model.T, the "{T}" in its file name, the stage's
-# metrics.json "T", the graph's metadata "T", or its parent's T
-STEPS_FROM = ("config", "name", "metrics", "metadata", "parent")
-# parent: the float checkpoint at this output's T (the baseline, or reduce_t's t{T}.pt)
-FLOAT_AT_T = "float@T"
-_FIELD = re.compile(r"\{(\w+)\}")
-
-
-@dataclass(frozen=True)
-class Output:
-    """One file (or folder, or family of files) a stage writes into its folder.
-
-    ``role`` names it in code (unique within its stage; it survives a rename of ``file``).
-    ``file`` may hold ``{field}`` placeholders (``t{T}.pt``): a family, one file per value.
-    An output with ``backends`` is a model the report measures, one row per backend; ``parent``
-    (``"stage.role"`` or :data:`FLOAT_AT_T`) is what it is gated against, ``gate`` the key of
-    ``validate.gates``; ``ships`` marks deployable graphs (also gated against the float baseline).
-    ``identity`` (a key of ``validate.changed``) marks an output that must compute its parent's
-    function: its rows are also gated on changed predictions. ``runtime_identity`` does the same
-    for the rows of its further backends against its first backend's row of the same file (an
-    INT8 file's exact Q/DQ numbers in ONNX Runtime vs the same file compiled by OpenVINO).
-    """
-
-    role: str
-    file: str
-    kind: str
-    backends: tuple[str, ...] = ()
-    precision: str | None = None
-    parent: str | None = None
-    gate: str | None = None
-    identity: str | None = None
-    runtime_identity: str | None = None
-    ships: bool = False
-    baseline: bool = False  # the float reference every delta is measured against (exactly one)
-    steps_from: str | None = None  # one of STEPS_FROM, for measured outputs
-    optional: bool = False  # may be absent in a finished stage (a skipped step: the metrics say why)
-    bundled: bool = False  # copied into the device bundle (the build stage's folder)
-    notes: tuple[str, ...] = ()  # shown next to the report row
-    help: str = ""
-
-    @property
-    def fields(self) -> tuple[str, ...]:
-        """The placeholders of a family (``("T",)`` for ``t{T}.pt``); empty for one file."""
-        return tuple(_FIELD.findall(self.file))
-
-    def filename(self, **values: Any) -> str:
-        """The file name, placeholders filled (``filename(T=2)`` -> ``t2.pt``)."""
-        missing = [f for f in self.fields if f not in values]
-        if missing:
-            raise KeyError(f"output {self.file!r} is a family: pass {', '.join(missing)} (e.g. T=2)")
-        return self.file.format(**values)
-
-    def match(self, name: str) -> dict[str, str] | None:
-        """The placeholder values if ``name`` belongs to this output (``t2.pt`` -> ``{"T": "2"}``), else None."""
-        pattern = "".join(f"(?P<{part}>\\d+)" if part == "T" else f"(?P<{part}>[^/]+)" if i % 2 else re.escape(part)
-                          for i, part in enumerate(_FIELD.split(self.file)))
-        found = re.fullmatch(pattern, name)
-        return found.groupdict() if found else None
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    name: str
-    needs: tuple[str, ...]  # upstream stages whose finished outputs this stage reads
-    config_keys: tuple[str, ...]  # config sections in this stage's cache key (upstream keys chain in)
-    outputs: tuple[Output, ...]  # what the stage writes (see Output)
-    help: str
-    # may run as several processes (torchrun, WORLD_SIZE > 1); the runner refuses the others before any work
-    distributed: bool = False
-    module: str = ""  # module with run(ctx) -> StageResult; "" means stages.<name>
-
-    def __post_init__(self) -> None:
-        if not self.module:
-            object.__setattr__(self, "module", f"stages.{self.name}")
-
-    @property
-    def produces(self) -> tuple[str, ...]:
-        """The output file names, for docs and ``python -m pipeline list`` (less metrics.json, which
-        the runner writes for every stage)."""
-        return tuple(o.file for o in self.outputs if o.kind != "metrics")
-
-    def output(self, role: str) -> Output:
-        for o in self.outputs:
-            if o.role == role:
-                return o
-        raise KeyError(f"stage {self.name!r} has no output {role!r}; its outputs: "
-                       f"{', '.join(f'{o.role} ({o.file})' for o in self.outputs)}")
 
 
 def _metrics() -> Output:
@@ -143,29 +47,29 @@ _BUILTIN: tuple[StageSpec, ...] = (
         Output("last", "last.pt", "training_state", help="weights, optimiser, scheduler and history of the last epoch"),
         _metrics(),
         *_training_logs(),
-    ), "train the float STAA-SNN at model.T time steps", distributed=True),
-    StageSpec("reduce_t", ("train",), ("reduce_t", "validate.gates.reduce_t"), (
+    ), "train the float STAA-SNN at model.T time steps", distributed=True, fits=True),
+    StageSpec("reduce_t", ("teacher=train.best",), ("reduce_t", "validate.gates.reduce_t"), (
         Output("reduced", "t{T}.pt", "checkpoint", ("torch",), "fp32", parent="train.best", gate="reduce_t",
                steps_from="name", help="the float model fine-tuned at T, one per T in reduce_t.steps"),
         Output("chosen", "chosen.pt", "checkpoint", help="a copy of the checkpoint handed to qat (reduce_t.choose)"),
         _metrics(),
         *_training_logs(),
-    ), "fine-tune at fewer time steps, optionally distilling from the T-step teacher"),
-    StageSpec("qat", ("train", "reduce_t"), ("qat",), (
+    ), "fine-tune at fewer time steps, optionally distilling from the T-step teacher", fits=True),
+    StageSpec("qat", ("model=reduce_t.chosen",), ("qat",), (
         Output("qat", "qat.pt", "qat_checkpoint", ("torch",), "int8", parent=FLOAT_AT_T, gate="qat",
                steps_from="metrics", help="NNCF config + state dict (fake-quant: the report says so from what ran)"),
         Output("nncf_config", "nncf_config.json", "config", help="the quantiser setup, readable"),
         _metrics(),
         *_training_logs(),
-    ), "NNCF INT8 quantisation-aware fine-tuning (symmetric, per-channel weights)"),
-    StageSpec("unroll", ("train", "reduce_t", "qat"), ("unroll",), (
+    ), "NNCF INT8 quantisation-aware fine-tuning (symmetric, per-channel weights)", fits=True),
+    StageSpec("unroll", ("float=reduce_t.chosen", "int8=qat.qat"), ("unroll",), (
         Output("float", "float.pt", "unrolled", ("torch",), "fp32", parent=FLOAT_AT_T, gate="unroll",
                identity="unroll", steps_from="metrics", notes=("unrolled",)),
         Output("int8", "int8.pt", "unrolled", ("torch",), "int8", parent="qat.qat", gate="unroll",
                identity="unroll", steps_from="metrics", notes=("unrolled",)),
         _metrics(),
     ), "static, stateless modules: fixed T, BN folded, hard spikes; parity gates"),
-    StageSpec("export", ("unroll",), ("export",), (
+    StageSpec("export", ("float=unroll.float", "int8=unroll.int8"), ("export",), (
         Output("onnx_fp32", "model_fp32.onnx", "onnx", ("onnxruntime", "openvino"), "fp32", parent="unroll.float",
                gate="onnx_fp32", identity="onnx_fp32", ships=True, steps_from="metadata", bundled=True),
         Output("onnx_int8", "model_int8.onnx", "onnx", ("onnxruntime", "openvino"), "int8", parent="unroll.int8",
@@ -180,7 +84,7 @@ _BUILTIN: tuple[StageSpec, ...] = (
         Output("trt_check", "trt_check.json", "check", bundled=True, help="static TensorRT check of every graph"),
         _metrics(),
     ), "ONNX FP32 and INT8 (QDQ) with dynamic batch, a streaming graph, static TensorRT check; NIR for plain-LIF models"),
-    StageSpec("build", ("export",), ("build",), (
+    StageSpec("build", ("export.*",), ("build",), (
         Output("engine_fp16", "model_fp16.engine", "engine", ("tensorrt",), "fp16", parent="export.onnx_fp32",
                gate="engine", ships=True, steps_from="parent", optional=True),
         Output("engine_int8", "model_int8.engine", "engine", ("tensorrt",), "int8", parent="export.onnx_int8",
@@ -196,7 +100,7 @@ _BUILTIN: tuple[StageSpec, ...] = (
         Output("runtime", "staa_runtime/", "folder", help="the standalone runner"),
         _metrics(),
     ), "TensorRT FP16/INT8 engines, or a skipped record and a trtexec script for the target"),
-    StageSpec("validate", ("train", "reduce_t", "qat", "unroll", "export", "build"), ("validate",), (
+    StageSpec("validate", (WILDCARD,), ("validate",), (
         Output("report_md", "report.md", "report"),
         Output("report_json", "report.json", "report"),
         Output("plot", "{plot}.png", "plot", help="accuracy vs latency, firing rates, accuracy vs T"),
@@ -204,39 +108,42 @@ _BUILTIN: tuple[StageSpec, ...] = (
     ), "accuracy, agreement, latency, firing rates and energy of every artifact; gates"),
 )
 
-_rows: list[StageSpec] = list(_BUILTIN)
+_rows: list[StageSpec] = list(_BUILTIN)  # the rows as declared, in run order
+_table: list[StageSpec] = _wire(_rows)[0]  # the same rows wired (needs, wiring): what everything reads
 _sections: set[str] = set()  # schema sections added by register()
 # snapshots of the table, refreshed on register/unregister: code that must see a stage registered
 # later (tests, plugins) calls stages()/names()/spec() instead of importing these
-STAGES: tuple[StageSpec, ...] = tuple(_rows)
+STAGES: tuple[StageSpec, ...] = tuple(_table)
 BY_NAME: dict[str, StageSpec] = {s.name: s for s in STAGES}
 NAMES: tuple[str, ...] = tuple(BY_NAME)
 
 
+def table() -> Table:
+    """The live table as a :class:`Table` (what a stage hands a library that reads the table)."""
+    return Table(_table)
+
+
 def stages() -> tuple[StageSpec, ...]:
-    """Every registered stage, in run order."""
-    return tuple(_rows)
+    """Every registered stage (wired: ``needs`` and ``wiring`` filled in), in run order."""
+    return tuple(_table)
 
 
 def names() -> tuple[str, ...]:
-    return tuple(s.name for s in _rows)
+    return table().names()
 
 
 def spec(name: str) -> StageSpec:
-    for s in _rows:
-        if s.name == name:
-            return s
-    raise KeyError(f"unknown stage {name!r}; stages are: {', '.join(names())}")
+    return table().spec(name)
 
 
 def output(stage: str, role: str) -> Output:
     """The declared output ``role`` of ``stage`` (KeyError lists the stage's outputs)."""
-    return spec(stage).output(role)
+    return table().output(stage, role)
 
 
 def file(stage: str, role: str, **values: Any) -> str:
     """The file name of an output (``file("export", "onnx_fp32")`` -> ``model_fp32.onnx``)."""
-    return output(stage, role).filename(**values)
+    return table().file(stage, role, **values)
 
 
 def path(folder: Path, stage: str, role: str, **values: Any) -> Path:
@@ -246,73 +153,53 @@ def path(folder: Path, stage: str, role: str, **values: Any) -> Path:
 
 def artifact(stage: str, role: str, **values: Any) -> str:
     """The output's name in reports and gate messages: ``<stage>/<file>`` (``train/best.pt``)."""
-    return f"{stage}/{file(stage, role, **values)}"
+    return table().artifact(stage, role, **values)
 
 
 def ref(reference: str) -> tuple[str, Output]:
     """``"stage.role"`` (as in ``Output.parent``) -> (stage, Output)."""
-    stage, _, role = reference.partition(".")
-    return stage, output(stage, role)
+    return table().ref(reference)
 
 
 def baseline() -> tuple[str, Output]:
     """The float reference output (``train.best``)."""
-    found = [(s.name, o) for s in _rows for o in s.outputs if o.baseline]
-    if len(found) != 1:
-        raise RuntimeError(f"the registry needs exactly one baseline output, found {len(found)}")
-    return found[0]
+    return table().baseline()
 
 
 def torch_source(stage: str, role: str) -> tuple[str, Output] | None:
-    """The first torch model up the parent chain of an output (an ONNX graph or engine inherits its
-    firing rates and operation counts from it); None for an output with no torch ancestor."""
-    o = output(stage, role)
-    while True:
-        if "torch" in o.backends:
-            return stage, o
-        if o.parent is None or o.parent == FLOAT_AT_T:
-            return None
-        stage, o = ref(o.parent)
+    """The first torch model up the parent chain of an output (see :meth:`Table.torch_source`)."""
+    return table().torch_source(stage, role)
 
 
 def measured() -> list[tuple[str, Output]]:
     """(stage, output) for every output a report measures, in pipeline order."""
-    return [(s.name, o) for s in _rows for o in s.outputs if o.backends]
+    return table().measured()
 
 
 def upstream(name: str) -> tuple[str, ...]:
     """``name``'s upstream stages, transitively, in run order."""
-    seen: set[str] = set()
-    todo = list(spec(name).needs)
-    while todo:
-        up = todo.pop()
-        if up not in seen:
-            seen.add(up)
-            todo.extend(spec(up).needs)
-    return tuple(n for n in names() if n in seen)
+    return table().upstream(name)
 
 
 def config_sections(name: str) -> tuple[str, ...]:
-    """The config keys that decide ``name``'s outputs: its own and every upstream stage's, in run order
-    without repeats (what a graph's metadata hashes: ``slice_hash(cfg, config_sections("export"))``)."""
-    out: list[str] = []
-    for n in (*upstream(name), name):
-        out += [k for k in spec(n).config_keys if k not in out]
-    return tuple(out)
+    """The config keys that decide ``name``'s outputs (see :meth:`Table.config_sections`)."""
+    return table().config_sections(name)
 
 
 def check(rows: tuple[StageSpec, ...] | list[StageSpec] | None = None) -> list[str]:
-    """Problems in the table (empty when sound): unknown needs/kinds/backends/precisions, repeated
-    names or roles, parents that name no output, gates that are no key of ``validate.gates``."""
+    """Problems in the table (empty when sound): inputs or feeds that name no output of an earlier
+    stage (dangling roles), unknown kinds/backends/precisions, repeated names or roles, parents
+    that name no output, gates that are no key of ``validate.gates``."""
     rows = list(_rows if rows is None else rows)
     problems: list[str] = []
+    if len({s.name for s in rows}) == len(rows):  # wiring needs unique names; a repeat is reported below
+        problems += _wire(rows)[1]
     seen: dict[str, StageSpec] = {}
     gates = set(SCHEMA["validate"]["gates"])
     changed = set(SCHEMA["validate"]["changed"])
     for s in rows:
         if s.name in seen:
             problems.append(f"stage {s.name!r} is registered twice")
-        problems += [f"{s.name}: needs {n!r}, which is not an earlier stage" for n in s.needs if n not in seen]
         roles = [o.role for o in s.outputs]
         problems += [f"{s.name}: output role {r!r} repeats" for r in sorted({r for r in roles if roles.count(r) > 1})]
         for o in s.outputs:
@@ -345,24 +232,30 @@ def check(rows: tuple[StageSpec, ...] | list[StageSpec] | None = None) -> list[s
 
 
 def _refresh() -> None:
-    global STAGES, BY_NAME, NAMES
-    STAGES = tuple(_rows)
+    global STAGES, BY_NAME, NAMES, _table
+    _table = _wire(_rows)[0]
+    STAGES = tuple(_table)
     BY_NAME = {s.name: s for s in STAGES}
     NAMES = tuple(BY_NAME)
 
 
-def register(stage: StageSpec, section: Mapping[str, Any] | None = None) -> None:
-    """Add ``stage`` after the registered ones (a plugin or a test's dummy stage).
+def register(stage: StageSpec, section: Mapping[str, Any] | None = None, after: str | None = None) -> None:
+    """Add ``stage`` (a plugin or a test's dummy stage) after the registered ones, or right after the
+    stage ``after`` (a stage inserted into the chain; its ``feeds`` rewire what the next one reads).
 
     ``section``: its config schema (``SCHEMA[stage.name]``, e.g. ``{"factor": 2}``), so configs may
     set it. The row is checked first: a bad row raises ValueError and changes nothing.
     """
     if section is not None and stage.name in SCHEMA:
         raise ValueError(f"config section {stage.name!r} already exists in pipeline/schema.py")
-    problems = check([*_rows, stage])
+    if after is not None and after not in names():
+        raise ValueError(f"cannot register stage {stage.name!r} after {after!r}: no such stage ({', '.join(names())})")
+    at = len(_rows) if after is None else names().index(after) + 1
+    rows = [*_rows[:at], stage, *_rows[at:]]
+    problems = check(rows)
     if problems:
         raise ValueError(f"cannot register stage {stage.name!r}: " + "; ".join(problems))
-    _rows.append(stage)
+    _rows.insert(at, stage)
     if section is not None:
         SCHEMA[stage.name] = dict(section)
         _sections.add(stage.name)
@@ -373,10 +266,10 @@ def unregister(name: str) -> None:
     """Remove a stage added by :func:`register` (and its schema section); built-in stages stay."""
     if any(s.name == name for s in _BUILTIN):
         raise ValueError(f"stage {name!r} is built in; only registered stages can be removed")
-    stage = spec(name)
-    dependants = [s.name for s in _rows if name in s.needs]
-    if dependants:
-        raise ValueError(f"stage {name!r} is needed by {', '.join(dependants)}; unregister those first")
+    stage = next(s for s in _rows if s.name == spec(name).name)
+    dangling = _wire([s for s in _rows if s is not stage])[1]  # a stage it feeds reads its own input again
+    if dangling:
+        raise ValueError(f"stage {name!r} is read by later stages ({'; '.join(dangling)}); unregister those first")
     _rows.remove(stage)
     if name in _sections:
         _sections.discard(name)
@@ -385,9 +278,10 @@ def unregister(name: str) -> None:
 
 
 @contextmanager
-def temporary(stage: StageSpec, section: Mapping[str, Any] | None = None) -> Iterator[StageSpec]:
+def temporary(stage: StageSpec, section: Mapping[str, Any] | None = None,
+              after: str | None = None) -> Iterator[StageSpec]:
     """``register`` for the duration of a ``with`` block (tests): removed again on exit, even on error."""
-    register(stage, section)
+    register(stage, section, after)
     try:
         yield stage
     finally:

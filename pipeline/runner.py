@@ -81,14 +81,39 @@ class StageContext:
         """Where this stage writes its declared output ``role`` (pipeline/registry.py), in the partial folder."""
         return self.out / output_file(self.spec.name, role, **values)
 
-    def input(self, stage: str, role: str, **values: Any) -> Path:
-        """The declared output ``role`` of the finished upstream ``stage`` (``ctx.input("unroll", "float")``)."""
+    def _resolve(self, name: str) -> tuple[str, str]:
+        """Input ``name`` of this stage's row -> (stage, role); KeyError for an input the row does not declare."""
+        stage, _, role = self.spec.reference(name).partition(".")
+        if role == "*":
+            raise KeyError(f"input {name!r} of stage {self.spec.name!r} is the whole folder of {stage!r}: "
+                           f"use ctx.inputs[{stage!r}], or name one output ({stage}.<role>)")
+        return stage, role
+
+    def input(self, name: str, **values: Any) -> Path:
+        """The file of the declared input ``name`` (its row says ``"name=stage.role"``, so which upstream
+        output that is lives in pipeline/registry.py): ``ctx.input("model")`` -> ``reduce_t/chosen.pt``.
+        An input the row does not declare is refused (KeyError): a stage reads what its row says."""
+        stage, role = self._resolve(name)
         return self.inputs[stage] / output_file(stage, role, **values)
 
-    def load_upstream_model(self, stage: str, file: str) -> tuple[nn.Module, dict[str, Any]]:
-        """The common start of a fine-tuning stage: fix threads and seed, then load ``<stage>/<file>``
-        onto the stage's device -> (model, checkpoint); a damaged or foreign checkpoint becomes a
-        StageError that names it."""
+    def input_artifact(self, name: str, **values: Any) -> str:
+        """The declared input's name in reports and metrics: ``<stage>/<file>`` (``qat/qat.pt``)."""
+        stage, role = self._resolve(name)
+        return f"{stage}/{output_file(stage, role, **values)}"
+
+    def checkpoints(self, folder: Path | None = None):
+        """Where a fit keeps its checkpoints (``pipeline.training.loop.Checkpoints``): the train stage's
+        ``best``/``last`` names, in ``folder`` (default: this stage's folder). Fine-tunes use the same
+        names so that a write failure keeps their resume state (:func:`_drop_after_write_failure`)."""
+        from pipeline.training.loop import Checkpoints  # torch: not at the top (the CLI imports this module)
+
+        return Checkpoints(self.out if folder is None else Path(folder), output_file("train", "best"),
+                           output_file("train", "last"))
+
+    def load_upstream_model(self, name: str) -> tuple[nn.Module, dict[str, Any]]:
+        """The common start of a fine-tuning stage: fix threads and seed, then load the checkpoint of
+        the declared input ``name`` onto the stage's device -> (model, checkpoint); a damaged or foreign
+        checkpoint becomes a StageError that names it."""
         # imported here, not at the top: they load torch, and this module serves the torch-free CLI
         import torch
 
@@ -99,7 +124,7 @@ class StageContext:
             torch.set_num_threads(self.cfg["train"]["threads"])
         seed_everything(self.cfg["seed"])
         try:
-            model, ckpt = load_model(self.inputs[stage] / file)
+            model, ckpt = load_model(self.input(name))
         except CheckpointError as exc:
             raise StageError(str(exc)) from exc
         return model.to(self.device), ckpt

@@ -13,10 +13,38 @@ from typing import Any
 import numpy as np
 
 from pipeline import registry
-from pipeline.deploy.bundle import make_bundle
+from pipeline.deploy.bundle import BUILDS_FROM, BundleLayout, make_bundle
 from pipeline.runner import StageContext, StageError, StageResult
 from pipeline.runtime import get_backend, load_runner
 from pipeline.runtime.backends.tensorrt_build import BuildRequest
+
+
+def engine_plan() -> tuple[tuple[str, str, str], ...]:
+    """(engine name, source graph in the export folder, precision) for every engine the build stage declares,
+    in its order; a family (``step_{precision}.engine``) gives one engine per precision its graph builds."""
+    plan = []
+    for o in registry.spec("build").outputs:
+        if o.kind != "engine":
+            continue
+        _, graph = registry.ref(o.parent)
+        precisions = [o.precision] if o.precision else [p for p, g in BUILDS_FROM.items() if g == graph.precision]
+        for p in precisions:
+            plan.append((Path(o.filename(**({"precision": p} if o.fields else {}))).stem, graph.file, p))
+    return tuple(plan)
+
+
+def bundle_layout() -> BundleLayout:
+    """The bundle's file names, from the registry rows of export (what it carries) and build (what it writes)."""
+    export = registry.spec("export")
+    return BundleLayout(
+        copied=tuple(o.file for o in export.outputs if o.bundled),
+        graphs=tuple(o.file for s, o in registry.measured() if s == "export" and o.kind == "onnx"),
+        engine_plan=engine_plan(), fp32_graph=registry.file("export", "onnx_fp32"),
+        int8_graph=registry.file("export", "onnx_int8"), step_graph=registry.file("export", "step_fp32"),
+        samples=registry.file("export", "samples"), bundle_json=registry.file("build", "bundle"),
+        script=registry.file("build", "script"), guide=registry.file("build", "guide"),
+        intel_guide=registry.file("build", "intel_guide"), runtime=registry.file("build", "runtime").rstrip("/"),
+        first_engine=registry.file("build", "engine_fp16"))
 
 
 def _engine_check(folder: Path, engine: str) -> dict[str, Any]:
@@ -33,7 +61,7 @@ def _engine_check(folder: Path, engine: str) -> dict[str, Any]:
 def run(ctx: StageContext) -> StageResult:
     b = ctx.cfg["build"]
     try:
-        specs, facts = make_bundle(ctx.inputs["export"], ctx.out, b)
+        specs, facts = make_bundle(ctx.inputs["export"], ctx.out, b, bundle_layout())
     except (FileNotFoundError, ValueError) as exc:
         raise StageError(f"cannot assemble the device bundle: {exc}") from exc
     metrics: dict[str, Any] = {**facts, "precisions": list(b["precisions"]),

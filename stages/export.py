@@ -139,8 +139,8 @@ def export_nir_checked(ctx: StageContext, flat: torch.nn.Module, x: torch.Tensor
 def run(ctx: StageContext) -> StageResult:
     cfg, e = ctx.cfg, ctx.cfg["export"]
     try:
-        flat, info = load_unrolled(ctx.input("unroll", "float"))
-        q, qinfo = load_unrolled(ctx.input("unroll", "int8"))
+        flat, info = load_unrolled(ctx.input("float"))
+        q, qinfo = load_unrolled(ctx.input("int8"))
     except UnrollError as exc:
         raise StageError(str(exc)) from exc
     x, y, bundle = _inputs(cfg, info.T, e["parity_images"])

@@ -21,7 +21,7 @@ from pipeline.precision import amp_dtype
 from pipeline.runner import StageContext, StageError, StageResult
 from pipeline.schema import ConfigError
 from pipeline.training.evaluate import evaluate
-from pipeline.training.history import HISTORY_FILE, history_rows, write_history
+from pipeline.training.history import history_rows, write_history
 from pipeline.training.loop import FitConfig, NonFiniteLoss, fit, seed_everything, to_channels_last, total_steps
 from pipeline.training.losses import classification_loss
 from pipeline.training.optim import build_optimizer, warmup_cosine
@@ -116,7 +116,7 @@ def run(ctx: StageContext) -> StageResult:
                    precision=t["precision"], grad_clip=t["grad_clip"], max_batches=t["max_batches"],
                    eval_every=t["eval_every"], rank=ctx.rank, world_size=ctx.world_size)
     try:
-        state = fit(model, loader, val, opt, sched, step_loss, fc, ctx.out,
+        state = fit(model, loader, val, opt, sched, step_loss, fc, ctx.checkpoints(),
                     payload=lambda m: model_payload(m, mcfg, meta), writer=writer)
     except NonFiniteLoss as exc:
         raise StageError(str(exc)) from exc
@@ -125,7 +125,7 @@ def run(ctx: StageContext) -> StageResult:
             writer.close()
     if not ctx.is_main:
         return StageResult()
-    write_history(ctx.out / HISTORY_FILE, history_rows(mcfg["T"], state.history))
+    write_history(ctx.output("history"), history_rows(mcfg["T"], state.history))
     best, _ = load_model(ctx.output("best"))
     test = evaluate(best.to(ctx.device), eval_loader(cfg, bundle.test, cfg["data"]["limit_test"]), ctx.device,
                     desc="test")

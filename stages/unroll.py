@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from pipeline import registry
 from pipeline.checkpoint import CheckpointError, load_model
 from pipeline.compress.quantize import load_qat_model
 from pipeline.data import data_bundle, eval_loader
@@ -22,20 +21,11 @@ from pipeline.deploy.unroll import (FLOAT_RECIPE, INT8_RECIPE, UnrolledInfo, des
 from pipeline.runner import StageContext, StageError, StageResult
 
 
-def float_checkpoint(reduce_dir: Path) -> Path:
-    """``reduce_t/chosen.pt``: reduce_t always writes it (a copy of the T it hands on)."""
-    chosen = registry.path(reduce_dir, "reduce_t", "chosen")
-    if not chosen.is_file():
-        raise StageError(f"no chosen checkpoint in {reduce_dir} (expected {chosen.name}); re-run the reduce_t stage "
-                         f"(python -m pipeline.stage reduce_t --config ... --force)")
-    return chosen
-
-
-def load_qat(qat_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    path = registry.path(qat_dir, "qat", "qat")
+def load_qat(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The INT8 model at ``path`` (the stage's input ``int8``: ``<stage folder>/<file>``)."""
     if not path.is_file():
-        raise StageError(f"the INT8 model {path} is missing; re-run the qat stage "
-                         f"(python -m pipeline.stage qat --config ... --force)")
+        raise StageError(f"the INT8 model {path} is missing; re-run the {path.parent.name} stage "
+                         f"(python -m pipeline.stage {path.parent.name} --config ... --force)")
     try:
         return load_qat_model(path)
     except ImportError as exc:  # NNCF, imported when the model is rebuilt
@@ -56,7 +46,10 @@ def _on(device: str, fn):
 def run(ctx: StageContext) -> StageResult:
     cfg, u = ctx.cfg, ctx.cfg["unroll"]
     tie_tol = 2 * u["max_abs_diff"]
-    src = float_checkpoint(ctx.inputs["reduce_t"])
+    src = ctx.input("float")  # the float checkpoint at the deployment T (reduce_t's chosen.pt)
+    if not src.is_file():
+        raise StageError(f"the float checkpoint {src} is missing; re-run the {src.parent.name} stage "
+                         f"(python -m pipeline.stage {src.parent.name} --config ... --force)")
     try:
         model, ckpt = load_model(src)
     except CheckpointError as exc:
@@ -74,13 +67,13 @@ def run(ctx: StageContext) -> StageResult:
                   _on(dev, torch_with_spikes(flat.to(dev), membranes=False)), loader, tie_tol, u["flip_margin"],
                    max_numerical_share=u["max_numerical_share"])
     failures += rep.failures(u["max_abs_diff"], u["min_spike_agreement"], "unroll float")
-    metrics["float"] = {"source": str(src.relative_to(src.parents[1])), "parity": rep.metrics(), **describe(flat)}
+    metrics["float"] = {"source": ctx.input_artifact("float"), "parity": rep.metrics(), **describe(flat)}
     _log(ctx, "float", rep)
     save_unrolled(ctx.output("float"), flat.cpu(), UnrolledInfo(
         "float", T, ckpt["model_cfg"], ckpt["data_meta"], bn_folded=True, recipe=FLOAT_RECIPE,
         source=metrics["float"]["source"]))
 
-    qat, qckpt = load_qat(ctx.inputs["qat"])
+    qat, qckpt = load_qat(ctx.input("int8"))
     q = unroll_qat(qat)
     qT = getattr(q, "T", T)
     if qT != T:
@@ -90,7 +83,7 @@ def run(ctx: StageContext) -> StageResult:
                    _on(dev, torch_with_spikes(q.to(dev), membranes=False)), loader, tie_tol, u["flip_margin"],
                    max_numerical_share=u["max_numerical_share"])
     failures += rep8.failures(u["max_abs_diff"], u["min_spike_agreement"], "unroll int8 (vs QAT model)")
-    qat_source = registry.artifact("qat", "qat")
+    qat_source = ctx.input_artifact("int8")
     metrics["int8"] = {"source": qat_source, "parity": rep8.metrics(), **describe(q)}
     _log(ctx, "int8", rep8)
     save_unrolled(ctx.output("int8"), q.cpu(), UnrolledInfo(

@@ -13,11 +13,11 @@ from pipeline import __version__, registry
 from pipeline.artifacts import write_json_atomic
 from pipeline.console import LOG_ONLY
 from pipeline.data import data_bundle, eval_loader
-from pipeline.report import (BASELINE, CONVENTION, E_AC_PJ, E_MAC_PJ, E_MUL_PJ, EXCLUDED, Settings, apply_gates,
+from pipeline.report import (CONVENTION, E_AC_PJ, E_MAC_PJ, E_MUL_PJ, EXCLUDED, Settings, apply_gates,
                              build_report, discover, inherit_energy, measure, render, upstream_parity,
                              validate_report)
 from pipeline.report.nir_note import nir_note, nir_summary, read_nir_metrics
-from pipeline.report.plots import draw_all, draw_training_curves
+from pipeline.report.plots import TRAINING_CURVES, draw_all, draw_training_curves
 from pipeline.runner import StageContext, StageError, StageResult
 
 
@@ -45,10 +45,12 @@ def run(ctx: StageContext) -> StageResult:
     settings = Settings(batch_sizes=tuple(v["batch_sizes"]), warmup=v["warmup"], iterations=v["iterations"],
                         threads=v["threads"], num_classes=bundle.num_classes,
                         max_engine_batch=cfg["build"]["max_batch"], min_seconds=v["min_seconds"])
-    artifacts = discover(ctx.inputs, cfg["model"]["T"], ctx.device, (None, *sample.shape))
-    if not artifacts or artifacts[0].name != BASELINE or not artifacts[0].path.is_file():
+    table = registry.table()
+    baseline = table.baseline_artifact()  # "train/best.pt"
+    artifacts = discover(ctx.inputs, cfg["model"]["T"], ctx.device, (None, *sample.shape), table)
+    if not artifacts or artifacts[0].name != baseline or not artifacts[0].path.is_file():
         stage = registry.baseline()[0]
-        raise StageError(f"the float baseline {BASELINE} is missing under {ctx.inputs.get(stage)}; "
+        raise StageError(f"the float baseline {baseline} is missing under {ctx.inputs.get(stage)}; "
                          f"re-run the {stage} stage (python -m pipeline.stage {stage} --force --config ...)")
     rows = []
     for art in artifacts:
@@ -56,10 +58,10 @@ def run(ctx: StageContext) -> StageResult:
         ctx.log.info("[validate] %s (%s %s, T=%s)", art.name, art.backend, art.precision, art.T, extra=LOG_ONLY)
         rows.append(measure(art, loader_for(art.T), settings, ctx.log))
     if rows[0]["top1"] is None:
-        raise StageError(f"the float baseline {BASELINE} could not be evaluated ({rows[0]['status']}); "
+        raise StageError(f"the float baseline {baseline} could not be evaluated ({rows[0]['status']}); "
                          f"every delta and gate depends on it: fix it and re-run validate")
     inherit_energy(rows, {a.name: a.energy_from for a in artifacts})
-    failed = apply_gates(rows, v["gates"], BASELINE, v["gate_reference"], changed=v["changed"],
+    failed = apply_gates(rows, v["gates"], baseline, v["gate_reference"], changed=v["changed"],
                          max_logit_diff=v["max_logit_diff"])
 
     doc = build_report(
@@ -70,11 +72,13 @@ def run(ctx: StageContext) -> StageResult:
                   "iterations": settings.iterations, "threads": settings.threads, "min_seconds": settings.min_seconds,
                   "gate_reference": v["gate_reference"], "gates": dict(v["gates"]), "changed": dict(v["changed"]),
                   "max_logit_diff": dict(v["max_logit_diff"])},
-        baseline=BASELINE, energy_model={"e_mac_pj": E_MAC_PJ, "e_ac_pj": E_AC_PJ, "e_mul_pj": E_MUL_PJ,
+        baseline=baseline, energy_model={"e_mac_pj": E_MAC_PJ, "e_ac_pj": E_AC_PJ, "e_mul_pj": E_MUL_PJ,
                                             "convention": CONVENTION, "excluded": list(EXCLUDED)},
-        parity=upstream_parity(ctx.inputs), failed=failed, plots=[])
-    doc["plots"] = draw_all(doc, ctx.out)
-    curves = draw_training_curves(ctx.inputs, ctx.out)
+        parity=upstream_parity(ctx.inputs, table), failed=failed, plots=[])
+    doc["plots"] = draw_all(doc, lambda plot: ctx.output("plot", plot=plot))
+    histories = {s.name: ctx.input(f"{s.name}.history") for s in registry.stages()
+                 if s.name in ctx.inputs and any(o.role == "history" for o in s.outputs)}
+    curves = draw_training_curves(histories, ctx.output("plot", plot=TRAINING_CURVES))
     if curves:
         doc["plots"].append(curves)
     problems = validate_report(doc)
@@ -82,7 +86,8 @@ def run(ctx: StageContext) -> StageResult:
         raise StageError(f"{ctx.output('report_json').name} does not match its schema: " + "; ".join(problems))
     write_json_atomic(ctx.output("report_json"), doc)
     md = render(doc)
-    nir = read_nir_metrics(ctx.inputs.get("export"))  # the NIR graph is not measured here: export's record, noted
+    # the NIR graph is not measured here: export's record, noted
+    nir = read_nir_metrics(ctx.input("export.metrics") if "export" in ctx.inputs else None)
     if nir_note(nir):
         md = md.rstrip("\n") + "\n" + "\n".join(nir_note(nir)) + "\n"
     ctx.output("report_md").write_text(md)

@@ -27,6 +27,6 @@ def run(ctx: StageContext) -> StageResult:
         ctx.output("value").write_text(f"{ctx.cfg['up']['factor']}{NOISE[0]}")
         (ctx.out / "history.csv").write_text(f"run {len(RUNS)}\n")  # a record: differs on every run
         return StageResult(metrics={"runs": len(RUNS)})
-    read = ctx.input("up", "value").read_text()
+    read = ctx.input("up.value").read_text()
     ctx.output("copy").write_text(read)
     return StageResult(metrics={"read": read})

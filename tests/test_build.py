@@ -140,7 +140,9 @@ def test_engine_plan_and_bundle_follow_the_registry():
     """The engines come from the build stage's declared outputs and their parent graphs; the bundle copies
     the export outputs marked ``bundled``."""
     from pipeline import registry
-    from pipeline.deploy.bundle import COPIED, ENGINE_PLAN
+    from stages.build import bundle_layout
+
+    ENGINE_PLAN, COPIED = bundle_layout().engine_plan, bundle_layout().copied
 
     assert ENGINE_PLAN == (("model_fp16", "model_fp32.onnx", "fp16"), ("model_int8", "model_int8.onnx", "int8"),
                            ("model_fp32", "model_fp32.onnx", "fp32"), ("step_fp16", "step_fp32.onnx", "fp16"),
@@ -198,10 +200,12 @@ def test_bundle_files_are_copies_an_edit_of_one_leaves_the_other(export_dir, tmp
     import hashlib
 
     from pipeline.config import load_config
-    from pipeline.deploy.bundle import COPIED, make_bundle
+    from pipeline.deploy.bundle import make_bundle
+    from stages.build import bundle_layout
 
+    COPIED = bundle_layout().copied
     out = tmp_path / "bundle"
-    make_bundle(export_dir, out, load_config()["build"])
+    make_bundle(export_dir, out, load_config()["build"], bundle_layout())
     name = "sample_inputs.npz"
     before = hashlib.sha256((export_dir / name).read_bytes()).hexdigest()
     for f in COPIED:

@@ -21,7 +21,7 @@ UP = StageSpec("up", (), ("up",), (
     Output("value", "value.txt", "report"),
     Output("history", "history.csv", "log"),
 ), "writes bytes", module="tests.chain_stage")
-DOWN = StageSpec("down", ("up",), ("down",), (Output("copy", "copy.txt", "report"),),
+DOWN = StageSpec("down", ("up.value",), ("down",), (Output("copy", "copy.txt", "report"),),
                  "reads up's bytes", module="tests.chain_stage")
 
 

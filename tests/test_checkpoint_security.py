@@ -141,7 +141,7 @@ def test_payloads_are_made_plain_when_saved(tmp_path):
 def test_training_checkpoints_load_weights_only_and_resume(tmp_path):
     """best.pt/last.pt (optimiser, scheduler, GradScaler state, history) load weights-only; a resume uses them."""
     from pipeline.models import build_model
-    from pipeline.training.loop import FitConfig, fit
+    from pipeline.training.loop import Checkpoints, FitConfig, fit
     from pipeline.training.optim import warmup_cosine
 
     cfg = dict(MCFG, T=1)
@@ -158,7 +158,7 @@ def test_training_checkpoints_load_weights_only_and_resume(tmp_path):
         model = build_model(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         return fit(model, loader, loader, opt, warmup_cosine(opt, 4, 1), step_loss,
-                   FitConfig(epochs=epochs, progress=False), tmp_path,
+                   FitConfig(epochs=epochs, progress=False), Checkpoints(tmp_path, "best.pt", "last.pt"),
                    payload=lambda m: model_payload(m, cfg, META, reduce_t={"agreement": np.float64(1.0)}))
 
     run(1)

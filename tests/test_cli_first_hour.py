@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline import registry
 from pipeline.artifacts import Manifest, RunStore
 from pipeline.cli import _display_state, _status_note, best_shipping_row, split_set_string
 from pipeline.config import load_config
@@ -140,8 +141,7 @@ def test_version_list_and_config():
     listed = _cli("pipeline", "list")
     assert listed.returncode == 0
     assert "qat.pt" in listed.stdout and "cifar10_small.yaml" in listed.stdout and "resnet19" in listed.stdout
-    assert _cli("pipeline", "list", "--names").stdout.split() == ["train", "reduce_t", "qat", "unroll", "export",
-                                                                  "build", "validate"]
+    assert _cli("pipeline", "list", "--names").stdout.split() == list(registry.names())
     res = _cli("pipeline", "config", "--config", "configs/cifar10_small.yaml", "--set", "train.epochs=2",
                "--sets", "reduce_t.steps=[2, 1] name=x y")
     assert res.returncode == 0, res.stderr
@@ -295,7 +295,8 @@ def test_build_script_times_each_engine():
     for args in timed:
         assert validate_args(args) == [] and "--skipInference" not in args and "--shapes=input:1x1x16x16" in args
     assert len(parse_script(text)) == 2  # the build commands, as before
-    guide = render_jetson_guide(specs, {})
+    guide = render_jetson_guide(specs, {}, graph="model_fp32.onnx", step="step_fp32.onnx",
+                                samples="sample_inputs.npz", first_engine="model_fp16.engine")
     assert "Performance summary" in guide and "GPU Compute Time" in guide and "timing.log" in guide
 
 

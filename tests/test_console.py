@@ -16,6 +16,7 @@ from pipeline.data import data_bundle, data_meta, model_config
 from pipeline.models import build_model
 from pipeline.report.plots import TRAINING_CURVES, draw_training_curves
 from pipeline.training.finetune import FineTune, fine_tune
+from pipeline.training.loop import Checkpoints
 from pipeline.training.history import history_rows, read_history, write_history
 from pipeline.training.loop import on_console
 
@@ -107,10 +108,11 @@ def test_history_csv_round_trip_and_training_curves(tmp_path):
     assert rows[2]["val_top1"] is None and rows[2]["val_loss"] is None  # no validation split
     out = tmp_path / "plots"
     out.mkdir()
-    assert draw_training_curves(up, out) == TRAINING_CURVES
-    assert (out / TRAINING_CURVES).stat().st_size > 10_000
-    assert draw_training_curves({"qat": up["qat"], "export": up["export"]}, tmp_path) is None
-    assert not (tmp_path / TRAINING_CURVES).exists()
+    png = f"{TRAINING_CURVES}.png"
+    assert draw_training_curves({s: d / "history.csv" for s, d in up.items()}, out / png) == png
+    assert (out / png).stat().st_size > 10_000
+    assert draw_training_curves({s: up[s] / "history.csv" for s in ("qat", "export")}, tmp_path / png) is None
+    assert not (tmp_path / png).exists()
 
 
 def test_fine_tune_history_has_one_row_per_epoch(write_config, tmp_path):
@@ -121,7 +123,8 @@ def test_fine_tune_history_has_one_row_per_epoch(write_config, tmp_path):
     torch.manual_seed(0)
     net = build_model(mcfg)
     ft = FineTune(desc="reduce_t T=2", epochs=2, lr=1e-3, lr_key="reduce_t.lr", seed=0, max_batches=1, amp=False)
-    model, history = fine_tune(net, ft, cfg, bundle, "cpu", tmp_path / "fit", stage_dir=tmp_path,
+    model, history = fine_tune(net, ft, cfg, bundle, "cpu", Checkpoints(tmp_path / "fit", "best.pt", "last.pt"),
+                               stage_dir=tmp_path,
                                payload=lambda m: model_payload(m, mcfg, data_meta(bundle)))
     assert model is net and not model.training
     assert [h["epoch"] for h in history] == [1, 2] and all("val_top1" in h for h in history)

@@ -2,8 +2,11 @@
 "-0.28 points below" where QAT was 0.28 points above its parent, under a gate that demanded a gain)."""
 from __future__ import annotations
 
-from pipeline.report import BASELINE, apply_gates
+from pipeline import registry
+from pipeline.report import apply_gates
 from tests.test_report import GATES, rows_fixture
+
+BASELINE = registry.table().baseline_artifact()
 
 
 def _qat_failure(qat_top1: float, gate: float) -> str:

@@ -107,7 +107,7 @@ def _gloo_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     from pipeline.models import build_model
-    from pipeline.training.loop import FitConfig, NonFiniteLoss, fit
+    from pipeline.training.loop import Checkpoints, FitConfig, NonFiniteLoss, fit
     from pipeline.training.losses import classification_loss
     from stages.train import StepsForward, _TETView
 
@@ -133,7 +133,7 @@ def _gloo_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         fc = FitConfig(epochs=1, device="cpu", rank=rank, world_size=world, progress=False, check_every=1)
         try:
             fit(model, loader, None, torch.optim.SGD(lin.parameters(), lr=0.1), None, step_loss, fc,
-                Path(out_dir) / f"ckpt{rank}", payload=lambda m: {"model": m.state_dict()})
+                Checkpoints(Path(out_dir) / f"ckpt{rank}", "best.pt", "last.pt"), payload=lambda m: {"model": m.state_dict()})
             lines.append("nan=not raised")
         except NonFiniteLoss as exc:
             lines.append(f"nan=raised at step {calls['n']}: {exc}")
@@ -168,13 +168,14 @@ def test_two_gloo_ranks_share_the_nonfinite_flag_and_sync_tet_gradients(tmp_path
 
 
 def test_nonfinite_check_every_n_steps_names_the_range(tmp_path):
-    from pipeline.training.loop import FitConfig, NonFiniteLoss, fit
+    from pipeline.training.loop import Checkpoints, FitConfig, NonFiniteLoss, fit
 
     lin, loader, calls, step_loss = _poisoned_fit(12, at_call=2, value=float("inf"))
 
     fc = FitConfig(epochs=1, device="cpu", progress=False, check_every=4)
     with pytest.raises(NonFiniteLoss, match=r"batch 1-4 \(checked every 4 batches\)"):
-        fit(lin, loader, None, torch.optim.SGD(lin.parameters(), lr=0.1), None, step_loss, fc, tmp_path,
+        fit(lin, loader, None, torch.optim.SGD(lin.parameters(), lr=0.1), None, step_loss, fc,
+                    Checkpoints(tmp_path, "best.pt", "last.pt"),
             payload=lambda m: {"model": m.state_dict()})
     assert calls["n"] == 4  # found at the first check, not at the end of the epoch
 
@@ -412,7 +413,7 @@ def test_model_traces_as_one_graph_under_autocast():
 def test_resume_takes_the_optimizer_implementation_of_the_new_run(tmp_path):
     """A CPU checkpoint (default AdamW) resumed by a run with the fused AdamW (what CUDA uses) keeps
     the fused kernels: load_state_dict would otherwise restore the saved run's choice."""
-    from pipeline.training.loop import FitConfig, fit
+    from pipeline.training.loop import Checkpoints, FitConfig, fit
 
     data = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,)))
     loader = torch.utils.data.DataLoader(data, batch_size=4)
@@ -425,7 +426,8 @@ def test_resume_takes_the_optimizer_implementation_of_the_new_run(tmp_path):
         torch.manual_seed(0)
         lin = torch.nn.Linear(3, 2)
         opt = torch.optim.AdamW(lin.parameters(), lr=0.01, fused=fused)
-        state = fit(lin, loader, None, opt, None, step_loss, FitConfig(epochs=epochs, progress=False), tmp_path,
+        state = fit(lin, loader, None, opt, None, step_loss, FitConfig(epochs=epochs, progress=False),
+                    Checkpoints(tmp_path, "best.pt", "last.pt"),
                     payload=lambda m: {"model": m.state_dict(), "model_cfg": {}, "data_meta": {}})
         return state, opt
 

@@ -239,10 +239,10 @@ def test_export_stage_writes_the_nir_graph_with_reader_parity_on_static_images(t
 def test_report_note_names_the_graph_its_parity_or_the_blocking_parts(tmp_path: Path):
     from pipeline.report.nir_note import nir_note, nir_summary, read_nir_metrics
 
-    assert read_nir_metrics(tmp_path) is None and nir_note(None) == []
+    assert read_nir_metrics(tmp_path / "metrics.json") is None and nir_note(None) == []
     skipped = {"exported": False, "skipped": ["layer3.0.sn1.staa.sa: STAA step attention (SA) ..."]}
     (tmp_path / "metrics.json").write_text(json.dumps({"T": 2, "nir": skipped}))
-    lines = nir_note(read_nir_metrics(tmp_path))
+    lines = nir_note(read_nir_metrics(tmp_path / "metrics.json"))
     assert "nir: skipped; parts with no NIR form:" in lines and any("staa.sa" in line for line in lines)
     reader = {"checked": True, "n": 100, "samples_clean": 99, "samples_numerical_flip": 1, "samples_real_mismatch": 0,
               "top1_mismatches": 0, "max_abs_diff": 2e-7}

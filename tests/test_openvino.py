@@ -21,6 +21,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from pipeline import registry
 from pipeline.deploy.compact import compact_onnx
 from pipeline.deploy.onnx_export import export_onnx, write_metadata
 from pipeline.deploy.unroll import unroll_float, unroll_qat
@@ -198,7 +199,7 @@ def test_inventory_adds_an_openvino_row_per_onnx_graph(tmp_path, graphs):
     (tmp_path / "export").mkdir()
     for p in paths.values():
         (tmp_path / "export" / p.name).write_bytes(p.read_bytes())
-    rows = {a.name: a for a in discover({"export": tmp_path / "export"}, 1, "cpu", (None, 1, 16, 16))}
+    rows = {a.name: a for a in discover({"export": tmp_path / "export"}, 1, "cpu", (None, 1, 16, 16), registry.table())}
     for prec, src in (("fp32", "unroll/float.pt"), ("int8", "unroll/int8.pt")):
         ort_row, ov_row = rows[f"export/model_{prec}.onnx"], rows[f"export/model_{prec}.onnx{OPENVINO_SUFFIX}"]
         assert (ov_row.backend, ov_row.precision, ov_row.status, ov_row.ships) == ("openvino", prec, "ok", True)
@@ -233,6 +234,7 @@ def test_bundle_intel_guide_commands_run(tmp_path, graphs):
     import sys
 
     from pipeline.deploy.bundle import make_bundle
+    from stages.build import bundle_layout
 
     paths, _, _, _ = graphs
     export = tmp_path / "export"
@@ -241,7 +243,7 @@ def test_bundle_intel_guide_commands_run(tmp_path, graphs):
         shutil.copy(p, export / p.name)
     build = {"precisions": ["fp16", "int8"], "min_batch": 1, "opt_batch": 8, "max_batch": 32, "workspace_mb": 256,
              "fp32_neurons": False}
-    make_bundle(export, tmp_path / "bundle", build)
+    make_bundle(export, tmp_path / "bundle", build, bundle_layout())
     guide = (tmp_path / "bundle" / "INTEL.md").read_text()
     assert "--backend openvino" in guide and "int8 ops executed" in guide
     line = next(l for l in guide.replace("\\\n", "").splitlines() if "benchmark_app -m model_int8.onnx" in l)

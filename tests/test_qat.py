@@ -192,19 +192,16 @@ def test_qdq_module_matches_and_exports_to_onnxruntime(qat_model, qat_file, imag
 
 
 def test_qdq_module_agreement_counts_real_disagreements(write_config, tmp_path):
-    """The qat stage's own check (``stages.qat._qdq_module_agreement`` with a real stage context): of 8 test images
+    """The qat recipe's own check (``pipeline.compress.qat_recipe.qdq_module_agreement``): of 8 test images
     the Q/DQ module picks another class on 2 with a clear QAT margin (counted) and on 1 where the QAT model's top
     two tie within 2 x export.max_abs_diff (excused): 75%, not a constant 100."""
     import logging
 
-    from pipeline import registry
+    from pipeline.compress.qat_recipe import qdq_module_agreement
     from pipeline.config import load_config
-    from pipeline.runner import StageContext, run_store
-    from stages.qat import _qdq_module_agreement
 
     cfg = load_config(write_config())
-    ctx = StageContext(cfg=cfg, spec=registry.spec("qat"), out=tmp_path, inputs={}, store=run_store(cfg),
-                       device="cpu", log=logging.getLogger("pipeline.qat"))
+    log, tie_tol = logging.getLogger("pipeline.qat"), 2 * cfg["export"]["max_abs_diff"]
     qat_logits = torch.full((8, 10), -1.0)
     qat_logits[torch.arange(8), torch.arange(8)] = 3.0  # image i: class i by a margin of 4
     qat_logits[7, 9] = 3.0 - 1e-6  # image 7: classes 7 and 9 tie (margin 1e-6 < 2e-4)
@@ -212,5 +209,5 @@ def test_qdq_module_agreement_counts_real_disagreements(write_config, tmp_path):
     exp_logits[[0, 1], [5, 6]] = 5.0  # images 0, 1: another class, clearly
     exp_logits[7, 9] = 3.0 + 1e-6  # image 7: the other tied class
     assert (exp_logits.argmax(1) != qat_logits.argmax(1)).sum() == 3
-    assert _qdq_module_agreement(ctx, qat_logits, qat_logits.clone()) == 100.0
-    assert _qdq_module_agreement(ctx, qat_logits, exp_logits) == 75.0
+    assert qdq_module_agreement(qat_logits, qat_logits.clone(), tie_tol, log) == 100.0
+    assert qdq_module_agreement(qat_logits, exp_logits, tie_tol, log) == 75.0

@@ -137,17 +137,17 @@ def test_choose_T_rule_uses_the_validation_split():
 
 
 def test_the_stage_chooses_T_on_validation_where_validation_and_test_disagree():
-    """The stage's own choice (``stages/reduce_t.py`` calls ``choose_T_on_val`` with its score dicts, shaped as
-    ``_score`` and ``_reduce_one`` write them): validation says T=2, the test split would say T=3 whichever of
+    """The stage's own choice (its recipe ``pipeline.compress.reduce_recipe`` calls ``choose_T_on_val`` with its
+    score dicts, shaped as ``_score`` and ``_reduce_one`` write them): validation says T=2, the test split would say T=3 whichever of
     the baseline's or the rows' test figures were read instead."""
-    import stages.reduce_t
+    import pipeline.compress.reduce_recipe as recipe
 
     # the stage's one choice is this function on its own score dicts, unchanged (no other chooser, no edited dict)
-    calls = [n for n in ast.walk(ast.parse(inspect.getsource(stages.reduce_t.run)))
+    calls = [n for n in ast.walk(ast.parse(inspect.getsource(recipe.reduce_time_steps)))
              if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id.startswith("choose_T")]
     assert [(c.func.id, [ast.unparse(a) for a in c.args[:4]]) for c in calls] == [
         ("choose_T_on_val", ["rows", "T0", "base", "gate"])]
-    assert stages.reduce_t.choose_T_on_val is choose_T_on_val
+    assert recipe.choose_T_on_val is choose_T_on_val
     base = {"val_top1": 90.0, "val_n": 100, "test_top1": 99.0, "test_n": 300}
     rows = [{"T": 3, "val_top1": 85.0, "before_val_top1": 80.0, "before_top1": 90.0, "after_top1": 99.0},
             {"T": 2, "val_top1": 89.5, "before_val_top1": 80.0, "before_top1": 70.0, "after_top1": 80.0}]
@@ -157,3 +157,28 @@ def test_the_stage_chooses_T_on_validation_where_validation_and_test_disagree():
     chosen, why = choose_T_on_val(rows, 4, base, 1.0)
     assert chosen == 2, f"T={chosen} chosen: not on the validation split (val says T=2)"
     assert "smallest T within 1 points" in why
+
+
+def test_the_stage_turns_the_recipes_error_into_a_stage_error(write_config, tmp_path):
+    """stages/reduce_t.py wires pipeline.compress.reduce_recipe: the recipe's ReduceError (here: no validation
+    split to choose the T on) reaches the user as the stage's StageError, with the recipe's fix in it."""
+    import logging
+
+    from pipeline import registry
+    from pipeline.checkpoint import model_payload, save_atomic
+    from pipeline.config import load_config
+    from pipeline.data import data_bundle, data_meta, model_config
+    from pipeline.models import build_model
+    from pipeline.runner import StageContext, StageError, run_store
+    from stages import reduce_t
+
+    cfg = load_config(write_config({"data": {"val_fraction": 0.0}}))
+    bundle = data_bundle(cfg)
+    mcfg = model_config(cfg, bundle)
+    (tmp_path / "train").mkdir()
+    save_atomic(model_payload(build_model(mcfg), mcfg, data_meta(bundle)), tmp_path / "train" / "best.pt")
+    (tmp_path / "out").mkdir()
+    ctx = StageContext(cfg=cfg, spec=registry.spec("reduce_t"), out=tmp_path / "out",
+                       inputs={"train": tmp_path / "train"}, store=run_store(cfg), device="cpu", log=logging.getLogger("pipeline.reduce_t"))
+    with pytest.raises(StageError, match="data.val_fraction > 0"):
+        reduce_t.run(ctx)

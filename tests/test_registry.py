@@ -36,7 +36,7 @@ def test_builtin_table_is_sound_and_its_modules_exist():
     assert registry.check() == []
     for s in registry.stages():
         assert importlib.util.find_spec(s.module) is not None, s.module
-    assert registry.NAMES == registry.names() == ("train", "reduce_t", "qat", "unroll", "export", "build", "validate")
+    assert registry.NAMES == registry.names() == tuple(s.name for s in registry.STAGES)
 
 
 def test_outputs_name_files_and_resolve_parents():
@@ -70,7 +70,10 @@ def test_export_hashes_every_upstream_config_section():
 
 
 @pytest.mark.parametrize("row, problem", [
-    (StageSpec("bad", ("nope",), (), (), "x"), "needs 'nope'"),
+    (StageSpec("bad", ("nope",), (), (), "x"), "input 'nope' reads 'nope', which names no output"),
+    (StageSpec("bad", ("m=reduce_t.chosn",), (), (), "x"), "input 'm' reads 'reduce_t.chosn', which names no output"),
+    (StageSpec("bad", ("m=later.model",), (), (), "x"), "input 'm' reads 'later.model', which names no output"),
+    (StageSpec("bad", (), (), (Output("m", "m.pt", "checkpoint"),), "x", feeds=("qat.modle=m",)), "feeds 'qat.modle=m'"),
     (StageSpec("bad", (), (), (Output("a", "a.pt", "checkpoint", ("torch",), "fp32", parent="qat.nope",
                                        steps_from="config"),), "x"), "parent 'qat.nope'"),
     (StageSpec("bad", (), (), (Output("a", "a.pt", "blob"),), "x"), "kind 'blob'"),
@@ -139,7 +142,8 @@ def test_dummy_stage_output_appears_in_the_report_inventory(dummy, tmp_path):
     folder.mkdir()
     torch.manual_seed(0)
     save_atomic(model_payload(build_model(mcfg), mcfg, {"num_classes": 10}), folder / "copy.pt")
-    rows = {a.name: a for a in discover({"dummy": folder}, model_T=2, device="cpu", input_shape=(None, 1, 16, 16))}
+    rows = {a.name: a for a in discover({"dummy": folder}, model_T=2, device="cpu", input_shape=(None, 1, 16, 16),
+                                          table=registry.table())}
     row = rows["dummy/copy.pt"]
     assert (row.stage, row.backend, row.precision, row.T, row.parent, row.status) == (
         "dummy", "torch", "fp32", 2, "train/best.pt", "ok")

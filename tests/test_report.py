@@ -7,11 +7,13 @@ import json
 import pytest
 import torch
 
-from pipeline.report import (BASELINE, CONVENTION, SCHEMA_VERSION, apply_gates, build_report, render,
-                             validate_report)
+from pipeline import registry
+from pipeline.report import CONVENTION, SCHEMA_VERSION, apply_gates, build_report, render, validate_report
 from pipeline.report.plots import draw_all
 
 GATES = {"reduce_t": 3.0, "qat": 1.0, "unroll": 0.0, "onnx_fp32": 0.0, "onnx_int8": 1.0, "engine": 1.0, "total": 3.0}
+
+BASELINE = registry.table().baseline_artifact()  # "train/best.pt"
 
 
 def row(name, stage, backend, precision, T, top1, gate=None, parent=None, status="ok", preds=None, rates=True):
@@ -112,7 +114,7 @@ def test_markdown_and_plots(tmp_path):
     rows = rows_fixture(qat_top1=70.0)
     failed = apply_gates(rows, GATES, BASELINE)
     doc = make_doc(rows, failed)
-    doc["plots"] = draw_all(doc, tmp_path)
+    doc["plots"] = draw_all(doc, lambda plot: tmp_path / registry.file("validate", "plot", plot=plot))
     assert doc["plots"] == ["accuracy_vs_latency.png", "firing_rates.png", "accuracy_vs_T.png"]
     for name in doc["plots"]:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -49,7 +49,6 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from pipeline import registry
 from pipeline.checkpoint import CheckpointError, read_checkpoint
 from pipeline.compress.nncf_env import prepare_nncf_kernels
 from pipeline.compress.qdq import to_qdq_module
@@ -299,8 +298,7 @@ def restore_qat_model(ckpt: dict[str, Any]) -> nn.Module:
 
     if ckpt.get("format") != QAT_FORMAT or "nncf_config" not in ckpt:
         raise CheckpointError(f"not a QAT checkpoint (format {ckpt.get('format')!r}, expected {QAT_FORMAT!r}); "
-                              f"pass the qat stage's {registry.file('qat', 'qat')} (float checkpoints load with "
-                              f"load_model)")
+                              f"pass the QAT checkpoint the qat stage writes (float checkpoints load with load_model)")
     model = set_hand_backward(build_model(ckpt["model_cfg"]).eval(), False)
     if ckpt.get("fold_bn"):
         fold_batchnorm(model)

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from pipeline import registry
 from pipeline.training.loop import StepLoss
 from pipeline.training.losses import classification_loss, distillation_loss
 
@@ -131,15 +130,16 @@ def choose_T_on_val(rows: Sequence[dict[str, Any]], T0: int, base: dict[str, Any
     return choose_T(rows, T0, base["val_top1"], gate, choose, score="val_top1")
 
 
-def format_table(rows: Sequence[dict[str, Any]], T0: int, base: dict[str, Any], chosen: int) -> str:
-    """Markdown table: validation top-1 (what chose) and test top-1 (what is reported) at each T."""
+def format_table(rows: Sequence[dict[str, Any]], T0: int, base: dict[str, Any], chosen: int, base_file: str) -> str:
+    """Markdown table: validation top-1 (what chose) and test top-1 (what is reported) at each T;
+    ``base_file``: the baseline's name in the file column (``train/best.pt``)."""
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
 
     lines = [f"| T | val top-1 | test top-1 before fine-tune | test top-1 after | test delta vs T={T0} | "
              f"agreement | file |", "|---|---|---|---|---|---|---|",
              f"| {T0} (baseline){' *' if chosen == T0 else ''} | {pct(base['val_top1'])} | {base['test_top1']:.2f} "
-             f"| - | 0.00 | 100.00 | {registry.artifact('train', 'best')} |"]
+             f"| - | 0.00 | 100.00 | {base_file} |"]
     for r in rows:
         mark = " *" if r["T"] == chosen else ""
         agree = "-" if r.get("agreement") is None else f"{r['agreement']:.2f}"

@@ -11,38 +11,38 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import pipeline.runtime as rt
-from pipeline import registry
 from pipeline.runtime.backends.tensorrt_build import EngineSpec
 
 from .onnx_export import io_shapes, neuron_nodes, read_metadata
 from .openvino_guide import render_intel_guide
 from .trt_script import render_jetson_guide, render_script
 
-RUNTIME_PACKAGE = registry.file("build", "runtime").rstrip("/")
 # what an engine of each precision is built from: an FP32 graph (FP16 or FP32 engine), a Q/DQ graph (INT8)
 BUILDS_FROM = {"fp16": "fp32", "fp32": "fp32", "int8": "int8"}
 
 
-def engine_plan() -> tuple[tuple[str, str, str], ...]:
-    """(engine name, source graph in the export folder, precision) for every engine the build stage declares,
-    in its order; a family (``step_{precision}.engine``) gives one engine per precision its graph builds."""
-    plan = []
-    for o in registry.spec("build").outputs:
-        if o.kind != "engine":
-            continue
-        _, graph = registry.ref(o.parent)
-        precisions = [o.precision] if o.precision else [p for p, g in BUILDS_FROM.items() if g == graph.precision]
-        for p in precisions:
-            plan.append((Path(o.filename(**({"precision": p} if o.fields else {}))).stem, graph.file, p))
-    return tuple(plan)
+@dataclass(frozen=True)
+class BundleLayout:
+    """Every file name the bundle knows, handed in by the build stage (from the stage registry), so this
+    library knows no pipeline file names: the export files it copies, the engines to plan, the files it writes."""
 
-
-ENGINE_PLAN = engine_plan()
-COPIED = tuple(o.file for o in registry.spec("export").outputs if o.bundled)  # export's files the bundle carries
-GRAPHS = tuple(o.file for s, o in registry.measured() if s == "export" and o.kind == "onnx")  # whole-sequence
+    copied: tuple[str, ...]  # export's files the bundle carries
+    graphs: tuple[str, ...]  # the whole-sequence ONNX graphs among them (INTEL.md's shapes)
+    engine_plan: tuple[tuple[str, str, str], ...]  # (engine name, source graph, precision), in build order
+    fp32_graph: str  # the float graph: required, and the source of the bundle's metadata
+    int8_graph: str
+    step_graph: str  # the one-step streaming graph
+    samples: str  # the parity images, labels and float logits
+    bundle_json: str
+    script: str
+    guide: str  # JETSON.md
+    intel_guide: str  # INTEL.md
+    runtime: str  # the standalone runner package's folder name
+    first_engine: str  # the engine named in the guide when none is planned
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -53,10 +53,10 @@ def _copy(src: Path, dst: Path) -> None:
     shutil.copy2(src, dst)
 
 
-def copy_runtime(dst: Path) -> Path:
-    """Copy ``pipeline/runtime`` as a standalone package ``dst/staa_runtime``."""
+def copy_runtime(dst: Path, name: str) -> Path:
+    """Copy ``pipeline/runtime`` as a standalone package ``dst/name`` (``staa_runtime``)."""
     src = Path(rt.__file__).parent
-    target = dst / RUNTIME_PACKAGE
+    target = dst / name
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
@@ -66,12 +66,12 @@ def copy_runtime(dst: Path) -> Path:
     return target
 
 
-def engine_specs(folder: Path, build: Mapping[str, Any]) -> list[EngineSpec]:
+def engine_specs(folder: Path, build: Mapping[str, Any], plan: tuple[tuple[str, str, str], ...]) -> list[EngineSpec]:
     """The engines to build from the graphs present in ``folder``, following ``build.precisions``."""
     import onnx
 
     specs = []
-    for name, graph, precision in ENGINE_PLAN:
+    for name, graph, precision in plan:
         path = folder / graph
         if precision not in build["precisions"] or not path.is_file():
             continue
@@ -89,40 +89,43 @@ def engine_specs(folder: Path, build: Mapping[str, Any]) -> list[EngineSpec]:
     return specs
 
 
-def graph_inputs(folder: Path, names: list[str]) -> dict[str, dict[str, list]]:
+def graph_inputs(folder: Path, names: list[str], graphs: tuple[str, ...]) -> dict[str, dict[str, list]]:
     """``{graph: {input: dims}}`` of the whole-sequence ONNX graphs in ``folder`` (for INTEL.md's shapes)."""
     import onnx
 
     out = {}
     for name in names:
-        if name in GRAPHS:
+        if name in graphs:
             ins, _ = io_shapes(onnx.load(str(folder / name), load_external_data=False))
             out[name] = ins
     return out
 
 
-def make_bundle(export_dir: Path, out: Path, build: Mapping[str, Any]) -> tuple[list[EngineSpec], dict[str, Any]]:
+def make_bundle(export_dir: Path, out: Path, build: Mapping[str, Any],
+                layout: BundleLayout) -> tuple[list[EngineSpec], dict[str, Any]]:
     """Fill ``out`` with the bundle; returns (engine specs, facts for the metrics)."""
     out.mkdir(parents=True, exist_ok=True)
     copied = []
-    for name in COPIED:
+    for name in layout.copied:
         if (export_dir / name).is_file():
             _copy(export_dir / name, out / name)
             copied.append(name)
-    fp32, samples = registry.file("export", "onnx_fp32"), registry.file("export", "samples")
+    fp32, samples = layout.fp32_graph, layout.samples
     if fp32 not in copied:
         raise FileNotFoundError(f"{export_dir / fp32} is missing; re-run the export stage")
-    specs = engine_specs(out, build)
+    specs = engine_specs(out, build, layout.engine_plan)
     meta = read_metadata(out / fp32)
-    registry.path(out, "build", "bundle").write_text(json.dumps({
+    (out / layout.bundle_json).write_text(json.dumps({
         "engines": [s.to_dict() for s in specs], "graphs": copied, "metadata": meta,
         "samples": samples if samples in copied else None,
-        "runtime": RUNTIME_PACKAGE,
+        "runtime": layout.runtime,
     }, indent=2))
-    script = registry.path(out, "build", "script")
+    script = out / layout.script
     script.write_text(render_script(specs))
     script.chmod(0o755)
-    registry.path(out, "build", "guide").write_text(render_jetson_guide(specs, meta))
-    registry.path(out, "build", "intel_guide").write_text(render_intel_guide(graph_inputs(out, copied), meta))
-    copy_runtime(out)
+    (out / layout.guide).write_text(render_jetson_guide(specs, meta, graph=fp32, step=layout.step_graph,
+                                                        samples=samples, first_engine=layout.first_engine))
+    (out / layout.intel_guide).write_text(render_intel_guide(graph_inputs(out, copied, layout.graphs), meta,
+                                                             fp32_graph=fp32, int8_graph=layout.int8_graph))
+    copy_runtime(out, layout.runtime)
     return specs, {"bundle_files": copied, "engines_planned": [s.name for s in specs]}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from pipeline import registry
 from pipeline.runtime.base import BENCH_DEFAULTS
 
 
@@ -26,9 +25,10 @@ def ov_shape(inputs: Mapping[str, Sequence[int | str | None]], batch: int = 1) -
     return ",".join(parts)
 
 
-def render_intel_guide(graphs: Mapping[str, Mapping[str, Sequence[int | str | None]]], meta: Mapping[str, str]) -> str:
-    """``INTEL.md`` for the whole-sequence graphs in ``graphs`` (file name -> input name -> dims)."""
-    fp32_graph, int8_graph = registry.file("export", "onnx_fp32"), registry.file("export", "onnx_int8")
+def render_intel_guide(graphs: Mapping[str, Mapping[str, Sequence[int | str | None]]], meta: Mapping[str, str],
+                       fp32_graph: str, int8_graph: str) -> str:
+    """``INTEL.md`` for the whole-sequence graphs in ``graphs`` (file name -> input name -> dims);
+    ``fp32_graph``/``int8_graph``: the float and Q/DQ graphs' file names (the build stage's)."""
     names = [g for g in (fp32_graph, int8_graph) if g in graphs]
     first = names[0] if names else fp32_graph
     int8 = int8_graph if int8_graph in graphs else first

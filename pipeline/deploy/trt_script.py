@@ -19,7 +19,6 @@ import re
 import shlex
 from typing import Callable, Sequence
 
-from pipeline import registry
 from pipeline.runtime.base import BENCH_DEFAULTS
 from pipeline.runtime.backends.tensorrt_build import EngineSpec
 
@@ -199,12 +198,13 @@ def parse_script(text: str, which: str = "build") -> list[list[str]]:
     return [c for c in commands if any(a.startswith(flag) for a in c)]
 
 
-def render_jetson_guide(specs: Sequence[EngineSpec], meta: dict[str, str]) -> str:
-    """``JETSON.md``: copy, build on the device, check accuracy, time it."""
+def render_jetson_guide(specs: Sequence[EngineSpec], meta: dict[str, str], graph: str, step: str, samples: str,
+                        first_engine: str) -> str:
+    """``JETSON.md``: copy, build on the device, check accuracy, time it. ``graph``, ``step``, ``samples``:
+    the float, streaming and sample files' names; ``first_engine``: the engine named when none is planned."""
     engines = "\n".join(f"| `{s.engine}` | `{s.onnx}` | {s.precision} | {s.min_batch}/{s.opt_batch}/{s.max_batch} |"
                         for s in specs)
-    first = specs[0].engine if specs else registry.file("build", "engine_fp16")
-    graph, step, samples = (registry.file("export", r) for r in ("onnx_fp32", "step_fp32", "samples"))
+    first = specs[0].engine if specs else first_engine
     return f"""# Running this model on a Jetson (or any GPU with TensorRT 10)
 
 This folder is self-contained: ONNX graphs, `{samples}` (real test images, labels and

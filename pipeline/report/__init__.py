@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from .energy import CONVENTION, E_AC_PJ, E_MAC_PJ, E_MUL_PJ, EXCLUDED, LayerOps, count_ops, profile_ops, summarize
 from .gates import apply_gates
-from .inventory import BASELINE, Artifact, discover, upstream_parity
+from .inventory import Artifact, discover, upstream_parity
 from .measure import Settings, executed, inherit_energy, measure, measure_speed
 from .report_json import SCHEMA_VERSION, build_report, validate_report
 from .report_md import fake_quant, render
 
 __all__ = [
-    "BASELINE", "CONVENTION", "E_AC_PJ", "E_MAC_PJ", "E_MUL_PJ", "EXCLUDED", "SCHEMA_VERSION", "Artifact", "LayerOps", "Settings",
+    "CONVENTION", "E_AC_PJ", "E_MAC_PJ", "E_MUL_PJ", "EXCLUDED", "SCHEMA_VERSION", "Artifact", "LayerOps", "Settings",
     "apply_gates", "build_report", "count_ops", "discover", "executed", "fake_quant", "inherit_energy", "measure", "measure_speed",
     "profile_ops", "render", "summarize", "upstream_parity", "validate_report",
 ]

@@ -7,9 +7,10 @@ not run (a skipped build, OpenVINO not installed). This module only *lists*; loa
 lazily through ``Artifact.opener`` so that a broken artifact becomes one failed row, not a crashed
 stage.
 
-The rows come from the stage registry alone (:func:`pipeline.registry.measured`): one row per
-declared output and backend, so a stage added through a registry row shows in the report with no
-change here. A row's name is the output's ``<stage>/<file>`` (``registry.artifact``) for its first
+The rows come from the stage table alone (a :class:`pipeline.stage_table.Table` the validate stage
+hands in: ``registry.table()``): one row per declared output and backend, so a stage added through
+a registry row shows in the report with no change here. A row's name is the output's
+``<stage>/<file>`` (``Table.artifact``) for its first
 backend and ``<stage>/<file>@<backend>`` for the others; its runner comes from the backend registry
 (``pipeline.runtime.backends``), a torch model's loader from the output's kind.
 
@@ -27,18 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from pipeline import registry
 from pipeline.artifacts import MANIFEST
 from pipeline.checkpoint import load_model
 from pipeline.compress.quantize import load_qat_model
 from pipeline.deploy.onnx_export import read_metadata
 from pipeline.deploy.unroll import load_unrolled
-from pipeline.registry import FLOAT_AT_T, Output
 from pipeline.runtime import specs
 from pipeline.runtime.backends import get_backend
 from pipeline.schema import SCHEMA, defaults
+from pipeline.stage_table import FLOAT_AT_T, PRECISIONS, Output, Table
 
-BASELINE = registry.artifact(registry.baseline()[0], registry.baseline()[1].role)  # "train/best.pt"
 OPENVINO_SUFFIX = "@openvino"  # "export/model_int8.onnx@openvino": the same file, compiled by OpenVINO
 # runner options per backend, the spec rows' defaults: the report measures what the graph asks for
 # (OpenVINO would otherwise be free to run an FP32 graph in bf16 on CPUs that have it)
@@ -154,9 +153,9 @@ def _steps(o: Output, path: Path, values: dict[str, str], metrics: dict[str, Any
 
 # --- discovery -------------------------------------------------------------------------------------
 
-def _stage_metrics(stage: str, folder: Path) -> dict[str, Any]:
+def _stage_metrics(table: Table, stage: str, folder: Path) -> dict[str, Any]:
     """The stage's metrics.json (its manifest's copy when the file is absent)."""
-    files = [o.file for o in registry.spec(stage).outputs if o.kind == "metrics"]
+    files = [o.file for o in table.spec(stage).outputs if o.kind == "metrics"]
     found = _read_json(folder / files[0]) if files else {}
     return found or _read_json(folder / MANIFEST).get("metrics", {})
 
@@ -175,54 +174,55 @@ def _planned(stage: str, metrics: dict[str, Any]) -> list[str]:
     planned = metrics.get("precisions")
     if planned is None and isinstance(SCHEMA.get(stage), dict):
         planned = defaults(SCHEMA[stage]).get("precisions")
-    return list(planned) if planned is not None else list(registry.PRECISIONS)
+    return list(planned) if planned is not None else list(PRECISIONS)
 
 
-def _skipped(stage: str, folder: Path, metrics: dict[str, Any]) -> str | None:
+def _skipped(table: Table, stage: str, folder: Path, metrics: dict[str, Any]) -> str | None:
     """``skipped: <reason>`` when the stage recorded a skip or left every optional model out, else None."""
     manifest = _read_json(folder / MANIFEST)
-    optional = [o for s, o in registry.measured() if s == stage and o.optional]
+    optional = [o for s, o in table.measured() if s == stage and o.optional]
     if manifest.get("status") != "skipped" and any(_present(o, folder) for o in optional):
         return None
     what = optional[0].kind if optional else "output"
     return "skipped: " + (manifest.get("reason") or metrics.get("reason") or f"no {what} was built")
 
 
-def _float_at(rows: list[Artifact], T: int | None) -> str:
+def _float_at(table: Table, rows: list[Artifact], T: int | None) -> str:
     """:data:`FLOAT_AT_T`: the float torch checkpoint at ``T`` (the baseline or a reduced-T one)."""
     for a in rows:
         if a.kind == "checkpoint" and a.backend == "torch" and a.precision == "fp32" and a.T == T:
             return a.name
-    return BASELINE
+    return table.baseline_artifact()
 
 
-def _row_name(stage: str, o: Output, backend: str, values: dict[str, Any]) -> str:
-    name = registry.artifact(stage, o.role, **values)
+def _row_name(table: Table, stage: str, o: Output, backend: str, values: dict[str, Any]) -> str:
+    name = table.artifact(stage, o.role, **values)
     return name if backend == o.backends[0] else f"{name}@{backend}"
 
 
-def _parent(o: Output, rows: list[Artifact], T: int | None) -> str | None:
+def _parent(table: Table, o: Output, rows: list[Artifact], T: int | None) -> str | None:
     if o.parent is None:
         return None
     if o.parent == FLOAT_AT_T:
-        return _float_at(rows, T)
-    stage, p = registry.ref(o.parent)
-    return registry.artifact(stage, p.role, **({"T": T} if p.fields else {}))
+        return _float_at(table, rows, T)
+    stage, p = table.ref(o.parent)
+    return table.artifact(stage, p.role, **({"T": T} if p.fields else {}))
 
 
-def _energy_from(stage: str, o: Output, T: int | None) -> str | None:
+def _energy_from(table: Table, stage: str, o: Output, T: int | None) -> str | None:
     """The torch artifact whose operation counts a graph row inherits (None for torch rows)."""
     if "torch" in o.backends:
         return None
-    src = registry.torch_source(stage, o.role)
+    src = table.torch_source(stage, o.role)
     if src is None:
         return None
-    return registry.artifact(src[0], src[1].role, **({"T": T} if src[1].fields else {}))
+    return table.artifact(src[0], src[1].role, **({"T": T} if src[1].fields else {}))
 
 
-def discover(inputs: dict[str, Path], model_T: int, device: str, input_shape: tuple[int | None, ...]) -> list[Artifact]:
+def discover(inputs: dict[str, Path], model_T: int, device: str, input_shape: tuple[int | None, ...],
+             table: Table) -> list[Artifact]:
     """Every measured output under the upstream stage folders, one row per backend, baseline first,
-    in pipeline order.
+    in pipeline order (``table``: the stage table, ``registry.table()``).
 
     ``inputs``: stage name -> finished stage folder (stages not given are not listed);
     ``model_T``: ``model.T`` (outputs whose T comes from the config); ``input_shape``: the model
@@ -231,23 +231,23 @@ def discover(inputs: dict[str, Path], model_T: int, device: str, input_shape: tu
     rows: list[Artifact] = []
     available: dict[str, tuple[bool, str]] = {}
     chosen_T: int | None = None  # the T a stage handed on (reduce_t's chosen_T), for stages that omit it
-    for s in registry.stages():
+    for s in table.stages():
         folder = inputs.get(s.name)
         if folder is None:
             continue
         outputs = [o for o in s.outputs if o.backends]
-        metrics = _stage_metrics(s.name, folder)
-        skipped = _skipped(s.name, folder, metrics) if any(o.optional for o in outputs) else None
+        metrics = _stage_metrics(table, s.name, folder)
+        skipped = _skipped(table, s.name, folder, metrics) if any(o.optional for o in outputs) else None
         for o in outputs:
             files = _present(o, folder)
             if o.baseline and not files:
                 files = [(folder / o.file, {})]  # validate says it is missing and what to do
             if o.optional and skipped is not None:
                 if o.precision in _planned(s.name, metrics):
-                    rows += [_skipped_row(s.name, o, b, rows, skipped) for b in o.backends]
+                    rows += [_skipped_row(table, s.name, o, b, rows, skipped) for b in o.backends]
                 continue
             for path, values in files:
-                rows += _rows_of(s.name, o, path, values, metrics, rows, model_T, chosen_T or model_T,
+                rows += _rows_of(table, s.name, o, path, values, metrics, rows, model_T, chosen_T or model_T,
                                  device, input_shape, available)
         if metrics.get("chosen_T") is not None:  # the T this stage handed on: mark its checkpoint
             chosen_T = metrics["chosen_T"]
@@ -257,7 +257,7 @@ def discover(inputs: dict[str, Path], model_T: int, device: str, input_shape: tu
     return rows
 
 
-def _rows_of(stage: str, o: Output, path: Path, values: dict[str, str], metrics: dict[str, Any],
+def _rows_of(table: Table, stage: str, o: Output, path: Path, values: dict[str, str], metrics: dict[str, Any],
              rows: list[Artifact], model_T: int, current_T: int, device: str, input_shape: tuple[int | None, ...],
              available: dict[str, tuple[bool, str]]) -> list[Artifact]:
     """One row per backend of one file.
@@ -267,47 +267,47 @@ def _rows_of(stage: str, o: Output, path: Path, values: dict[str, str], metrics:
     extra measurements: one that is not installed gives a skipped row with its reason.
     """
     if o.steps_from == "parent":  # T comes from the parent row, so the parent cannot depend on T
-        parent = _parent(o, rows, None)
+        parent = _parent(table, o, rows, None)
         T = next((a.T for a in rows if a.name == parent), None)
     else:
         T = _steps(o, path, values, metrics, model_T, current_T)
-        parent = None if o.baseline else _parent(o, rows, T)
+        parent = None if o.baseline else _parent(table, o, rows, T)
     out = []
     for backend in o.backends:
         if backend not in available:
             available[backend] = get_backend(backend).is_available()
         ok, reason = available[backend] if backend != o.backends[0] else (True, "")
-        identity, identity_parent = _identity(stage, o, backend, values, parent)
+        identity, identity_parent = _identity(table, stage, o, backend, values, parent)
         out.append(Artifact(
-            _row_name(stage, o, backend, values), stage, backend, o.precision, T, path, gate=o.gate, parent=parent,
+            _row_name(table, stage, o, backend, values), stage, backend, o.precision, T, path, gate=o.gate, parent=parent,
             identity=identity, identity_parent=identity_parent,
             status="ok" if ok else f"skipped: {reason}",
             opener=_opener(o.kind, backend, path, o.precision, T, device, input_shape) if ok else None,
-            energy_from=_energy_from(stage, o, T), notes=list(o.notes), ships=o.ships, kind=o.kind))
+            energy_from=_energy_from(table, stage, o, T), notes=list(o.notes), ships=o.ships, kind=o.kind))
     return out
 
 
-def _identity(stage: str, o: Output, backend: str, values: dict[str, Any],
+def _identity(table: Table, stage: str, o: Output, backend: str, values: dict[str, Any],
               parent: str | None) -> tuple[str | None, str | None]:
     """(validate.changed key, the row this one must equal): a further backend of an output with a
     ``runtime_identity`` is held to the first backend's row of the same file, others to their parent."""
     if backend != o.backends[0] and o.runtime_identity is not None:
-        return o.runtime_identity, _row_name(stage, o, o.backends[0], values)
+        return o.runtime_identity, _row_name(table, stage, o, o.backends[0], values)
     return (o.identity, parent) if o.identity is not None else (None, None)
 
 
-def _skipped_row(stage: str, o: Output, backend: str, rows: list[Artifact], status: str) -> Artifact:
+def _skipped_row(table: Table, stage: str, o: Output, backend: str, rows: list[Artifact], status: str) -> Artifact:
     """An output the stage did not make (e.g. no TensorRT here): a row that says why, with its gate
     (and its parent's T, where the output takes its T from the parent)."""
-    parent = _parent(o, rows, None)
+    parent = _parent(table, o, rows, None)
     T = next((a.T for a in rows if a.name == parent), None) if o.steps_from == "parent" else None
-    identity, identity_parent = _identity(stage, o, backend, {}, parent)
-    return Artifact(_row_name(stage, o, backend, {}), stage, backend, o.precision, T, None, gate=o.gate,
+    identity, identity_parent = _identity(table, stage, o, backend, {}, parent)
+    return Artifact(_row_name(table, stage, o, backend, {}), stage, backend, o.precision, T, None, gate=o.gate,
                     parent=parent, identity=identity, identity_parent=identity_parent, status=status,
                     notes=list(o.notes), ships=o.ships, kind=o.kind)
 
 
-def upstream_parity(inputs: dict[str, Path]) -> dict[str, dict[str, Any]]:
+def upstream_parity(inputs: dict[str, Path], table: Table) -> dict[str, dict[str, Any]]:
     """``{"<stage>/<graph>": parity metrics}`` as the upstream stages (unroll, export) reported them.
 
     Why copied, not recomputed: those stages already compared each graph with its source on
@@ -315,15 +315,15 @@ def upstream_parity(inputs: dict[str, Path]) -> dict[str, dict[str, Any]]:
     per neuron layer); the report repeats their numbers so that one file tells the whole story.
     """
     out: dict[str, dict[str, Any]] = {}
-    for stage in registry.names():
+    for stage in table.names():
         folder = inputs.get(stage)
         if folder is None:
             continue
-        for graph, value in _stage_metrics(stage, folder).items():
+        for graph, value in _stage_metrics(table, stage, folder).items():
             if isinstance(value, dict) and isinstance(value.get("parity"), dict):
                 out[f"{stage}/{graph}"] = dict(value["parity"])
     return out
 
 
-__all__ = ["Artifact", "BASELINE", "Loaded", "OPENVINO_SUFFIX", "RUNNER_OPTIONS", "TORCH_LOADERS", "discover",
+__all__ = ["Artifact", "Loaded", "OPENVINO_SUFFIX", "RUNNER_OPTIONS", "TORCH_LOADERS", "discover",
            "upstream_parity"]

@@ -9,14 +9,11 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline import registry
 
-
-def read_nir_metrics(export_dir: Path | None) -> dict[str, Any] | None:
-    """``metrics.json["nir"]`` of the export stage, or None when that stage did not record one."""
-    if export_dir is None:
+def read_nir_metrics(path: Path | None) -> dict[str, Any] | None:
+    """``["nir"]`` of the export stage's metrics file ``path``, or None when that stage did not record one."""
+    if path is None:
         return None
-    path = registry.path(Path(export_dir), "export", "metrics")
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):

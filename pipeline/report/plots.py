@@ -10,7 +10,7 @@ A plot with nothing to show is not written.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import matplotlib
 
@@ -18,12 +18,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from pipeline import registry  # noqa: E402
 from pipeline.runtime import specs  # noqa: E402
-from pipeline.training.history import HISTORY_FILE, read_history  # noqa: E402
+from pipeline.training.history import read_history  # noqa: E402
 
 MARKERS = specs.column("marker")  # backend -> marker, from the backend table (pipeline/runtime/specs.py)
-TRAINING_CURVES = registry.file("validate", "plot", plot="training_curves")
+TRAINING_CURVES = "training_curves"  # the plot's name (validate's plot output names the file: {plot}.png)
 
 
 def _legend() -> str:
@@ -90,17 +89,16 @@ def accuracy_vs_T(doc: Mapping[str, Any], path: Path) -> bool:
     return True
 
 
-def draw_training_curves(inputs: Mapping[str, Path], out: Path) -> str | None:
-    """Val top-1 and loss per epoch, one line per stage and T, from each upstream stage's
-    ``history.csv`` (``inputs``: stage name -> its committed folder, as ``StageContext.inputs``).
+def draw_training_curves(histories: Mapping[str, Path], out: Path) -> str | None:
+    """Val top-1 and loss per epoch, one line per stage and T, from each fitting stage's history
+    file (``histories``: stage name -> the file; absent files are skipped).
 
-    Writes ``out/training_curves.png`` and returns its name; None when no stage has a history.
+    Writes the PNG ``out`` and returns its file name; None when no stage has a history.
     Train loss is solid, validation loss dashed; a fit without a validation split has no val line.
     """
     fits: list[tuple[str, list[dict[str, Any]]]] = []
-    for stage, folder in inputs.items():
-        path = Path(folder) / HISTORY_FILE
-        if not path.is_file():
+    for stage, path in histories.items():
+        if not Path(path).is_file():
             continue
         rows = read_history(path)
         for T in dict.fromkeys(r["T"] for r in rows):  # in file order: reduce_t's largest T first
@@ -126,8 +124,8 @@ def draw_training_curves(inputs: Mapping[str, Path], out: Path) -> str | None:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
-    _save(fig, Path(out) / TRAINING_CURVES)
-    return TRAINING_CURVES
+    _save(fig, Path(out))
+    return Path(out).name
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -136,13 +134,18 @@ def _save(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
-PLOTS = {registry.file("validate", "plot", plot=name): fn for name, fn in (
-    ("accuracy_vs_latency", accuracy_vs_latency), ("firing_rates", firing_rates), ("accuracy_vs_T", accuracy_vs_T))}
+PLOTS = {"accuracy_vs_latency": accuracy_vs_latency, "firing_rates": firing_rates, "accuracy_vs_T": accuracy_vs_T}
 
 
-def draw_all(doc: Mapping[str, Any], folder: Path) -> list[str]:
-    """Write every plot that has data into ``folder``; returns the file names written."""
-    return [name for name, fn in PLOTS.items() if fn(doc, Path(folder) / name)]
+def draw_all(doc: Mapping[str, Any], path_for: Callable[[str], Path]) -> list[str]:
+    """Write every plot that has data to ``path_for(plot name)`` (the stage names the files); returns
+    the file names written."""
+    written = []
+    for name, fn in PLOTS.items():
+        path = Path(path_for(name))
+        if fn(doc, path):
+            written.append(path.name)
+    return written
 
 
 __all__ = ["PLOTS", "TRAINING_CURVES", "accuracy_vs_T", "accuracy_vs_latency", "draw_all", "draw_training_curves",

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from pipeline.checkpoint import read_checkpoint
 from pipeline.data import DataBundle, eval_loader, train_loader
 from pipeline.training.tb import tensorboard_writer
-from pipeline.training.loop import BEST, FitConfig, NonFiniteLoss, StepLoss, fit, total_steps
+from pipeline.training.loop import Checkpoints, FitConfig, NonFiniteLoss, StepLoss, fit, total_steps
 from pipeline.training.losses import classification_loss
 from pipeline.training.optim import build_optimizer, warmup_cosine
 
@@ -45,10 +45,10 @@ class FineTune:
 
 
 def fine_tune(model: torch.nn.Module, ft: FineTune, cfg: Mapping[str, Any], bundle: DataBundle, device: str,
-              fit_dir: Path, payload: Callable[[torch.nn.Module], dict[str, Any]],
+              ckpt: Checkpoints, payload: Callable[[torch.nn.Module], dict[str, Any]],
               stage_dir: Path | None = None) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
     """Fine-tune ``model`` (in place) and return it with its best validation weights, in eval mode,
-    and the per-epoch history. Resumes from ``fit_dir/last.pt``. Raises :class:`NonFiniteLoss`
+    and the per-epoch history. Resumes from ``ckpt.last_path``. Raises :class:`NonFiniteLoss`
     whose message names ``ft.desc`` and ``ft.lr_key``. ``stage_dir``: TensorBoard scalars go to its ``tb/``."""
     t = cfg["train"]
     loader = ft.loader if ft.loader is not None else train_loader(cfg, bundle)
@@ -58,17 +58,16 @@ def fine_tune(model: torch.nn.Module, ft: FineTune, cfg: Mapping[str, Any], bund
     step_loss = ft.step_loss or _task_loss(t["loss"], t["label_smoothing"])
     fc = FitConfig(epochs=ft.epochs, seed=ft.seed, device=device, amp=ft.amp, cpu_bf16=ft.cpu_bf16,
                    grad_clip=t["grad_clip"], max_batches=ft.max_batches, desc=ft.desc, console_lines=FINE_TUNE_LINES)
-    fit_dir = Path(fit_dir)
-    fit_dir.mkdir(exist_ok=True)
+    Path(ckpt.folder).mkdir(exist_ok=True)
     writer = tensorboard_writer(stage_dir) if stage_dir is not None else None
     try:
-        state = fit(model, loader, val, opt, sched, step_loss, fc, fit_dir, payload=payload, writer=writer)
+        state = fit(model, loader, val, opt, sched, step_loss, fc, ckpt, payload=payload, writer=writer)
     except NonFiniteLoss as exc:
         raise NonFiniteLoss(f"{ft.desc}: {exc} (the learning rate is {ft.lr_key})") from exc
     finally:
         if writer is not None:
             writer.close()
-    model.load_state_dict(read_checkpoint(fit_dir / BEST)["model"])
+    model.load_state_dict(read_checkpoint(ckpt.best_path)["model"])
     return model.eval(), state.history
 
 

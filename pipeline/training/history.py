@@ -11,9 +11,7 @@ import csv
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from pipeline import registry
 
-HISTORY_FILE = registry.file("train", "history")  # the same name beside every fitting stage's metrics
 # csv column -> key of a fit history row ("T" is added per fit; "seconds" is the epoch's wall time)
 COLUMNS = {"epoch": "epoch", "T": "T", "train_loss": "train_loss", "train_top1": "train_top1",
            "val_top1": "val_top1", "val_loss": "val_loss", "lr": "lr", "seconds": "epoch_s"}
@@ -54,4 +52,4 @@ def _cell(value: Any) -> Any:
     return round(value, 6) if isinstance(value, float) else value
 
 
-__all__ = ["COLUMNS", "HISTORY_FILE", "history_rows", "read_history", "write_history"]
+__all__ = ["COLUMNS", "history_rows", "read_history", "write_history"]

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from pipeline import registry
 from pipeline.checkpoint import CheckpointError, model_payload, read_checkpoint, save_atomic
 from pipeline.console import LOG_ONLY
 from pipeline.console import progress as progress_bar
@@ -42,8 +41,25 @@ StepLoss = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.T
 CUDA_CHECK_EVERY = 50  # steps between non-finite checks on a GPU (each check is one host sync)
 CONSOLE_EPOCH_LINES = 3  # epoch lines a fit shows on the console: first, evenly spaced, last (the log has all)
 CONSOLE_HEARTBEAT_S = 600.0  # ... plus any epoch ending this long after the last one shown (long runs)
-# the checkpoints a fit keeps in its folder: the train stage's outputs (fine-tune folders use the same names)
-BEST, LAST = registry.file("train", "best"), registry.file("train", "last")
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where a fit keeps its checkpoints: ``folder/best`` (best validation epoch) and ``folder/last``
+    (resumable state). The stage names them (the train stage's outputs; fine-tunes use the same names,
+    so the runner recognises a resumable folder), so this library knows no pipeline file names."""
+
+    folder: Path
+    best: str
+    last: str
+
+    @property
+    def best_path(self) -> Path:
+        return Path(self.folder) / self.best
+
+    @property
+    def last_path(self) -> Path:
+        return Path(self.folder) / self.last
 
 
 class NonFiniteLoss(RuntimeError):
@@ -176,20 +192,19 @@ def _place_steps(optimizer: torch.optim.Optimizer) -> None:
 
 def fit(model: torch.nn.Module, train_loader: DataLoader, val_loader: DataLoader | None,
         optimizer: torch.optim.Optimizer, scheduler: Any, step_loss: StepLoss, fc: FitConfig,
-        ckpt_dir: Path, payload: Callable[[torch.nn.Module], dict[str, Any]],
+        ckpt: Checkpoints, payload: Callable[[torch.nn.Module], dict[str, Any]],
         writer: Any = None) -> FitState:
-    """Train ``model`` for ``fc.epochs`` epochs, resuming from ``ckpt_dir/last.pt`` when present.
+    """Train ``model`` for ``fc.epochs`` epochs, resuming from ``ckpt.last_path`` when present.
 
     ``payload(model)`` returns the self-describing checkpoint dict (weights + model config);
-    ``best.pt`` is written when validation top-1 improves, ``last.pt`` after every epoch.
+    ``ckpt.best_path`` is written when validation top-1 improves, ``ckpt.last_path`` after every epoch.
     ``model`` may be wrapped (DDP, torch.compile): checkpoints and evaluation use the plain network.
     """
-    ckpt_dir = Path(ckpt_dir)
     is_main = fc.rank == 0
     dtype = amp_dtype(fc.device, fc.precision, fc.amp, fc.cpu_bf16)
     scaler = torch.amp.GradScaler(device_type(fc.device), enabled=needs_grad_scaler(fc.device, dtype))
     state = FitState()
-    last = ckpt_dir / LAST
+    last = ckpt.last_path
     bare = unwrap(model)
     if last.is_file():
         try:
@@ -215,7 +230,7 @@ def fit(model: torch.nn.Module, train_loader: DataLoader, val_loader: DataLoader
             state.history.append(row)
             state.epoch = epoch + 1
             if is_main:
-                _end_of_epoch(bare, row, state, fc, optimizer, scheduler, scaler, payload, ckpt_dir, writer,
+                _end_of_epoch(bare, row, state, fc, optimizer, scheduler, scaler, payload, ckpt, writer,
                               has_val=val_loader is not None)
             if fc.world_size > 1:
                 barrier()  # rank 0 has written its checkpoints
@@ -285,7 +300,7 @@ def _train_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.op
 
 def _end_of_epoch(bare: torch.nn.Module, row: dict[str, Any], state: FitState, fc: FitConfig,
                   optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
-                  payload: Callable[[torch.nn.Module], dict[str, Any]], ckpt_dir: Path, writer: Any,
+                  payload: Callable[[torch.nn.Module], dict[str, Any]], ckpt: Checkpoints, writer: Any,
                   has_val: bool) -> None:
     """Log the epoch (console: see :func:`on_console`), write TensorBoard scalars, ``best.pt`` (on
     improvement) and ``last.pt`` (rank 0)."""
@@ -305,12 +320,12 @@ def _end_of_epoch(bare: torch.nn.Module, row: dict[str, Any], state: FitState, f
     improved = "val_top1" in row and row["val_top1"] > state.best_top1
     if improved or not has_val:
         state.best_top1 = row.get("val_top1", state.best_top1)
-        save_atomic(payload(bare) | {"epoch": row["epoch"], "val_top1": row.get("val_top1")}, ckpt_dir / BEST)
+        save_atomic(payload(bare) | {"epoch": row["epoch"], "val_top1": row.get("val_top1")}, ckpt.best_path)
     save_atomic(payload(bare) | {
         "epoch": row["epoch"], "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict(), "best_top1": state.best_top1, "history": state.history,
-    }, ckpt_dir / LAST)
+    }, ckpt.last_path)
 
 
 def total_steps(loader: DataLoader, epochs: int, max_batches: int | None) -> int:
@@ -318,5 +333,5 @@ def total_steps(loader: DataLoader, epochs: int, max_batches: int | None) -> int
     return per * epochs
 
 
-__all__ = ["fit", "FitConfig", "FitState", "NonFiniteLoss", "seed_everything", "total_steps", "model_payload",
+__all__ = ["Checkpoints", "fit", "FitConfig", "FitState", "NonFiniteLoss", "seed_everything", "total_steps", "model_payload",
            "unwrap", "to_channels_last", "on_console"]
