@@ -260,10 +260,18 @@ def export_streaming_verified(unrolled: nn.Module, x: torch.Tensor, path: Path, 
                 vs_graph.update(full.predict(xb.numpy()), streamed)
     if full is not None:
         failures += vs_graph.failures(gates.max_abs_diff, None, f"{what} vs the exported unrolled graph")
+        quantisers = {"step": summary["op_counts"].get("QuantizeLinear", 0),
+                      "unrolled": check_onnx(reference)["op_counts"].get("QuantizeLinear", 0)}
+        if quantisers["step"] != quantisers["unrolled"]:
+            # a lost spike quantiser is exact on 0/1 spikes, so parity alone would not show it
+            failures.append(f"{what}: the step graph has {quantisers['step']} QuantizeLinear nodes, the unrolled graph "
+                            f"{quantisers['unrolled']}: the step module must run every quantiser of the unrolled one "
+                            f"(pipeline/deploy/streaming.py)")
     if summary["control_flow"]:
         failures.append(f"{what}: the graph has control flow ({', '.join(summary['control_flow'])}); it must be static")
     metrics = {"check": summary, "parity_vs_torch": vs_torch.metrics(),
                "parity_vs_onnx": vs_graph.metrics() if full is not None else None,
                "parity_runtimes": runtimes_res, "state_tensors": len(net.state_shapes),
+               "quantizers": quantisers if full is not None else None,
                "sa_state_tensors": len(net.sa_shapes), "T": net.T, "compact": compaction}
     return metrics, failures, check_model(path)
