@@ -313,3 +313,19 @@ def test_checkpoint_without_sa_mode_reloads_as_full_sa(tmp_path: Path):
     assert checkpoint_model_cfg(payload["model_cfg"])["staa"]["sa_mode"] == "full"
     reloaded, _ = load_model(tmp_path / "old.pt")
     assert not any(m.causal for m in reloaded.modules() if isinstance(m, StepAttention))
+
+
+def test_causal_sa_trains_only_its_lower_triangle():
+    """Training (hand-written pooling backward on): the masked entries get no gradient, the causal ones do."""
+    torch.manual_seed(0)
+    cfg = {"arch": "resnet19", "width": 0.125, "T": 4, "num_classes": 10, "in_channels": 3,
+           "staa": {"sa_mode": "causal", "tsrd": False}}
+    model = build_model(cfg).train()
+    sas = [m for m in model.modules() if isinstance(m, StepAttention)]
+    for m in sas:
+        _randomise(m)
+    F.cross_entropy(model(torch.randn(4, 3, 16, 16) * 2), torch.arange(4)).backward()
+    for m in sas:
+        for w in (m.fc1.weight, m.fc2.weight):
+            assert w.grad is not None and torch.equal(w.grad.triu(1), torch.zeros_like(w.grad))
+    assert any(m.fc2.weight.grad.tril().abs().sum() > 0 for m in sas)
