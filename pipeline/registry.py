@@ -171,7 +171,7 @@ _BUILTIN: tuple[StageSpec, ...] = (
                gate="onnx_int8", identity="onnx_int8", runtime_identity="runtime_int8", ships=True,
                steps_from="metadata", bundled=True),
         Output("step_fp32", "step_fp32.onnx", "onnx", (), "fp32", parent="unroll.float", optional=True, bundled=True,
-               help="one time step with explicit membranes (needs a stateful driver; absent for full-SA models)"),
+               help="one time step with explicit membranes (needs a stateful driver; absent for SA models)"),
         Output("step_int8", "step_int8.onnx", "onnx", (), "int8", parent="unroll.int8", optional=True, bundled=True,
                help="the INT8 step graph: the unrolled INT8 graph's quantisers, one time step (absent for full-SA models)"),
         Output("nir", "model.nir", "nir", (), "fp32", parent="unroll.float", optional=True,
