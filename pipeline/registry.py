@@ -77,6 +77,8 @@ _BUILTIN: tuple[StageSpec, ...] = (
                steps_from="metadata", bundled=True),
         Output("step_fp32", "step_fp32.onnx", "onnx", (), "fp32", parent="unroll.float", optional=True, bundled=True,
                help="one time step with explicit membranes (needs a stateful driver; absent for SA models)"),
+        Output("step_int8", "step_int8.onnx", "onnx", (), "int8", parent="unroll.int8", optional=True, bundled=True,
+               help="the INT8 step graph: the unrolled INT8 graph's quantisers, one time step (absent for full-SA models)"),
         Output("nir", "model.nir", "nir", (), "fp32", parent="unroll.float", optional=True,
                help="NIR graph of a plain-LIF model (snnTorch, Norse, Sinabs, Lava, ...); absent with the reason "
                     "in metrics.json nir.skipped when a part has no NIR form (STAA, adaptive LIF)"),

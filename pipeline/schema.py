@@ -129,6 +129,9 @@ SCHEMA: dict[str, Any] = {
             # Checkpoints store the built value, so a model carried to another T keeps it.
             "sa_hidden": Opt(int, lo=1),
             "sa_position": Choice(("before", "after"), "before"),
+            # "full": the paper's SA (every step's gate reads all T steps); "causal": step t's gate reads
+            # steps <= t only (T -> T -> T, lower-triangular weights), so the model can stream
+            "sa_mode": Choice(("full", "causal"), "full"),
             "placement": Choice(("all", "last_k"), "all"),
             "last_k": Num(1, lo=0),  # stages (from the end) that get STAA when placement == last_k
             # GC ("mul") and SA gates: "identity" = 2*sigmoid(z), last layer zero-initialised (starts

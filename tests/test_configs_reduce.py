@@ -58,9 +58,11 @@ def test_every_config_has_reduce_t_steps():
     assert len(_cases()) >= len(CONFIGS), "a config without reduce_t.steps would be tested by nothing here"
 
 
+@pytest.mark.parametrize("sa_mode", ["full", "causal"])
 @pytest.mark.parametrize("path, T_new", _cases())
-def test_config_carries_to_reduced_T_and_reloads_strictly(path: Path, T_new: int, tmp_path: Path):
-    cfg = load_config(path, ["model.width=0.0625"])
+def test_config_carries_to_reduced_T_and_reloads_strictly(path: Path, T_new: int, sa_mode: str, tmp_path: Path):
+    """Also with causal step attention (model.staa.sa_mode: causal, not yet any config's setting)."""
+    cfg = load_config(path, ["model.width=0.0625", f"model.staa.sa_mode={sa_mode}"])
     classes, channels, is_event = DATASETS[cfg["data"]["dataset"]]
     mcfg = dict(cfg["model"], num_classes=classes, in_channels=channels)
     meta = {"dataset": cfg["data"]["dataset"], "num_classes": classes, "in_channels": channels}

@@ -25,6 +25,7 @@ from tests.helpers import firing_model, quantize_convs, real_images
 
 MODEL = {"arch": "resnet19", "width": 0.125, "T": 2, "num_classes": 10, "in_channels": 1}
 NO_SA = dict(MODEL, staa={"sa": False})
+CAUSAL = dict(MODEL, staa={"sa_mode": "causal"})
 
 
 def _ctx(cfg, name, out, inputs):
@@ -302,3 +303,162 @@ def test_export_fails_when_the_openvino_adaptation_changes_the_files_numbers(exp
     monkeypatch.setattr(stages.export, "adaptation_exactness", lambda m, x: dict(real(m, x), max_abs_diff=0.5))
     stages.export._adaptation_exact(ctx, digits[0][:4].numpy(), failures)
     assert len(failures) == 1 and "changes its numbers" in failures[0]
+
+
+# --- causal step attention streams (model.staa.sa_mode: causal) ----------------------------------
+
+@torch.no_grad()
+def _open_sa_gates(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Random gate layers (SA's fc2, GC's last conv): at init every gate is 1 and a lost SA state would not show."""
+    from pipeline.models import GlobalContext, StepAttention
+
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        last = m.fc2 if isinstance(m, StepAttention) else m.transform[-1] if isinstance(m, GlobalContext) else None
+        if last is not None:
+            last.weight.copy_(torch.randn(last.weight.shape, generator=g) * 0.5)
+            last.bias.copy_(torch.randn(last.bias.shape, generator=g) * 0.5)
+    return model
+
+
+def _causal_model(x, cfg=CAUSAL):
+    return _open_sa_gates(firing_model(cfg, x))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_causal_sa_step_graph_equals_the_unrolled_graph_on_ort_and_openvino(tmp_path, digits, precision):
+    """T calls of the step graph give the unrolled graph's spikes (every element) and logits, in ONNX Runtime and
+    OpenVINO; INT8: the step graph of the same Q/DQ module keeps every quantiser of the unrolled INT8 graph."""
+    pytest.importorskip("openvino", reason="openvino is not installed")
+    x = digits[0][:8]  # 8 images x 2 steps x 17 layers: every spike compared (CI time)
+    model = _causal_model(digits[0])
+    module = unroll_float(model) if precision == "fp32" else unroll_qat(quantize_convs(copy.deepcopy(model), [x]))
+    assert stream_blockers(module) == []
+    _, f, _ = export_verified(module, x, tmp_path / "full.onnx", opset=18, dynamo=False, metadata={},
+                              gates=Gates(1e-3, None, 2e-3), what="full", work_dir=tmp_path)
+    assert f == [], f
+    metrics, failures, trt = export_streaming_verified(
+        module, x, tmp_path / "step.onnx", opset=18, dynamo=False, metadata={}, gates=Gates(1e-4, None, 2e-4),
+        reference=tmp_path / "full.onnx", work_dir=tmp_path)
+    assert failures == [], failures
+    for runtime in ("onnxruntime", "openvino"):
+        res = metrics["parity_runtimes"][runtime]
+        assert res["checked"] and res["n"] == len(x), res
+        assert res["spikes_differing"] == 0 and res["spike_elements"] > 0 and res["max_abs_diff"] <= 1e-4, res
+    assert metrics["sa_state_tensors"] == 17 and metrics["state_tensors"] == 17 and trt.ok, trt.summary()
+    ops = metrics["check"]["op_counts"]
+    full_ops = onnx.load(str(tmp_path / "full.onnx")).graph.node
+    assert ops.get("QuantizeLinear", 0) == sum(n.op_type == "QuantizeLinear" for n in full_ops)
+    assert (ops.get("QuantizeLinear", 0) > 0) == (precision == "int8")
+    graph = onnx.load(str(tmp_path / "step.onnx")).graph
+    names = [i.name for i in graph.input]
+    assert names[:2] == ["input", "step"] and names[-1] == "sa_in.16" and graph.output[-1].name == "sa_out.16"
+    meta = read_metadata(tmp_path / "step.onnx")
+    assert len(json.loads(meta["sa_state_layers"])) == 17 and json.loads(meta["sa_state_shapes"])[0][1] == 2
+
+
+def test_causal_sa_streaming_needs_the_carried_history(digits):
+    """Zero SA histories at every step (membranes carried) give other logits: the SA state is real."""
+    x, _ = digits
+    flat = unroll_float(_causal_model(x))
+    net = build_streaming(flat, x)
+    n = len(net.state_shapes)
+    with torch.no_grad():
+        assert (net.run_clip(x) - flat(x)).abs().max() <= 1e-6
+        state, total = net.zero_state(len(x)), 0
+        for t in range(net.T):
+            logits, *state = net(x, torch.tensor([t]), *state)
+            state = state[:n] + net.zero_state(len(x))[n:]  # drop the SA histories
+            total = total + logits
+        assert (total / net.T - flat(x)).abs().max() > 1e-3
+
+
+def test_streaming_event_frames_with_causal_sa_in_torch():
+    torch.manual_seed(0)
+    events = torch.rand(3, 2, 2, 16, 16).round()
+    flat = unroll_float(_causal_model(events, dict(CAUSAL, in_channels=2)))
+    net = build_streaming(flat, events)
+    with torch.no_grad():
+        assert (net.run_clip(events) - flat(events)).abs().max() <= 1e-6
+
+
+def test_full_sa_model_still_gets_the_skip_reason(digits):
+    x, _ = digits
+    flat = unroll_float(firing_model(MODEL, x))
+    (reason,) = stream_blockers(flat)
+    assert "step attention (SA) mixes all T steps in 17 STAA blocks" in reason and "sa_mode: causal" in reason
+    with pytest.raises(ValueError, match="mixes all T steps"):
+        build_streaming(flat, x)
+
+
+@pytest.mark.slow
+def test_nncf_int8_step_graph_keeps_the_unrolled_quantisers_and_parity(tmp_path, digits):
+    """The real quantiser (NNCF PTQ -> Q/DQ module): its step graph has the unrolled INT8 graph's Q/DQ pairs and
+    T steps reproduce its spikes and logits in ONNX Runtime and OpenVINO."""
+    pytest.importorskip("nncf", reason="NNCF is not installed")
+    pytest.importorskip("openvino", reason="openvino is not installed")
+    from pipeline.checkpoint import save_atomic
+    from pipeline.compress.quantize import load_qat_model, qat_payload, quantize_model
+
+    x, y = digits
+    meta = {"dataset": "digits", "in_channels": 1, "image_size": [16, 16], "is_event": False}
+    qmodel = quantize_model(_causal_model(x), [(x[:16], y[:16])], 1, bias_correction=False)
+    save_atomic(qat_payload(qmodel, CAUSAL, meta, fold_bn=True), tmp_path / "qat.pt")
+    q = unroll_qat(load_qat_model(tmp_path / "qat.pt")[0])
+    m, f, _ = export_verified(q, x, tmp_path / "full.onnx", opset=18, dynamo=False, metadata={},
+                              gates=Gates(1e-3, None, 2e-3, flip_margin=0.05), what="nncf int8", work_dir=tmp_path)
+    assert f == [], f
+    metrics, failures, trt = export_streaming_verified(q, x, tmp_path / "step.onnx", opset=18, dynamo=False,
+                                                       metadata={}, gates=Gates(1e-4, None, 2e-4),
+                                                       reference=tmp_path / "full.onnx", work_dir=tmp_path)
+    assert failures == [] and trt.ok, (failures, trt.summary())
+    assert metrics["check"]["op_counts"]["QuantizeLinear"] == m["check"]["op_counts"]["QuantizeLinear"] > 17
+    for runtime in ("onnxruntime", "openvino"):
+        res = metrics["parity_runtimes"][runtime]
+        assert res["checked"] and res["spikes_differing"] == 0 and res["max_abs_diff"] <= 1e-4, res
+
+
+def test_export_fails_clearly_when_the_step_graph_loses_the_sa_history(tmp_path, digits, monkeypatch):
+    """A step module that forgets earlier steps' pooled means: export names the differing spikes and logits."""
+    from pipeline.deploy import streaming
+
+    x = digits[0][:4]
+    flat = unroll_float(_causal_model(digits[0]))
+    export_onnx(flat, (x[:2],), tmp_path / "full.onnx")
+    real = streaming._StepSA.forward
+
+    def forgetful(self, inp):
+        self.hist = torch.zeros_like(self.hist)
+        return real(self, inp)
+
+    monkeypatch.setattr(streaming._StepSA, "forward", forgetful)
+    _, failures, _ = export_streaming_verified(flat, x, tmp_path / "step.onnx", opset=18, dynamo=False, metadata={},
+                                               gates=Gates(1e-4, None, 2e-4), reference=tmp_path / "full.onnx",
+                                               work_dir=tmp_path, runtimes=("onnxruntime",))
+    assert any("spikes differ from the unrolled graph's" in f and "onnxruntime" in f for f in failures), failures
+    assert any("T steps give logits" in f for f in failures), failures
+
+
+@pytest.mark.slow
+def test_export_stage_ships_fp32_and_int8_step_graphs_for_a_causal_sa_model(tmp_path, tiny_cfg, digits):
+    import stages.export
+    from pipeline.data import data_bundle, data_meta, model_config
+
+    bundle = data_bundle(tiny_cfg)
+    mcfg = dict(model_config(tiny_cfg, bundle), staa={"sa_mode": "causal"})
+    meta = data_meta(bundle)
+    model = _causal_model(digits[0], mcfg)
+    (tmp_path / "unroll").mkdir()
+    save_unrolled(tmp_path / "unroll" / "float.pt", unroll_float(model), UnrolledInfo("float", 2, mcfg, meta, True,
+                                                                                     FLOAT_RECIPE))
+    save_unrolled(tmp_path / "unroll" / "int8.pt", unroll_qat(quantize_convs(copy.deepcopy(model), [digits[0]])),
+                  UnrolledInfo("int8", 2, mcfg, meta, False, INT8_RECIPE))
+    result = stages.export.run(_ctx(tiny_cfg, "export", tmp_path / "export", {"unroll": tmp_path / "unroll"}))
+    s = result.metrics["streaming"]
+    assert s["exported"] and s["sa_state_tensors"] == 17 and s["int8"]["sa_state_tensors"] == 17
+    for m in (s, s["int8"]):
+        for runtime in ("onnxruntime", "openvino"):
+            assert m["parity_runtimes"][runtime]["spikes_differing"] == 0
+    assert read_metadata(tmp_path / "export" / "step_int8.onnx")["precision"] == "int8"
+    report = json.loads((tmp_path / "export" / "trt_check.json").read_text())
+    assert {"step_fp32.onnx", "step_int8.onnx"} <= set(report["graphs"]) and report["ok"]

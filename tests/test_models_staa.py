@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from pipeline.checkpoint import load_model, model_payload, read_checkpoint, save_atomic
 from pipeline.models import STAA, STAALIF, GlobalContext, StepAttention, build_model, make_neuron
 from pipeline.models.spec import NeuronSpec, STAASpec, step_attention_width
+from pipeline.compress.timesteps import carry_to_T
 from pipeline.models.staa import gate_fn
 from tests.conftest import shared_file
 
@@ -194,3 +195,137 @@ def test_checkpoint_without_sa_hidden_loads_with_the_old_rule_and_gates(tmp_path
         want = old(x)
         torch.testing.assert_close(reloaded(x), want, rtol=0, atol=0)
     assert not torch.allclose(want, want[:1].expand_as(want))  # gates matter: the net is not silent
+
+
+# --- causal step attention (model.staa.sa_mode: causal) ------------------------------------------
+
+@torch.no_grad()
+def _randomise(sa: StepAttention, seed: int = 0) -> StepAttention:
+    """Full random weights, upper triangles included: causality must come from the structure, not the init."""
+    g = torch.Generator().manual_seed(seed)
+    for lin in (sa.fc1, sa.fc2):
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / lin.in_features ** 0.5)  # gates far from saturation
+        lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.1)
+    sa.fc1.weight.abs_()  # positive hidden units on a positive input: no ReLU is dead, every path is live
+    sa.fc1.bias.abs_()
+    for lin in (sa.fc1, sa.fc2):
+        if lin.in_features == lin.out_features:  # a firm diagonal: each step's own input reaches its gate
+            lin.weight.add_(torch.eye(lin.in_features) * 0.5)
+    return sa
+
+
+def _gates(sa: StepAttention, x: torch.Tensor) -> torch.Tensor:
+    """The gate SA multiplies each (step, sample, channel) by: ``sa(x) / x`` on an all-nonzero input."""
+    with torch.no_grad():
+        return sa(x) / x
+
+
+@pytest.mark.parametrize("mode", ["causal", "full"])
+@pytest.mark.parametrize("T", [2, 4, 6])
+def test_causal_step_attention_never_reads_a_later_step(mode: str, T: int):
+    """Perturb step t+1 (and later): the gates of steps <= t are unchanged in causal mode and change in full mode."""
+    torch.manual_seed(T)
+    sa = _randomise(StepAttention(T, ratio=2, mode=mode)).eval()
+    x = torch.rand(T, 3, 5, 4, 4) + 0.5  # nonzero, so the gate is x's ratio
+    for t in range(T - 1):
+        y = x.clone()
+        y[t + 1:] += 3.0 + torch.rand_like(y[t + 1:])  # moves every later step's pooled mean by >= 3
+        g_x, g_y = _gates(sa, x), _gates(sa, y)
+        if mode == "causal":
+            torch.testing.assert_close(g_y[:t + 1], g_x[:t + 1], rtol=0, atol=0)
+        else:  # the paper's SA mixes every step: this is the test that must fail on it
+            assert (g_y[:t + 1] - g_x[:t + 1]).abs().max() > 1e-3
+        assert (g_y[t + 1:] - g_x[t + 1:]).abs().max() > 1e-3  # later gates do read their own steps
+
+
+def test_causal_step_attention_is_lower_triangular_and_starts_as_the_identity():
+    T = 5
+    sa = StepAttention(T, ratio=4, mode="causal")
+    assert sa.fc1.out_features == T and sa.fc2.in_features == T  # T -> T -> T, whatever sa_ratio says
+    w1, w2 = sa.weights()
+    assert torch.equal(w1, w1.tril()) and torch.equal(w2, w2.tril()) and (w1.diagonal() > 0).all()
+    x = torch.randn(T, 2, 3, 4, 4)
+    torch.testing.assert_close(sa(x), x, rtol=0, atol=0)  # 2 * sigmoid(0) = 1 at every step
+    with pytest.raises(ValueError, match="sa_mode"):
+        StepAttention(T, mode="sideways")
+
+
+@pytest.mark.parametrize("variant", [dict(pe=True, gc=True, sa=True, sa_mode="causal", sa_position=pos, tsrd=True,
+                                          tsrd_p=0.5) for pos in ("before", "after")], ids=["before", "after"])
+def test_causal_staa_lif_computes_the_plain_lif_at_init(variant: dict):
+    torch.manual_seed(0)
+    T, C = 4, 6
+    neuron = make_neuron(NeuronSpec(kind="alif"), C)
+    unit = STAALIF(neuron, STAA(STAASpec(**variant), C, T)).train()
+    x = (torch.randn(T, 3, C, 5, 5) + 0.6).requires_grad_(True)
+    s_plain, s_staa = neuron(x), unit(x)
+    assert 0.05 < s_plain.mean().item() < 0.95
+    torch.testing.assert_close(s_staa, s_plain, rtol=0, atol=0)
+
+
+def test_causal_sa_hidden_is_T_and_a_conflicting_width_is_refused():
+    cfg = {"arch": "resnet20", "width": 0.0625, "T": 8, "num_classes": 10, "in_channels": 2,
+           "staa": {"sa_mode": "causal", "pe": False, "gc": False}}
+    model = build_model(cfg)
+    assert {m.fc1.out_features for m in model.modules() if isinstance(m, StepAttention)} == {8}
+    assert model.spec.staa.sa_hidden == 8
+    with pytest.raises(ValueError, match="sa_hidden=3 with sa_mode 'causal'"):
+        build_model(dict(cfg, staa=dict(cfg["staa"], sa_hidden=3)))
+
+
+@pytest.mark.parametrize("pe_mode", ["interpolate", "truncate", "mean"])
+def test_causal_sa_carries_its_leading_block_to_every_smaller_T_and_reloads_strictly(pe_mode: str, tmp_path: Path):
+    """At every T_new < T: the carried gates of steps < T_new are exactly the old ones (leading [:T, :T] block,
+    whatever pe_mode), and the checkpoint of the carried model reloads strictly with the same outputs."""
+    torch.manual_seed(0)
+    T = 6
+    cfg = {"arch": "resnet20", "width": 0.0625, "T": T, "num_classes": 10, "in_channels": 2,
+           "staa": {"sa_mode": "causal", "pe": False, "gc": True}}
+    model = build_model(cfg).eval()
+    for i, m in enumerate(model.modules()):
+        if isinstance(m, StepAttention):
+            _randomise(m, i)
+    sa = next(m for m in model.modules() if isinstance(m, StepAttention))
+    x = torch.rand(T, 2, 4, 3, 3) + 0.5
+    events = (torch.rand(2, T, 2, 16, 16) < 0.3).float()
+    for T_new in range(1, T):
+        small = carry_to_T(model, T_new, pe_mode).eval()
+        small_sa = next(m for m in small.modules() if isinstance(m, StepAttention))
+        # equal up to float summation order (a [T_new, T_new] product against a [T, T] one)
+        torch.testing.assert_close(_gates(small_sa, x[:T_new]), _gates(sa, x)[:T_new], rtol=0, atol=1e-6)
+        assert small.spec.staa.sa_hidden == T_new and small.spec.staa.sa_mode == "causal"
+        save_atomic(model_payload(small, cfg, {}), tmp_path / f"t{T_new}.pt")
+        reloaded, ckpt = load_model(tmp_path / f"t{T_new}.pt")  # strict
+        assert ckpt["model_cfg"]["staa"]["sa_mode"] == "causal"
+        with torch.no_grad():
+            want = small(events[:, :T_new])
+            torch.testing.assert_close(reloaded(events[:, :T_new]), want, rtol=0, atol=0)
+
+
+def test_checkpoint_without_sa_mode_reloads_as_full_sa(tmp_path: Path):
+    """A checkpoint written before sa_mode existed was the paper's SA: it reloads as "full" whatever the default."""
+    cfg = {"arch": "resnet20", "width": 0.0625, "T": 4, "num_classes": 10, "in_channels": 2, "staa": {"sa_hidden": 2}}
+    payload = model_payload(build_model(cfg), cfg, {})
+    del payload["model_cfg"]["staa"]["sa_mode"]
+    torch.save(payload, tmp_path / "old.pt")
+    from pipeline.models.spec import checkpoint_model_cfg
+
+    assert checkpoint_model_cfg(payload["model_cfg"])["staa"]["sa_mode"] == "full"
+    reloaded, _ = load_model(tmp_path / "old.pt")
+    assert not any(m.causal for m in reloaded.modules() if isinstance(m, StepAttention))
+
+
+def test_causal_sa_trains_only_its_lower_triangle():
+    """Training (hand-written pooling backward on): the masked entries get no gradient, the causal ones do."""
+    torch.manual_seed(0)
+    cfg = {"arch": "resnet19", "width": 0.125, "T": 4, "num_classes": 10, "in_channels": 3,
+           "staa": {"sa_mode": "causal", "tsrd": False}}
+    model = build_model(cfg).train()
+    sas = [m for m in model.modules() if isinstance(m, StepAttention)]
+    for m in sas:
+        _randomise(m)
+    F.cross_entropy(model(torch.randn(4, 3, 16, 16) * 2), torch.arange(4)).backward()
+    for m in sas:
+        for w in (m.fc1.weight, m.fc2.weight):
+            assert w.grad is not None and torch.equal(w.grad.triu(1), torch.zeros_like(w.grad))
+    assert any(m.fc2.weight.grad.tril().abs().sum() > 0 for m in sas)

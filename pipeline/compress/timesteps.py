@@ -28,7 +28,9 @@ def carry_to_T(model: nn.Module, T_new: int, pe_mode: str) -> nn.Module:
 
     The teacher is left untouched (it keeps producing T-step logits for distillation). Step
     attention keeps its trained hidden width; ``model_payload`` stores it (``model.staa.sa_hidden``),
-    so the saved student reloads strictly with ``load_model`` whatever the new T.
+    so the saved student reloads strictly with ``load_model`` whatever the new T. Causal step
+    attention (``model.staa.sa_mode: causal``) is not resampled: it keeps its leading ``[:T_new, :T_new]``
+    block, whatever ``pe_mode``, and its stored width becomes ``T_new``.
     """
     student = copy.deepcopy(model)
     student.set_time_steps(int(T_new), pe_mode)

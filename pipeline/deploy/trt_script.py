@@ -271,7 +271,9 @@ To time another batch size, rerun the timing line from `build_engines.sh` with
 
 ## Streaming (event cameras)
 If `{step}` is present the model can run one time step at a time: inputs `input`
-(one frame), `step` (int64, 0..T-1) and the membranes `u_in.<i>` (zeros at step 0); outputs
-`logits_step` and `u_out.<i>` (feed them back as `u_in.<i>`). The clip's logits are the mean of
-`logits_step` over the T steps. `staa_runtime.StepRunner` does this bookkeeping.
+(one frame), `step` (int64, 0..T-1), the membranes `u_in.<i>` and, for causal step attention,
+`sa_in.<j>` (the pooled means of the steps so far, `[B, C, T]`; all zeros at step 0); outputs
+`logits_step`, `u_out.<i>` and `sa_out.<j>` (feed them back as `u_in.<i>` / `sa_in.<j>`). The clip's
+logits are the mean of `logits_step` over the T steps. `staa_runtime.StepRunner` does this bookkeeping.
+`step_int8.onnx`, when present, is the same step with the INT8 graph's Q/DQ quantisers.
 """

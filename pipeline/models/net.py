@@ -61,7 +61,8 @@ class SpikingNet(nn.Module):
         linearly keeping the first and last step, "mean" sets every new step to the old mean.
         Step-attention Linear layers (T-sized) are resampled the same way, hidden width kept
         (``spec.staa.sa_hidden`` is unchanged, so a checkpoint of the carried model rebuilds it;
-        see ``pipeline.models.staa``). Parameters are replaced: build the optimiser afterwards.
+        see ``pipeline.models.staa``); causal SA keeps its leading ``[:T_new, :T_new]`` block and
+        its width becomes ``T_new`` (``spec.staa.sa_hidden`` follows). Parameters are replaced: build the optimiser afterwards.
         """
         if pe_mode not in PE_MODES:
             raise ValueError(f"unknown pe_mode {pe_mode!r}; valid: {', '.join(PE_MODES)}")
@@ -76,7 +77,10 @@ class SpikingNet(nn.Module):
             if self.spec is not None:
                 from dataclasses import replace
 
-                self.spec = replace(self.spec, T=T_new)
+                staa = self.spec.staa
+                if staa.sa_mode == "causal":  # causal SA's width is T (its leading block is carried)
+                    staa = replace(staa, sa_hidden=T_new)
+                self.spec = replace(self.spec, T=T_new, staa=staa)
         return self
 
     def inference_mode(self, enabled: bool = True) -> "SpikingNet":

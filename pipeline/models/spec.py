@@ -50,6 +50,7 @@ class STAASpec:
     sa_ratio: int = _STAA["sa_ratio"]
     sa_hidden: int | None = _STAA["sa_hidden"]  # step attention's T_h; None: step_attention_width(T, sa_ratio)
     sa_position: str = _STAA["sa_position"]
+    sa_mode: str = _STAA["sa_mode"]  # "full" (the paper's) or "causal" (T_h = T, lower-triangular: streams)
     placement: str = _STAA["placement"]
     last_k: int = _STAA["last_k"]
     gate: str = _STAA["gate"]  # "identity": 2 * sigmoid, zero-init (staa.gate_fn); "legacy": sigmoid, bias 2
@@ -105,6 +106,7 @@ def checkpoint_model_cfg(stored: Mapping[str, Any]) -> dict[str, Any]:
         ratio = staa.get("sa_ratio", STAASpec.sa_ratio)
         staa["sa_hidden"] = legacy_step_attention_width(cfg.get("T", defaults(node("model.T"))), ratio)
         staa.setdefault("gate", "legacy")
+    staa.setdefault("sa_mode", "full")  # written before sa_mode existed: the paper's SA, whatever the default
     cfg["staa"] = staa
     return cfg
 
@@ -117,7 +119,8 @@ def stored_model_cfg(model_cfg: Mapping[str, Any], spec: ModelSpec) -> dict[str,
     carried to another T (``SpikingNet.set_time_steps`` keeps the hidden width), whatever a later
     default says.
     """
-    staa = dict(model_cfg.get("staa") or {}, sa_hidden=spec.staa.sa_hidden, gate=spec.staa.gate)
+    staa = dict(model_cfg.get("staa") or {}, sa_hidden=spec.staa.sa_hidden, gate=spec.staa.gate,
+                sa_mode=spec.staa.sa_mode)
     neuron = dict(model_cfg.get("neuron") or {}, reset=spec.neuron.reset)
     return dict(model_cfg, T=spec.T, staa=staa, neuron=neuron)
 
@@ -136,6 +139,11 @@ def resolve_model_cfg(cfg: Mapping[str, Any]) -> ModelSpec:
     staa, n = merged["staa"], merged["neuron"]
     T = merged["T"]
     sa_hidden = step_attention_width(T, staa["sa_ratio"]) if staa["sa_hidden"] is None else staa["sa_hidden"]
+    if staa["sa_mode"] == "causal":
+        if staa["sa_hidden"] is not None and staa["sa_hidden"] != T:
+            raise ConfigError(f"model.staa.sa_hidden={staa['sa_hidden']} with sa_mode 'causal': causal step attention's "
+                              f"hidden width is T ({T}, one unit per step); unset sa_hidden or set it to {T}")
+        sa_hidden = T
     return ModelSpec(arch=merged["arch"], width=merged["width"], T=T, num_classes=int(cfg["num_classes"]),
                      in_channels=int(cfg["in_channels"]), neuron=NeuronSpec(**n),
                      staa=STAASpec(**dict(staa, sa_hidden=sa_hidden)))

@@ -11,6 +11,8 @@ Parts (docs/architecture.md §4), each switchable by config:
   ``T -> T_h -> T`` with ReLU between and the gate after; multiply back. ``T_h`` is
   ``spec.sa_hidden`` (``step_attention_width``: T for T <= 4, ``max(T // r, 1)`` above).
   ``sa_position`` "before" gates X before the neuron, "after" gates the spikes after it.
+  ``sa_mode`` "causal" (not the paper's): ``T -> T -> T`` with lower-triangular weights, so step t's gate
+  reads steps <= t only and the model can stream one step at a time (see ``StepAttention``).
 - TSRD: in training only, each (sample, step) with probability ``tsrd_p`` bypasses STAA and
   passes the raw ``X_t`` (and, with SA after, the raw spikes). Never active in eval.
 
@@ -28,7 +30,8 @@ Changing T (``set_time_steps``): PE is resampled along T (``resample_time``). SA
 Linear layers act on the T axis; they are resampled too, not re-initialised: the hidden width
 is kept, fc1's input columns and fc2's output rows / bias are resampled with the same mode,
 and fc1 is rescaled by ``T_old / T_new`` (except "truncate") so that a time-constant input
-keeps its hidden pre-activation (exact for "mean").
+keeps its hidden pre-activation (exact for "mean"). Causal SA keeps the leading ``[:T, :T]`` block of both
+layers whatever the mode (its first T gates are then exactly the old ones) and its width follows T.
 
 Choices made here (implementation details the paper does not fix):
 - GC's attention conv has no bias (softmax ignores a constant shift; a bias would never learn).
@@ -245,12 +248,35 @@ class GlobalContext(nn.Module):
         return z[..., None, None]
 
 
-class StepAttention(nn.Module):
-    """Gate each (step, channel) by a bottleneck MLP over the T axis of the pooled input."""
+SA_MODES = ("full", "causal")
 
-    def __init__(self, T: int, ratio: int = 4, hidden: int | None = None, gate: str = "identity") -> None:
+
+def causal_mask(T: int) -> Tensor:
+    """``[T, T]`` lower-triangular ones: entry ``(i, j)`` is 1 when output ``i`` may read input ``j <= i``."""
+    return torch.ones(T, T).tril()
+
+
+class StepAttention(nn.Module):
+    """Gate each (step, channel) by a bottleneck MLP over the T axis of the pooled input.
+
+    ``mode`` "full" (the paper's): ``T -> T_h -> T``, every gate reads every step. "causal": ``T -> T -> T`` with
+    both weight matrices masked lower-triangular in ``forward`` (``weight * mask``), so hidden unit ``j`` reads
+    pooled steps ``<= j`` and gate ``t`` reads hidden units ``<= t``: step t's gate depends on steps ``<= t`` only,
+    whatever the weights (the mask is structural, not a property of training), and a step can be computed as soon
+    as its frame arrives (the streaming graph keeps the pooled means seen so far, ``pipeline.deploy.streaming``).
+    """
+
+    def __init__(self, T: int, ratio: int = 4, hidden: int | None = None, gate: str = "identity",
+                 mode: str = "full") -> None:
         super().__init__()
         _check_gate(gate)
+        if mode not in SA_MODES:
+            raise ValueError(f"unknown sa_mode {mode!r}; valid: {', '.join(SA_MODES)}")
+        self.causal = mode == "causal"
+        if self.causal:
+            if hidden is not None and int(hidden) != T:
+                raise ValueError(f"causal step attention has hidden width T={T}, got {hidden}")
+            hidden = T
         hidden = step_attention_width(T, ratio) if hidden is None else int(hidden)
         if hidden < 1:
             raise ValueError(f"step attention needs a hidden width >= 1, got {hidden}")
@@ -263,18 +289,41 @@ class StepAttention(nn.Module):
         # input current is mostly positive (the residual sums carry spikes).
         nn.init.uniform_(self.fc1.weight, 0.5 / T, 1.5 / T)
         nn.init.zeros_(self.fc1.bias)
+        if self.causal:
+            # not persistent: the state dict is the full mode's, the mask follows from T
+            self.register_buffer("mask", causal_mask(T), persistent=False)
+            with torch.no_grad():  # hidden unit j: a positive average of the j + 1 steps it sees
+                self.fc1.weight.copy_(self._causal_fc1_init(T))
         if gate == "identity":  # gate logits 0: every step passes unchanged at init
             nn.init.zeros_(self.fc2.weight)
             nn.init.zeros_(self.fc2.bias)
         else:
             nn.init.constant_(self.fc2.bias, LEGACY_GATE_BIAS)
 
+    @staticmethod
+    def _causal_fc1_init(T: int) -> Tensor:
+        seen = torch.arange(1, T + 1, dtype=torch.float32).unsqueeze(1)  # row j sees j + 1 steps
+        return (torch.empty(T, T).uniform_(0.5, 1.5) / seen).tril()
+
+    def weights(self) -> tuple[Tensor, Tensor]:
+        """``(fc1, fc2)`` weights as applied: lower-triangular in causal mode."""
+        if self.causal:
+            return self.fc1.weight * self.mask, self.fc2.weight * self.mask
+        return self.fc1.weight, self.fc2.weight
+
+    def logits(self, pooled: Tensor) -> Tensor:
+        """Gate logits ``[B, C, T]`` of pooled inputs ``[B, C, T]``."""
+        if not self.causal:
+            return self.fc2(torch.relu(self.fc1(pooled)))
+        w1, w2 = self.weights()
+        return F.linear(torch.relu(F.linear(pooled, w1, self.fc1.bias)), w2, self.fc2.bias)
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() <= 3:
             pooled = x  # [T, B, C]
         else:
             pooled = SpatialMean.apply(x) if hand_backward(self) else x.flatten(3).mean(-1)
-        g = gate_fn(self.fc2(torch.relu(self.fc1(pooled.permute(1, 2, 0)))), self.gate)  # [B, C, T]
+        g = gate_fn(self.logits(pooled.permute(1, 2, 0)), self.gate)  # [B, C, T]
         g = g.permute(2, 0, 1)  # [T, B, C]
         for _ in range(x.dim() - 3):
             g = g.unsqueeze(-1)
@@ -282,6 +331,9 @@ class StepAttention(nn.Module):
 
     @torch.no_grad()
     def set_time_steps(self, T_new: int, mode: str) -> None:
+        if self.causal:
+            self._carry_causal(T_new)
+            return
         T_old = self.fc1.in_features
         hidden = self.fc1.out_features
         w1 = resample_time(self.fc1.weight, 1, T_new, mode)
@@ -295,6 +347,31 @@ class StepAttention(nn.Module):
         dev, dt = self.fc1.weight.device, self.fc1.weight.dtype
         self.fc1, self.fc2 = fc1.to(dev, dt), fc2.to(dev, dt)
 
+    def _carry_causal(self, T_new: int) -> None:
+        """Causal SA at ``T_new`` steps: the leading ``[:T_new, :T_new]`` block (whatever ``pe_mode``).
+
+        Why not resample: the gate of step t reads steps <= t only, so the first ``T_new`` steps' gates of the
+        carried model are exactly the old model's (same inputs, same numbers); resampling would mix later
+        steps' weights into earlier ones. Growing T keeps the old block and starts the new steps as at init
+        (hidden units averaging what they see, gate logits at the start value).
+        """
+        T_old = self.fc1.in_features
+        dev, dt = self.fc1.weight.device, self.fc1.weight.dtype
+        fc1, fc2 = nn.Linear(T_new, T_new), nn.Linear(T_new, T_new)
+        fc1.weight.copy_(self._causal_fc1_init(T_new))
+        nn.init.zeros_(fc1.bias)
+        nn.init.zeros_(fc2.weight)
+        nn.init.constant_(fc2.bias, 0.0 if self.gate == "identity" else LEGACY_GATE_BIAS)
+        n = min(T_old, T_new)
+        for new, old in ((fc1, self.fc1), (fc2, self.fc2)):
+            new.weight[:n, :n] = (old.weight * self.mask)[:n, :n]
+            new.bias[:n] = old.bias[:n]
+        self.fc1, self.fc2 = fc1.to(dev, dt), fc2.to(dev, dt)
+        self.mask = causal_mask(T_new).to(dev)
+
+    def extra_repr(self) -> str:
+        return "causal" if self.causal else "full"
+
 
 class STAA(nn.Module):
     """PE -> GC -> SA (before) on the input current; SA (after) on the spikes; TSRD in training."""
@@ -303,7 +380,7 @@ class STAA(nn.Module):
         super().__init__()
         self.pe = PositionEncoding(T, channels) if spec.pe else None
         self.gc = GlobalContext(channels, spec.gc_ratio, spec.gc_fusion, spec.gate) if spec.gc else None
-        self.sa = StepAttention(T, spec.sa_ratio, spec.sa_hidden, spec.gate) if spec.sa else None
+        self.sa = StepAttention(T, spec.sa_ratio, spec.sa_hidden, spec.gate, spec.sa_mode) if spec.sa else None
         if spec.sa_position not in ("before", "after"):
             raise ValueError(f"unknown sa_position {spec.sa_position!r}; valid: before, after")
         self.sa_after = spec.sa_position == "after"
