@@ -1,2 +1,2 @@
 """STAA-SNN deployment pipeline: train -> reduce T -> INT8 QAT -> unroll -> ONNX -> TensorRT -> validate."""
-__version__ = "0.4.0"
+__version__ = "0.5.0"

@@ -61,7 +61,7 @@ def test_every_config_has_reduce_t_steps():
 @pytest.mark.parametrize("sa_mode", ["full", "causal"])
 @pytest.mark.parametrize("path, T_new", _cases())
 def test_config_carries_to_reduced_T_and_reloads_strictly(path: Path, T_new: int, sa_mode: str, tmp_path: Path):
-    """Also with causal step attention (model.staa.sa_mode: causal, not yet any config's setting)."""
+    """With both step-attention forms, whatever the config sets (the event configs and the default: causal)."""
     cfg = load_config(path, ["model.width=0.0625", f"model.staa.sa_mode={sa_mode}"])
     classes, channels, is_event = DATASETS[cfg["data"]["dataset"]]
     mcfg = dict(cfg["model"], num_classes=classes, in_channels=channels)
