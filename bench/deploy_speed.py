@@ -3,7 +3,7 @@
 Why this bench: it answers what the shipped graphs cost on a CPU at full width, not on the
 embedded default's toy net, and it goes through the project's own code paths so it measures what
 the pipeline ships: ``build_model`` (BN calibrated on real images so every layer fires:
-``tests/helpers/firing.py``'s ``firing_model``; weights untrained), ``unroll_float`` /
+``pipeline/testing.py``'s ``firing_model``; weights untrained), ``unroll_float`` /
 NNCF ``quantize_model`` -> QAT checkpoint -> ``qdq_module`` -> ``unroll_qat``, and
 ``export_verified`` (the export stage's export: int8 weight fold, onnxslim, ONNX Runtime parity,
 static TensorRT check). Calibration and timing inputs are real CIFAR-100 test images from
@@ -53,7 +53,7 @@ from pipeline.data import build_datasets  # noqa: E402
 from pipeline.deploy.unroll import unroll_float, unroll_qat  # noqa: E402
 from pipeline.deploy.verify import Gates, export_verified  # noqa: E402
 from pipeline.runtime import OrtRunner, Runner, TorchRunner, benchmark  # noqa: E402
-from tests.helpers import firing_model  # noqa: E402
+from pipeline.testing import firing_model  # noqa: E402
 
 try:  # written by another change in parallel: fall back to a local runner while it is absent
     from pipeline.runtime import OpenVinoRunner

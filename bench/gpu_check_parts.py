@@ -371,7 +371,7 @@ def part_stages(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- kernels
 def part_kernels(args: argparse.Namespace) -> dict[str, Any]:
-    """The Triton neuron kernels compiled on CUDA: the comparisons tests/test_triton_kernels.py makes in the
+    """The Triton neuron kernels compiled on CUDA: the comparisons tests/models/test_triton_kernels.py makes in the
     interpreter (spikes and membranes bit-identical, gradients within tolerance; FMA contraction shows
     only here), then one full-size layer per kind: bit-identity there and forward + backward time, T=4 and 32."""
     import torch
@@ -381,7 +381,7 @@ def part_kernels(args: argparse.Namespace) -> dict[str, Any]:
     cuda = torch.cuda.is_available() and not SIMULATE
     env = _env()
     shape, rounds = ["128", "128", "32", "32"], "3"
-    compare = [sys.executable, str(REPO / "tests" / "helpers" / "triton_compare.py"), "--device",
+    compare = [sys.executable, str(REPO / "pipeline" / "models" / "kernels" / "compare.py"), "--device",
                "cuda" if cuda else "cpu"]
     layer = [sys.executable, str(REPO / "bench" / "lif_kernels.py"), "--device", "cuda", "--json",
              str(Path(args.work) / "lif_kernels.jsonl")]
@@ -394,11 +394,11 @@ def part_kernels(args: argparse.Namespace) -> dict[str, Any]:
     if triton_missing():
         raise (Fail if cuda else Skip)(f"Triton backend: {triton_missing()}")
     sys.path.insert(0, str(REPO))
-    from tests.helpers.triton_compare import failures
+    from pipeline.models.kernels.compare import failures
 
     r = subprocess.run(compare, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(args.limit - 5, 5))
     if r.returncode != 0:
-        raise Fail(f"tests/helpers/triton_compare.py failed: {_tail(r.stderr)}")
+        raise Fail(f"pipeline/models/kernels/compare.py failed: {_tail(r.stderr)}")
     rows = json.loads(r.stdout.strip().splitlines()[-1])["rows"]
     bad = failures(rows)
     out: dict[str, Any] = {"compared_cases": len(rows), "failures": bad}

@@ -1,4 +1,5 @@
-"""Models that fire, for testing deployment code without a trained checkpoint (like ``torch.testing``).
+"""Models that fire, for testing and benchmarking deployment code without a trained checkpoint (like
+``torch.testing``: the tests and bench/deploy_speed.py use it, the pipeline never does).
 
 A freshly initialised SNN barely fires past its first layers, so its logits are the classifier
 bias and every parity test would pass trivially. :func:`firing_model` calibrates BN on real

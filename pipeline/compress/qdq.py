@@ -15,7 +15,7 @@ zero point are fixed constants:
   between the two (a no-op that TensorRT's Q/DQ fusion may not skip: prefer the legacy
   exporter for TensorRT).
 
-Numerics match NNCF's own quantisers (same scale, same grid); see tests/test_qat.py.
+Numerics match NNCF's own quantisers (same scale, same grid); see tests/compress/test_qat.py.
 """
 from __future__ import annotations
 

@@ -128,7 +128,7 @@ def choose_T_on_val(rows: Sequence[dict[str, Any]], T0: int, base: dict[str, Any
                     choose: int | None = None) -> tuple[int, str]:
     """reduce_t's choice from the scores it keeps: ``base`` (the baseline's ``val_top1`` / ``test_top1``) and
     ``rows`` (per reduced T: ``val_top1`` / ``after_top1``, the test top-1). Only the validation figures are
-    read, so the T that ships is never picked on the images that grade it (tests/test_reduce_t.py)."""
+    read, so the T that ships is never picked on the images that grade it (tests/compress/test_reduce_t.py)."""
     return choose_T(rows, T0, base["val_top1"], gate, choose, score="val_top1")
 
 

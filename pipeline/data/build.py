@@ -1,7 +1,7 @@
 """``build_datasets``: one entry point from the ``data`` config section to a :class:`DataBundle`.
 
 :data:`BUILDERS` is the table of datasets (``data.dataset`` -> builder); its keys are the
-schema's ``data.dataset`` choices (tests/test_data_static.py checks both ways), so adding a
+schema's ``data.dataset`` choices (tests/data/test_data_static.py checks both ways), so adding a
 dataset is one builder plus one row here and one choice in ``pipeline/schema.py``.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ and the spikes of every neuron node ``{layer: [T, B, ...]}``, named as our neuro
 The readers are test dependencies (requirements-dev.txt), not the pipeline's: :func:`available` says
 which are importable, and the export stage records a missing one as not checked.
 
-Semantics of each reader, as read from their code (measured in tests/test_nir_roundtrip.py):
+Semantics of each reader, as read from their code (measured in tests/deploy/test_nir_roundtrip.py):
 - snnTorch (``import_from_nir``): ``beta = 1 - dt/tau`` with dt fixed at 1e-4 whatever the graph says,
   threshold ``v_threshold / (R dt/tau)``, ``mem = beta mem + I``, spike ``mem > thr``, reset to zero.
 - Norse (its node mapping under ``nirtorch.nir_to_torch``, dt from the graph): ``v += dt/tau (v_leak - v + I)`` (R ignored), spike ``v > v_th``,

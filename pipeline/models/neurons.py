@@ -18,9 +18,9 @@ neuron's methods ``charge`` / ``fire`` / ``reset`` call them, and every path com
   ``charge`` / ``heaviside`` / reset functions without autograd and its backward is written out by hand from
   each step's derivative (``Reset.grad`` next to ``Reset.value``), instead of ~6 autograd nodes per step. The
   node is the ``torch`` backend; ``triton`` (``kernels/triton_lif.py``) runs the same definition in one
-  launch per layer (GPU code cannot call Python: tests/test_triton_kernels.py holds it to these functions
+  launch per layer (GPU code cannot call Python: tests/models/test_triton_kernels.py holds it to these functions
   bit for bit, both resets). Spikes are bit-identical to the per-step loop; gradients equal autograd's
-  through that loop up to float rounding (tests/test_fused_step.py, tests/test_neuron_dynamics.py).
+  through that loop up to float rounding (tests/models/test_fused_step.py, tests/models/test_neuron_dynamics.py).
   A subclass that overrides ``charge``, ``fire`` or ``reset`` has no fused backend: it trains on the
   per-step loop through autograd (``BaseLIF._fused``), so an override can never be silently skipped.
 
@@ -126,7 +126,7 @@ class Reset:
     grad: Callable[[Tensor, Tensor, Tensor, float], Tensor]
 
 
-# model.neuron.reset -> rule; the keys are the schema's choices (tests/test_neuron_dynamics.py checks)
+# model.neuron.reset -> rule; the keys are the schema's choices (tests/models/test_neuron_dynamics.py checks)
 RESETS: dict[str, Reset] = {"hard": Reset(_hard, _hard_grad), "soft": Reset(_soft, _soft_grad)}
 
 
@@ -340,7 +340,7 @@ def _lif(spec: NeuronSpec, channels: int, **kw) -> BaseLIF:
 
 NeuronFactory = Callable[..., BaseLIF]
 # model.neuron.kind -> constructor (spec, channels, v_th=, surrogate=, surrogate_param=, reset=); its keys are
-# the schema's choices (tests/test_models_neurons.py checks), so a new kind is one function and one row.
+# the schema's choices (tests/models/test_models_neurons.py checks), so a new kind is one function and one row.
 NEURONS: dict[str, NeuronFactory] = {"alif": _alif, "lif": _lif}
 
 

@@ -8,7 +8,7 @@ keys, wrong types and out-of-range values raise through the schema's own checks
 is checked by one piece of code with one message.
 
 The dataclasses below take their defaults from the schema (``_NEURON``, ``_STAA``): a default
-changes in ``pipeline/schema.py`` only (tests/test_schema.py checks that every field matches).
+changes in ``pipeline/schema.py`` only (tests/orchestration/test_schema.py checks that every field matches).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ Parts (docs/architecture.md §4), each switchable by config:
 ``STAALIF`` = optional ``STAA`` (attribute ``staa``) + the neuron (attribute ``lif``).
 
 Training kernels: when a gradient is wanted, GC pools through ``AttentionPool`` and runs its transform as
-linear layers, and SA pools through ``SpatialMean`` (hand-written backward, same maths; tests/test_staa_fast.py).
+linear layers, and SA pools through ``SpatialMean`` (hand-written backward, same maths; tests/models/test_staa_fast.py).
 Evaluation, tracing, export and quantisation see the eval ops (1x1 convs, softmax, matmul, mean), and
 ``set_hand_backward(model, False)`` keeps a quantiser-wrapped model on them in training too (and its neurons
 on the per-step loop instead of the fused ``MultiStepLIF``). Measured on the
@@ -133,7 +133,7 @@ class AttentionPool(torch.autograd.Function):
 
         dL/dw = g @ f,   dL/dl = w (dL/dw - <w, dL/dw>),   dL/df = g w^T + a dL/dl^T,   dL/da = sum f dL/dl
 
-    Equal to autograd through the eval ops up to float summation order (tests/test_staa_fast.py).
+    Equal to autograd through the eval ops up to float summation order (tests/models/test_staa_fast.py).
     Mixed precision: the products run in ``f``'s dtype (fp16/bf16 under autocast, as the eval ops' conv and
     matmul do), the softmax and its backward in at least fp32; backward runs without autocast, so every
     operand is cast to ``f``'s dtype there explicitly.

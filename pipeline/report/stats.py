@@ -15,7 +15,7 @@ bare delta does) presents one image's flip (0.28 points of 360) as a gain.
   (0.3.x): it treats ``b + c`` as known, so a row that gained no image (``b = 0``, the usual
   compression step) got the observed drop as its lower end, and the interval covered the true
   delta about half the time (simulated). Tango's covers at about the nominal rate, losses-only
-  rows included (``tests/test_stats_coverage.py`` simulates it).
+  rows included (``tests/report/test_stats_coverage.py`` simulates it).
 - Consistency with the mark: the score test is a little more liberal than the exact McNemar test
   at small counts, so when ``p >= 0.05`` the interval is widened to reach 0 (only ever wider:
   coverage can only rise). An exact-McNemar rejection always lies outside Tango's interval (checked

@@ -7,7 +7,7 @@ import torch
 
 from pipeline.checkpoint import save_atomic
 from pipeline.compress.quantize import load_qat_model, qat_payload, quantize_model
-from tests.test_qat import MCFG, META, _float_model
+from tests.compress.test_qat import MCFG, META, _float_model
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from pipeline.config import load_config
 from pipeline.models import GlobalContext, StepAttention
 from tests.helpers import firing_model
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 # dataset -> (num_classes, in_channels, is_event): what the data bundle would report
 DATASETS = {
     "digits": (10, 1, False), "cifar10": (10, 3, False), "cifar100": (100, 3, False),

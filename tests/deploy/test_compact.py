@@ -16,7 +16,7 @@ from pipeline.deploy.compact import (CompactError, batch_dims, check_qdq_kept, c
 from pipeline.deploy.onnx_export import export_onnx, write_metadata
 from pipeline.deploy.unroll import unroll_float, unroll_qat
 from tests.helpers import firing_model, quantize_convs
-from tests.test_trt_check import qdq_conv_graph
+from tests.deploy.test_trt_check import qdq_conv_graph
 
 # small enough for onnxslim to run in seconds: GC and PE on (their shape arithmetic is what the
 # simplification removes), step attention off

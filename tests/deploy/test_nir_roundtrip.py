@@ -286,7 +286,7 @@ def test_nmnist_nir_config_through_export_writes_the_nir_graph(tmp_path: Path):
     read back identical, both readers at 0 real mismatches and identical top-1 on the trained model."""
     import os
 
-    from tests.test_nmnist_e2e import SCHEDULE
+    from tests.e2e.test_nmnist_e2e import SCHEDULE
 
     events = shared_file("nmnist_small_events.npz")
     sets = SCHEDULE + [f"artifacts_dir={tmp_path / 'artifacts'}", f"data.train_file={events}",

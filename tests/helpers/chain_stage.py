@@ -1,4 +1,4 @@
-"""Two stages for tests/test_cache_keys.py: ``up`` writes bytes, ``down`` reads them.
+"""Two stages for tests/orchestration/test_cache_keys.py: ``up`` writes bytes, ``down`` reads them.
 
 ``NOISE`` stands for what a config does not pin (thread count, kernel choice): changing it makes
 ``up`` write other bytes under the same key. ``RUNS`` lists the stages that really executed.

@@ -1,7 +1,7 @@
-"""A stage that exists only for tests/test_registry.py: its registry row plus this module is all it takes.
+"""A stage that exists only for tests/orchestration/test_registry.py: its registry row plus this module is all it takes.
 
 ``RUNS`` counts real executions, so a test can tell a cached run (not re-executed) from a fresh one.
-A value above ``GATE`` fails the stage's gate (a failed verdict: tests/test_failed_verdict.py).
+A value above ``GATE`` fails the stage's gate (a failed verdict: tests/report/test_failed_verdict.py).
 """
 from __future__ import annotations
 

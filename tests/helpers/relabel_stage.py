@@ -1,4 +1,4 @@
-"""A stage inserted between reduce_t and qat (tests/test_insert_stage.py): it reads reduce_t's chosen model
+"""A stage inserted between reduce_t and qat (tests/orchestration/test_insert_stage.py): it reads reduce_t's chosen model
 and writes a copy whose classifier rows are rolled by ``relabel.shift``; qat then quantises that copy.
 
 What inserting it takes: this module, its registry row (``RELABEL`` in the test, with ``feeds`` naming qat's

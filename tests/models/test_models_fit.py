@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from pipeline.models import build_model
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_train_subset.npz"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10_train_subset.npz"
 
 
 def load_64() -> tuple[torch.Tensor, torch.Tensor, str]:

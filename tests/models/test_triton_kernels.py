@@ -27,9 +27,9 @@ import pytest
 
 from pipeline.models.kernels import fused_multistep, resolve_kernels, set_kernels, triton_missing
 
-from tests.helpers.triton_compare import LOW_PRECISION_RTOL, NET_GRAD_RTOL, NEURON_GRAD_RTOL, failures
+from pipeline.models.kernels.compare import LOW_PRECISION_RTOL, NET_GRAD_RTOL, NEURON_GRAD_RTOL, failures
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 needs_triton = pytest.mark.skipif(triton_missing() is not None, reason=f"Triton backend: {triton_missing()}")
 
@@ -40,7 +40,7 @@ def report() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
     env.pop("TRITON_INTERPRET", None)  # the script sets it itself
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "helpers" / "triton_compare.py")], cwd=REPO,
+    proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "models" / "kernels" / "compare.py")], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout.strip().splitlines()[-1])

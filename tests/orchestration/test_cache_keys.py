@@ -1,7 +1,7 @@
 """Cache keys follow the bytes: a stage's key holds the digest of what its upstream stages wrote.
 
-Fast tests on two plugin stages (tests/chain_stage.py) through the real runner; the same fault on
-the real pipeline (train retrained with other bytes) is tests/test_stale_e2e.py.
+Fast tests on two plugin stages (tests/helpers/chain_stage.py) through the real runner; the same fault on
+the real pipeline (train retrained with other bytes) is tests/e2e/test_stale_e2e.py.
 """
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from pipeline.cli import main as cli_main
 from pipeline.config import load_config
 from pipeline.registry import Output, StageSpec
 from pipeline.runner import run_stage, run_store, stage_states, stale_reasons, upstream_digest
-from tests import chain_stage
+from tests.helpers import chain_stage
 
 UP = StageSpec("up", (), ("up",), (
     Output("value", "value.txt", "report"),
     Output("history", "history.csv", "log"),
-), "writes bytes", module="tests.chain_stage")
+), "writes bytes", module="tests.helpers.chain_stage")
 DOWN = StageSpec("down", ("up.value",), ("down",), (Output("copy", "copy.txt", "report"),),
-                 "reads up's bytes", module="tests.chain_stage")
+                 "reads up's bytes", module="tests.helpers.chain_stage")
 
 
 @pytest.fixture

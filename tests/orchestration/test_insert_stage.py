@@ -15,7 +15,7 @@ RELABEL = StageSpec("relabel", ("model=reduce_t.chosen",), ("relabel",), (
     Output("model", "relabelled.pt", "checkpoint", ("torch",), "fp32", parent=FLOAT_AT_T, steps_from="config"),
     Output("metrics", "metrics.json", "metrics"),
 ), "roll the classifier's rows (a test's stand-in for a pruning or distillation step)",
-    module="tests.relabel_stage", feeds=("qat.model=model",))
+    module="tests.helpers.relabel_stage", feeds=("qat.model=model",))
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The stage registry as the one table: sound rows, declared outputs, and a stage added through a row.
 
-A dummy stage (``tests/dummy_stage.py`` + one :class:`StageSpec` + one schema section) runs through
+A dummy stage (``tests/helpers/dummy_stage.py`` + one :class:`StageSpec` + one schema section) runs through
 the real runner, is cached on the second run, re-runs when its config changes and shows in
 ``python -m pipeline status`` and, its model output measured like any built-in one, in the report's
 inventory (which is derived from the registry alone).
@@ -21,13 +21,13 @@ from pipeline.config import load_config
 from pipeline.registry import FLOAT_AT_T, Output, StageSpec
 from pipeline.runner import run_stage, run_store, stage_states
 from pipeline.schema import SCHEMA, ConfigError
-from tests import dummy_stage
+from tests.helpers import dummy_stage
 from tests.conftest import REPO
 
 DUMMY = StageSpec("dummy", (), ("dummy",), (
     Output("value", "value.txt", "report", help="2 x dummy.factor"),
     Output("model", "copy.pt", "checkpoint", ("torch",), "fp32", parent="train.best", steps_from="config"),
-), "a stage that exists only in tests", module="tests.dummy_stage")
+), "a stage that exists only in tests", module="tests.helpers.dummy_stage")
 
 
 # --- the table ---------------------------------------------------------------------------------

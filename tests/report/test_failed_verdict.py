@@ -1,6 +1,6 @@
 """A failed verdict stands: the runner repeats it without running the stage again (fast, through the real runner).
 
-The dummy stage (tests/dummy_stage.py) fails its gate when its value exceeds ``GATE``; ``RUNS`` counts how often it
+The dummy stage (tests/helpers/dummy_stage.py) fails its gate when its value exceeds ``GATE``; ``RUNS`` counts how often it
 really ran, so a re-measured verdict (the stage executed again for an unchanged config) shows as an extra run.
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 from pipeline import registry
 from pipeline.config import load_config
 from pipeline.runner import GateFailed, run_stage, run_store
-from tests import dummy_stage
-from tests.test_registry import DUMMY
+from tests.helpers import dummy_stage
+from tests.orchestration.test_registry import DUMMY
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline import registry
 from pipeline.report import apply_gates
-from tests.test_report import GATES, rows_fixture
+from tests.report.test_report import GATES, rows_fixture
 
 BASELINE = registry.table().baseline_artifact()
 

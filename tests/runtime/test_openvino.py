@@ -442,7 +442,7 @@ def test_openvino_under_preloaded_tcmalloc_is_a_reported_state_not_an_abort(tmp_
             "    print('refused:', exc)\n")
     env = {**os.environ, "LD_PRELOAD": str(TCMALLOC), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "refused:" in proc.stdout
 

@@ -1,4 +1,5 @@
-"""The Triton neuron kernels vs the torch path, as one JSON report (run by tests/test_triton_kernels.py).
+"""The Triton neuron kernels vs the torch path, as one JSON report (run by tests/models/test_triton_kernels.py and
+bench/gpu_check_parts.py; ``python -m pipeline.models.kernels.compare --device cuda`` checks a GPU).
 
 Run as a script in its own process: it sets ``TRITON_INTERPRET=1`` before Triton is imported (Triton
 reads it when the kernels are defined), so the kernels run in Triton's numpy interpreter on the CPU, and
@@ -18,10 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 # max |a - b| / max |b| of a gradient, Triton vs torch path
 NEURON_GRAD_RTOL = 2e-6  # one fp32 layer: measured up to 4.3e-7 (ALIF gain, tanh); tanh/atan use other formulas
-NET_GRAD_RTOL = 5e-5  # a whole net (tests/test_fused_step.py holds the torch path to it); measured 3.2e-6
+NET_GRAD_RTOL = 5e-5  # a whole net (tests/models/test_fused_step.py holds the torch path to it); measured 3.2e-6
 LOW_PRECISION_RTOL = {"torch.bfloat16": 2.0 ** -7, "torch.float16": 2.0 ** -10}  # one ulp of the input's dtype
 
 

@@ -36,7 +36,7 @@ from torch import Tensor
 SURROGATE_IDS = {"rect": 0, "tanh": 1, "atan": 2}
 TILE = 1024  # elements per program and step
 # every launch: no FMA contraction, so each product and sum rounds on its own as in torch's separate ops
-# (tests/test_triton_kernels.py compiles the kernels to PTX and checks every fp32 mul/add is ``.rn``)
+# (tests/models/test_triton_kernels.py compiles the kernels to PTX and checks every fp32 mul/add is ``.rn``)
 LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
 
 
