@@ -186,3 +186,12 @@ def test_imagenet_imagefolder_small(tmp_path):
     assert len(b.train) + len(b.val) == 6 and len(b.val) == 2
     assert sorted(b.test.targets) == [0, 0, 1, 1]  # class-balanced limit over folder order
     assert b.train[0][0].shape == (3, 32, 32) and b.test[0][0].shape == (3, 32, 32)
+
+
+def test_every_dataset_choice_has_a_builder_and_every_builder_a_choice():
+    """A dataset is one builder, one BUILDERS row and one schema choice (docs/extending.md): neither list may
+    name a dataset the other lacks."""
+    from pipeline.data.build import BUILDERS
+    from pipeline.schema import SCHEMA
+
+    assert set(SCHEMA["data"]["dataset"].options) == set(BUILDERS)
