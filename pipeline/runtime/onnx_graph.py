@@ -1,8 +1,8 @@
 """One index over an ONNX graph: who produces a tensor, who reads it, and what a constant holds.
 
-Why one: graph compaction (``pipeline.deploy.compact``), the TensorRT static check
-(``pipeline.deploy.trt_check``) and the OpenVINO Q/DQ adaptation
-(``pipeline.runtime.openvino_qdq``) each walk producers, consumers and constants, and
+Why one: graph compaction (``pipeline.deploy.graphs.compact``), the TensorRT static check
+(``pipeline.deploy.proofs.trt_check``) and the OpenVINO Q/DQ adaptation
+(``pipeline.runtime.backends.openvino_qdq``) each walk producers, consumers and constants, and
 each had its own copy of that walk. It lives in ``pipeline.runtime`` because the adaptation runs
 in the standalone runner the device bundle carries (this package imports nothing else from the
 pipeline); deploy/ imports it from here. It needs ``onnx`` (the bundle's runner imports it only for

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .onnx_graph import OnnxGraph, attr, default_opset
+from ..onnx_graph import OnnxGraph, attr, default_opset
 
 # ops that only move, copy or select values (data input first, except Concat): a spike stays a spike
 KEEPS_SPIKES = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Identity", "Split", "Slice",
@@ -217,7 +217,7 @@ def adaptation_exactness(model: onnx.ModelProto, x: np.ndarray, threads: int | N
     """
     import onnxruntime as ort
 
-    from .backends.onnxruntime import EXACT_QDQ
+    from .onnxruntime import EXACT_QDQ
 
     adapted, counts = adapt_qdq_for_openvino(copy.deepcopy(model))
     rounds = [n.output[0] for n in adapted.graph.node if n.op_type == "Round" and n.name.startswith("ov_qdq/")]
