@@ -50,8 +50,8 @@ from pipeline.checkpoint import save_atomic  # noqa: E402
 from pipeline.compress.quantize import load_qat_model, qat_payload, quantize_model  # noqa: E402
 from pipeline.console import quiet_nncf  # noqa: E402
 from pipeline.data import build_datasets  # noqa: E402
-from pipeline.deploy.unroll import unroll_float, unroll_qat  # noqa: E402
-from pipeline.deploy.verify import Gates, export_verified  # noqa: E402
+from pipeline.deploy.graphs.unroll import unroll_float, unroll_qat  # noqa: E402
+from pipeline.deploy.proofs.verify import Gates, export_verified  # noqa: E402
 from pipeline.runtime import OrtRunner, Runner, TorchRunner, benchmark  # noqa: E402
 from pipeline.testing import firing_model  # noqa: E402
 

@@ -553,7 +553,7 @@ def part_infer(args: argparse.Namespace) -> dict[str, Any]:
     a CUDA graph: p50 latency and img/s, the nearest figure to a TensorRT engine this machine gives."""
     import torch
 
-    from pipeline.deploy.unroll import unroll_float
+    from pipeline.deploy.graphs.unroll import unroll_float
     from pipeline.models import build_model
     from pipeline.precision import strict_fp32
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.deploy.compact import compact_onnx
-from pipeline.deploy.onnx_export import export_onnx
-from pipeline.deploy.streaming import build_streaming
-from pipeline.deploy.unroll import unroll_float
+from pipeline.deploy.graphs.compact import compact_onnx
+from pipeline.deploy.graphs.onnx_export import export_onnx
+from pipeline.deploy.graphs.streaming import build_streaming
+from pipeline.deploy.graphs.unroll import unroll_float
 from pipeline.models import build_model
 from pipeline.runtime import OrtRunner, StepRunner
 

@@ -190,7 +190,7 @@ SCHEMA: dict[str, Any] = {
         "min_spike_agreement": Num(0.9999, lo=0.0, hi=1.0),  # per layer, counting the layer's own flips (not cascades)
         "flip_margin": Num(1e-4, lo=0.0),  # a first flip this close to the threshold is rounding, not a bug
         # at most this share of the images may diverge by such flips: rounding flips are rare, a
-        # systematic shift is not (pipeline/deploy/parity.py)
+        # systematic shift is not (pipeline/deploy/proofs/parity.py)
         "max_numerical_share": Num(0.05, lo=0.0, hi=1.0),
     },
     "export": {

@@ -15,9 +15,9 @@ KINDS = (
     "checkpoint",  # a float model checkpoint (pipeline.checkpoint.load_model)
     "training_state",  # resumable training state (optimiser, scheduler, history): not a deliverable model
     "qat_checkpoint",  # NNCF QAT model (pipeline.compress.quantize.load_qat_model)
-    "unrolled",  # static, stateless torch module (pipeline.deploy.unroll.load_unrolled)
+    "unrolled",  # static, stateless torch module (pipeline.deploy.graphs.unroll.load_unrolled)
     "onnx", "engine",  # graphs for ONNX runtimes / TensorRT
-    "nir",  # a NIR graph (HDF5) for neuromorphic toolchains (pipeline.deploy.nir_export)
+    "nir",  # a NIR graph (HDF5) for neuromorphic toolchains (pipeline.deploy.graphs.nir_export)
     "samples",  # sample_inputs.npz: images, labels, float logits
     "metrics", "report", "plot", "log", "check", "config", "script", "doc", "folder",
 )

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import registry
-from pipeline.deploy.bundle import BUILDS_FROM, BundleLayout, make_bundle
+from pipeline.deploy.packaging.bundle import BUILDS_FROM, BundleLayout, make_bundle
 from pipeline.runner import StageContext, StageError, StageResult
 from pipeline.runtime import get_backend, load_runner
 from pipeline.runtime.backends.tensorrt_build import BuildRequest

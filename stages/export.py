@@ -1,14 +1,14 @@
 """export: ONNX FP32 and INT8 (QDQ) with a dynamic batch, a streaming one-step graph, checks.
 
 Each graph is compacted first (INT8 weights as int8 initializers, onnxslim simplification:
-``pipeline.deploy.compact``); every check then runs on the final file: onnx.checker (full) +
+``pipeline.deploy.graphs.compact``); every check then runs on the final file: onnx.checker (full) +
 shape inference, deployment metadata, ONNX Runtime parity on real test images (logits, top-1, per-layer spikes through a probe graph), and the static
 TensorRT check (``trt_check.json``). Also writes ``sample_inputs.npz`` (the parity images,
 labels and float logits) for the device bundle. ``metrics.json`` records node counts before and
 after compaction, file and initializer bytes per graph, and the INT8/FP32 byte ratios.
 
 NIR: a plain-LIF model (no STAA part, ``lif`` neurons) is also written as ``model.nir``
-(:mod:`pipeline.deploy.nir_export`), checked with ``nir``'s own reader (load, re-save, identical) and
+(:mod:`pipeline.deploy.graphs.nir_export`), checked with ``nir``'s own reader (load, re-save, identical) and
 imported by each installed NIR reader (snnTorch, Norse) for round-trip parity on the same images;
 any other model records ``nir.skipped`` with the parts that block it.
 """
@@ -25,18 +25,18 @@ import torch
 from pipeline import __version__
 from pipeline.config import slice_hash
 from pipeline.data import data_bundle, eval_loader
-from pipeline.deploy.compact import CompactError
-from pipeline.deploy.nir_export import (NirExportError, blocker_kinds, check_roundtrip, nir_blockers, to_nir,
+from pipeline.deploy.graphs.compact import CompactError
+from pipeline.deploy.graphs.nir_export import (NirExportError, blocker_kinds, check_roundtrip, nir_blockers, to_nir,
                                        write_nir)
-from pipeline.deploy.nir_readers import roundtrip_parity
-from pipeline.deploy.onnx_export import ExportError, deploy_metadata
-from pipeline.deploy.streaming import stream_blockers
-from pipeline.deploy.trt_check import write_reports
-from pipeline.deploy.unroll import UnrollError, load_unrolled
-from pipeline.deploy.verify import Gates, batches, export_streaming_verified, export_verified
+from pipeline.deploy.proofs.nir_readers import roundtrip_parity
+from pipeline.deploy.graphs.onnx_export import ExportError, deploy_metadata
+from pipeline.deploy.graphs.streaming import stream_blockers
+from pipeline.deploy.proofs.trt_check import write_reports
+from pipeline.deploy.graphs.unroll import UnrollError, load_unrolled
+from pipeline.deploy.proofs.verify import Gates, batches, export_streaming_verified, export_verified
 from pipeline.registry import config_sections
 from pipeline.runner import StageContext, StageError, StageResult
-from pipeline.runtime.openvino_qdq import adaptation_exactness, has_qdq, saturating_inputs
+from pipeline.runtime.backends.openvino_qdq import adaptation_exactness, has_qdq, saturating_inputs
 
 
 def _inputs(cfg: dict[str, Any], T: int, limit: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -86,7 +86,7 @@ def _log_compact(ctx: StageContext, key: str, c: dict[str, Any]) -> None:
 
 
 def _adaptation_exact(ctx: StageContext, x: np.ndarray, failures: list[str]) -> dict[str, Any] | None:
-    """The OpenVINO row runs an adapted copy of the INT8 file (pipeline.runtime.openvino_qdq): prove on
+    """The OpenVINO row runs an adapted copy of the INT8 file (pipeline.runtime.backends.openvino_qdq): prove on
     this very graph, with inputs past both int8 bounds, that the copy computes the file's numbers."""
     model = onnx.load(str(ctx.output("onnx_int8")))
     if not has_qdq(model):
@@ -97,7 +97,7 @@ def _adaptation_exact(ctx: StageContext, x: np.ndarray, failures: list[str]) -> 
                  res["float_pairs"], res["pairs_below_min"], res["pairs_above_max"])
     if res["max_abs_diff"] != 0.0:
         failures.append(f"the OpenVINO adaptation of the INT8 graph changes its numbers (max |diff| "
-                        f"{res['max_abs_diff']:.3g} on {res['images']} images): a bug in pipeline/runtime/openvino_qdq.py")
+                        f"{res['max_abs_diff']:.3g} on {res['images']} images): a bug in pipeline/runtime/backends/openvino_qdq.py")
     return res
 
 

@@ -2,7 +2,7 @@
 
 Float: the reduce_t stage's chosen checkpoint (the deployment T), BN folded. INT8: the QAT
 model as the quantiser left it (BN already folded by qat when ``qat.fold_bn``; never folded
-here, see ``pipeline.deploy.unroll``). Each is compared with the model it
+here, see ``pipeline.deploy.graphs.unroll``). Each is compared with the model it
 came from on real test images: logits max abs diff, identical top-1, per-layer spike agreement.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from pipeline.checkpoint import CheckpointError, load_model
 from pipeline.compress.quantize import load_qat_model
 from pipeline.data import data_bundle, eval_loader
-from pipeline.deploy.parity import compare, torch_with_spikes
-from pipeline.deploy.unroll import (FLOAT_RECIPE, INT8_RECIPE, UnrolledInfo, describe, save_unrolled, unroll_float,
+from pipeline.deploy.proofs.parity import compare, torch_with_spikes
+from pipeline.deploy.graphs.unroll import (FLOAT_RECIPE, INT8_RECIPE, UnrolledInfo, describe, save_unrolled, unroll_float,
                                     unroll_qat)
 from pipeline.runner import StageContext, StageError, StageResult
 

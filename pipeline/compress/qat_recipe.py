@@ -24,7 +24,7 @@ from pipeline.compress.quantize import (QuantizeError, load_qat_model, nncf_conf
 from pipeline.console import LOG_ONLY
 from pipeline.compress.nncf_env import prepare_nncf_kernels
 from pipeline.data import DataBundle, data_bundle, eval_loader
-from pipeline.deploy.parity import ParityReport
+from pipeline.deploy.proofs.parity import ParityReport
 from pipeline.training.evaluate import agreement, evaluate
 from pipeline.training.finetune import FineTune, fine_tune
 from pipeline.training.history import history_rows, write_history

@@ -263,7 +263,7 @@ class StepAttention(nn.Module):
     both weight matrices masked lower-triangular in ``forward`` (``weight * mask``), so hidden unit ``j`` reads
     pooled steps ``<= j`` and gate ``t`` reads hidden units ``<= t``: step t's gate depends on steps ``<= t`` only,
     whatever the weights (the mask is structural, not a property of training), and a step can be computed as soon
-    as its frame arrives (the streaming graph keeps the pooled means seen so far, ``pipeline.deploy.streaming``).
+    as its frame arrives (the streaming graph keeps the pooled means seen so far, ``pipeline.deploy.graphs.streaming``).
     """
 
     def __init__(self, T: int, ratio: int = 4, hidden: int | None = None, gate: str = "identity",

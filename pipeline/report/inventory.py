@@ -31,8 +31,8 @@ from typing import Any, Callable, Mapping
 from pipeline.artifacts import MANIFEST
 from pipeline.checkpoint import load_model
 from pipeline.compress.quantize import load_qat_model
-from pipeline.deploy.onnx_export import read_metadata
-from pipeline.deploy.unroll import load_unrolled
+from pipeline.deploy.graphs.onnx_export import read_metadata
+from pipeline.deploy.graphs.unroll import load_unrolled
 from pipeline.runtime import specs
 from pipeline.runtime.backends import get_backend
 from pipeline.schema import SCHEMA, defaults

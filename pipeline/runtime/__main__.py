@@ -160,7 +160,7 @@ def cmd_openvino_adapt(args: argparse.Namespace) -> int:
         raise UsageError(f"-o {out} is the input file: the input stays TensorRT's graph; write the adapted one "
                          f"elsewhere")
     try:
-        from .openvino_qdq import adapt_file
+        from .backends.openvino_qdq import adapt_file
     except ImportError as exc:
         raise UsageError(f"adapting needs onnx ({exc}): python3 -m pip install onnx") from exc
     counts = adapt_file(str(src), str(out))

@@ -15,7 +15,7 @@ share, and each returns one dict (see :func:`summarize`)::
      "float_reason": str | None}               # why an int8 graph's convs ran in float, where known
 
 OpenVINO adds ``"qdq_adaptation"``: ``None`` for a graph without activation Q/DQ pairs, else what
-the runner's adaptation did (``pipeline.runtime.openvino_qdq``: ``adapted``, ``spikes_uint8``,
+the runner's adaptation did (``pipeline.runtime.backends.openvino_qdq``: ``adapted``, ``spikes_uint8``,
 ``float_qdq``, ``how``), since the runtime model counted here is compiled from the adapted copy.
 
 Self-contained like the rest of this package (it ships to the device bundle): every runtime is

@@ -1,6 +1,6 @@
 """Drive a one-time-step graph (membrane state in, membrane state out) over an input stream.
 
-The step graph (see ``pipeline.deploy.streaming``) has inputs ``input`` (one frame
+The step graph (see ``pipeline.deploy.graphs.streaming``) has inputs ``input`` (one frame
 ``[B, C, H, W]``), ``step`` (int64 ``[1]``, selects the position-encoding row and causal step
 attention's column), one ``u_in.<i>`` per neuron and one ``sa_in.<j>`` per causal step-attention
 block (the pooled per-step means seen so far, ``[B, C, T]``); outputs ``logits_step``, ``u_out.<i>``

@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 
-from pipeline.deploy.onnx_export import deploy_metadata, export_onnx, neuron_scopes, write_metadata
-from pipeline.deploy.streaming import build_streaming
-from pipeline.deploy.trt_script import TRTEXEC_FLAGS, parse_script, validate_args
-from pipeline.deploy.unroll import UnrolledInfo, unroll_float, unroll_qat
+from pipeline.deploy.graphs.onnx_export import deploy_metadata, export_onnx, neuron_scopes, write_metadata
+from pipeline.deploy.graphs.streaming import build_streaming
+from pipeline.deploy.packaging.trt_script import TRTEXEC_FLAGS, parse_script, validate_args
+from pipeline.deploy.graphs.unroll import UnrolledInfo, unroll_float, unroll_qat
 from pipeline.runtime import get_backend
 from tests.conftest import TINY
 from tests.helpers import firing_model, quantize_convs, real_images
@@ -200,7 +200,7 @@ def test_bundle_files_are_copies_an_edit_of_one_leaves_the_other(export_dir, tmp
     import hashlib
 
     from pipeline.config import load_config
-    from pipeline.deploy.bundle import make_bundle
+    from pipeline.deploy.packaging.bundle import make_bundle
     from stages.build import bundle_layout
 
     COPIED = bundle_layout().copied

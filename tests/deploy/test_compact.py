@@ -11,10 +11,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.deploy.compact import (CompactError, batch_dims, check_qdq_kept, compact_onnx, fold_weight_qdq,
+from pipeline.deploy.graphs.compact import (CompactError, batch_dims, check_qdq_kept, compact_onnx, fold_weight_qdq,
                                      graph_stats, qdq_coverage, quantize_like_onnx, simplify)
-from pipeline.deploy.onnx_export import export_onnx, write_metadata
-from pipeline.deploy.unroll import unroll_float, unroll_qat
+from pipeline.deploy.graphs.onnx_export import export_onnx, write_metadata
+from pipeline.deploy.graphs.unroll import unroll_float, unroll_qat
 from tests.helpers import firing_model, quantize_convs
 from tests.deploy.test_trt_check import qdq_conv_graph
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 
-from pipeline.deploy.onnx_export import export_onnx, read_metadata
-from pipeline.deploy.streaming import STATE_IN, build_streaming, stream_blockers
-from pipeline.deploy.unroll import FLOAT_RECIPE, INT8_RECIPE, UnrolledInfo, save_unrolled, unroll_float, unroll_qat
-from pipeline.deploy.verify import Gates, export_streaming_verified, export_verified
+from pipeline.deploy.graphs.onnx_export import export_onnx, read_metadata
+from pipeline.deploy.graphs.streaming import STATE_IN, build_streaming, stream_blockers
+from pipeline.deploy.graphs.unroll import FLOAT_RECIPE, INT8_RECIPE, UnrolledInfo, save_unrolled, unroll_float, unroll_qat
+from pipeline.deploy.proofs.verify import Gates, export_streaming_verified, export_verified
 from pipeline.runtime import OrtRunner, StepRunner
 from tests.conftest import TINY, shared_file
 from tests.helpers import firing_model, quantize_convs, real_images
@@ -119,7 +119,7 @@ def test_int8_onnx_is_qdq_and_matches_its_torch_model(export_run):
 def test_graphs_are_compacted_before_every_check(export_run):
     """INT8 weights are int8 initializers feeding DequantizeLinear, both graphs are simplified, and
     metrics.json records the before/after counts and bytes; parity above ran on these final files."""
-    from pipeline.deploy.compact import qdq_coverage
+    from pipeline.deploy.graphs.compact import qdq_coverage
 
     result, out, _ = export_run
     for key in ("fp32", "int8"):
@@ -420,7 +420,7 @@ def test_nncf_int8_step_graph_keeps_the_unrolled_quantisers_and_parity(tmp_path,
 
 def test_export_fails_clearly_when_the_step_graph_loses_the_sa_history(tmp_path, digits, monkeypatch):
     """A step module that forgets earlier steps' pooled means: export names the differing spikes and logits."""
-    from pipeline.deploy import streaming
+    from pipeline.deploy.graphs import streaming
 
     x = digits[0][:4]
     flat = unroll_float(_causal_model(digits[0]))

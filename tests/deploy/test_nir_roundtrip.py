@@ -2,7 +2,7 @@
 
 Every parity test runs a model that fires in every layer (tests.helpers.firing_model) through our
 unrolled graph and through each reader's import of the NIR file, and compares spikes layer by layer
-with export's flip classification (pipeline.deploy.parity): identical spikes outside numerical flips,
+with export's flip classification (pipeline.deploy.proofs.parity): identical spikes outside numerical flips,
 identical top-1. Real N-MNIST recordings where ../shared/data has them; generated events otherwise.
 """
 from __future__ import annotations
@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.deploy import nir_export as ne
-from pipeline.deploy import nir_readers as nr
-from pipeline.deploy.parity import compare, torch_with_spikes
-from pipeline.deploy.unroll import unroll_float
+from pipeline.deploy.graphs import nir_export as ne
+from pipeline.deploy.proofs import nir_readers as nr
+from pipeline.deploy.proofs.parity import compare, torch_with_spikes
+from pipeline.deploy.graphs.unroll import unroll_float
 from pipeline.models import build_model
 from tests.conftest import REPO, shared_file
 from tests.helpers import firing_model, real_images
@@ -199,7 +199,7 @@ def test_export_stage_writes_the_nir_graph_with_reader_parity_on_static_images(t
     import stages.export
     from pipeline.config import deep_merge, load_config
     from pipeline.data import data_bundle, data_meta, model_config
-    from pipeline.deploy.unroll import FLOAT_RECIPE, INT8_RECIPE, UnrolledInfo, save_unrolled, unroll_qat
+    from pipeline.deploy.graphs.unroll import FLOAT_RECIPE, INT8_RECIPE, UnrolledInfo, save_unrolled, unroll_qat
     from pipeline.registry import spec
     from pipeline.runner import StageContext
     from tests.conftest import TINY

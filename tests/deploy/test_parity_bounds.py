@@ -12,9 +12,9 @@ import copy
 import pytest
 import torch
 
-from pipeline.deploy.parity import ParityReport, torch_with_spikes
-from pipeline.deploy.unroll import unroll_float, unroll_qat
-from pipeline.deploy.verify import export_verified, prove_graph
+from pipeline.deploy.proofs.parity import ParityReport, torch_with_spikes
+from pipeline.deploy.graphs.unroll import unroll_float, unroll_qat
+from pipeline.deploy.proofs.verify import export_verified, prove_graph
 from pipeline.models import neuron_modules
 from pipeline.schema import SCHEMA, defaults
 from stages.export import _gates

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.deploy.parity import ParityReport
+from pipeline.deploy.proofs.parity import ParityReport
 
 
 def _case(margin_of_flip: float) -> ParityReport:

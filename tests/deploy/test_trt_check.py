@@ -9,7 +9,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.deploy.trt_check import TRT10_SUPPORTED_OPS, check_model, write_reports
+from pipeline.deploy.proofs.trt_check import TRT10_SUPPORTED_OPS, check_model, write_reports
 
 TINY_MODEL = {"arch": "resnet19", "width": 0.125, "T": 1, "num_classes": 10, "in_channels": 1}
 
@@ -121,8 +121,8 @@ def test_report_json(tmp_path):
 
 def test_clean_exported_snn_graphs_pass(tmp_path):
     """The real exports (float and Q/DQ) of an unrolled SNN pass every rule."""
-    from pipeline.deploy.onnx_export import export_onnx
-    from pipeline.deploy.unroll import unroll_float, unroll_qat
+    from pipeline.deploy.graphs.onnx_export import export_onnx
+    from pipeline.deploy.graphs.unroll import unroll_float, unroll_qat
     from tests.helpers import firing_model, quantize_convs
 
     x = torch.randn(4, 1, 16, 16)
@@ -142,7 +142,7 @@ def test_clean_exported_snn_graphs_pass(tmp_path):
 def test_folded_int8_weight_graph_passes_and_a_uint8_weight_is_flagged():
     """The compacted form (int8 weight initializer -> DequantizeLinear) is TensorRT-clean; a weight
     quantised to uint8 (no int8 zero point) is not."""
-    from pipeline.deploy.compact import fold_weight_qdq
+    from pipeline.deploy.graphs.compact import fold_weight_qdq
 
     model = qdq_conv_graph()
     assert fold_weight_qdq(model) == 1

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from pipeline.deploy.parity import ParityReport, compare, torch_with_spikes
-from pipeline.deploy.unroll import (FLOAT_RECIPE, INT8_RECIPE, UnrollError, UnrolledInfo, describe, load_unrolled,
+from pipeline.deploy.proofs.parity import ParityReport, compare, torch_with_spikes
+from pipeline.deploy.graphs.unroll import (FLOAT_RECIPE, INT8_RECIPE, UnrollError, UnrolledInfo, describe, load_unrolled,
                                     save_unrolled, unroll_float, unroll_qat)
 from pipeline.models import STAA, PositionEncoding, neuron_modules
 from stages.unroll import load_qat as REAL_LOAD_QAT
@@ -139,7 +139,7 @@ def test_save_and_load_round_trip(tmp_path, model, qat, digits):
 def test_int8_kinds_register_from_outside_the_package(tmp_path, qat, monkeypatch):
     """The reference Q/DQ model lives in tests/helpers and registers its rebuild recipe on import;
     a file of a kind nothing registered fails saying so, and the built-in kind cannot be replaced."""
-    import pipeline.deploy.unroll as unroll
+    import pipeline.deploy.graphs.unroll as unroll
 
     assert "qdq_reference" in unroll.INT8_KINDS
     info = UnrolledInfo("int8", 2, MODEL, {}, bn_folded=False, recipe=INT8_RECIPE)

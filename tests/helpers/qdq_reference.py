@@ -5,7 +5,7 @@ point 0, per-channel weight scales on axis 0, per-tensor activation scales), pro
 torch ops that the ONNX exporter turns into QuantizeLinear/DequantizeLinear pairs. The INT8
 export, its ONNX Runtime parity and the static TensorRT check are tested on it without NNCF,
 and it is a reference to compare the QAT stage's export against. The pipeline never produces
-it, so it lives with the tests and registers its rebuild recipe with ``pipeline.deploy.unroll``
+it, so it lives with the tests and registers its rebuild recipe with ``pipeline.deploy.graphs.unroll``
 on import (an unrolled file of it then saves and loads like the QAT one).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.deploy.unroll import register_int8_kind
+from pipeline.deploy.graphs.unroll import register_int8_kind
 from pipeline.models import SeqConvBN
 
 QMIN, QMAX = -128, 127
@@ -67,7 +67,7 @@ def quantize_convs(model: nn.Module, calibration: Iterable[Tensor]) -> nn.Module
 
 
 def _record(module: nn.Module) -> dict[str, Any] | None:
-    """What rebuilds ``module`` in ``pipeline.deploy.unroll``: the input scale of every wrapped conv."""
+    """What rebuilds ``module`` in ``pipeline.deploy.graphs.unroll``: the input scale of every wrapped conv."""
     scales = {name: m.input_scale for name, m in module.named_modules() if isinstance(m, QDQConv2d)}
     return {"input_scales": scales} if scales else None
 

@@ -166,7 +166,7 @@ def _fire_wrapped_membranes(model, x) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("reset", ["hard", "soft"])
 def test_parity_reference_records_the_membranes_fire_wrapping_did(reset):
-    from pipeline.deploy.parity import torch_with_spikes
+    from pipeline.deploy.proofs.parity import torch_with_spikes
 
     torch.manual_seed(0)
     model = build_model(_cfg(reset=reset)).eval()
@@ -202,7 +202,7 @@ def test_step_hook_sees_every_step_and_leaves_nothing_behind():
 
 
 def test_nir_export_names_soft_reset_as_a_blocker():
-    from pipeline.deploy.nir_export import nir_blockers
+    from pipeline.deploy.graphs.nir_export import nir_blockers
 
     plain = {"pe": False, "gc": False, "sa": False, "tsrd": False}
     hard = fold_batchnorm(build_model(dict(_cfg(kind="lif"), staa=plain)).eval())

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.checkpoint import CheckpointError, load_model, model_payload, read_checkpoint, save_atomic
-from pipeline.deploy.unroll import INT8_RECIPE, UNROLLED_FORMAT, UnrollError, UnrolledInfo, load_unrolled
+from pipeline.deploy.graphs.unroll import INT8_RECIPE, UNROLLED_FORMAT, UnrollError, UnrolledInfo, load_unrolled
 
 MCFG = {"arch": "resnet19", "width": 0.125, "T": 2, "num_classes": 10, "in_channels": 1,
         "staa": {"placement": "last_k", "last_k": 1}}
@@ -195,7 +195,7 @@ def qat_file(tmp_path_factory):
 @pytest.mark.slow
 def test_nncf_int8_unrolled_is_state_plus_recipe_and_rebuilds_bit_identical(qat_file, tmp_path):
     from pipeline.compress.quantize import load_qat_model
-    from pipeline.deploy.unroll import save_unrolled, unroll_qat
+    from pipeline.deploy.graphs.unroll import save_unrolled, unroll_qat
 
     path, images = qat_file
     raw = torch.load(path, weights_only=True)  # qat.pt itself: plain data

@@ -284,7 +284,7 @@ def test_device_bench_defaults_match_the_report():
 
 
 def test_build_script_times_each_engine():
-    from pipeline.deploy.trt_script import parse_script, render_jetson_guide, render_script, validate_args
+    from pipeline.deploy.packaging.trt_script import parse_script, render_jetson_guide, render_script, validate_args
     from pipeline.runtime.backends.tensorrt_build import EngineSpec
 
     specs = [EngineSpec("model_fp16", "model_fp32.onnx", "fp16", {"input": [-1, 1, 16, 16]}, 1, 4, 32),

@@ -210,7 +210,7 @@ class _Spy(torch.nn.Module):
 
 
 def test_parity_compare_runs_in_strict_fp32(loose_precision):
-    from pipeline.deploy.parity import compare
+    from pipeline.deploy.proofs.parity import compare
 
     seen = []
 
@@ -227,7 +227,7 @@ def test_parity_compare_runs_in_strict_fp32(loose_precision):
 def test_torch_spike_reference_and_validate_torch_rows_run_in_strict_fp32(loose_precision):
     import numpy as np
 
-    from pipeline.deploy.parity import torch_with_spikes
+    from pipeline.deploy.proofs.parity import torch_with_spikes
     from pipeline.runtime.backends.torch import TorchRunner
 
     spy = _Spy()

@@ -23,9 +23,9 @@ def _fake_run(tmp_path, write_config):
     export and a skipped build: every backend except TensorRT, no training (seconds, not minutes)."""
     from pipeline.checkpoint import model_payload, save_atomic
     from pipeline.config import load_config
-    from pipeline.deploy.onnx_export import export_onnx, write_metadata
+    from pipeline.deploy.graphs.onnx_export import export_onnx, write_metadata
     from tests.helpers import firing_model
-    from pipeline.deploy.unroll import FLOAT_RECIPE, UnrolledInfo, save_unrolled, unroll_float
+    from pipeline.deploy.graphs.unroll import FLOAT_RECIPE, UnrolledInfo, save_unrolled, unroll_float
     from pipeline.registry import spec
     from pipeline.runner import StageContext, run_store
     from pipeline.data import data_bundle, data_meta, model_config

@@ -4,7 +4,7 @@ The issue's acceptance: the OpenVINO INT8 row must run >= 95% of its convolution
 ONNX Runtime's INT8 row (with the runner's settings) runs none and is labelled fake-quant, and
 every count is read from the runtime's executed graph, so it can also fail (shown here).
 
-INT8 graphs run from the runner's Q/DQ-adapted copy (``pipeline.runtime.openvino_qdq``): on AVX2
+INT8 graphs run from the runner's Q/DQ-adapted copy (``pipeline.runtime.backends.openvino_qdq``): on AVX2
 CPUs without VNNI OpenVINO's u8 kernels saturate on spikes, shown here on a small spiking conv,
 and the adapted copy must compute what the file means (ONNX Runtime with its QDQ fusions off).
 """
@@ -22,15 +22,15 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline import registry
-from pipeline.deploy.compact import compact_onnx
-from pipeline.deploy.onnx_export import export_onnx, write_metadata
-from pipeline.deploy.unroll import unroll_float, unroll_qat
+from pipeline.deploy.graphs.compact import compact_onnx
+from pipeline.deploy.graphs.onnx_export import export_onnx, write_metadata
+from pipeline.deploy.graphs.unroll import unroll_float, unroll_qat
 from pipeline.report import fake_quant, render
 from pipeline.report.inventory import OPENVINO_SUFFIX, discover
 from pipeline.runtime import OpenVinoRunner, OrtRunner, TorchRunner, get_backend, load_runner
 from pipeline.runtime.backends.tensorrt import tensorrt_executed
 from pipeline.runtime.executed import KEYS
-from pipeline.runtime.openvino_qdq import adaptation_exactness, adapt_qdq_for_openvino, has_qdq, saturating_inputs
+from pipeline.runtime.backends.openvino_qdq import adaptation_exactness, adapt_qdq_for_openvino, has_qdq, saturating_inputs
 from tests.helpers import QDQConv2d, firing_model, quantize_convs, real_images
 
 pytest.importorskip("openvino", reason="openvino is not installed (pip install openvino==2026.4.1)")
@@ -233,7 +233,7 @@ def test_bundle_intel_guide_commands_run(tmp_path, graphs):
     import subprocess
     import sys
 
-    from pipeline.deploy.bundle import make_bundle
+    from pipeline.deploy.packaging.bundle import make_bundle
     from stages.build import bundle_layout
 
     paths, _, _, _ = graphs

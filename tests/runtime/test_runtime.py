@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.deploy.onnx_export import export_onnx, write_metadata
-from pipeline.deploy.unroll import unroll_float
+from pipeline.deploy.graphs.onnx_export import export_onnx, write_metadata
+from pipeline.deploy.graphs.unroll import unroll_float
 from pipeline.runtime import (BACKENDS, OrtRunner, Runner, TorchRunner, get_backend, load_runner)
 from tests.helpers import firing_model, real_images
 

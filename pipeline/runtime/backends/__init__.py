@@ -1,7 +1,8 @@
 """Backend managers (in the style of mmdeploy's): availability, environment, version, build, runner.
 
 Each backend has one home, ``backends/<module>.py`` (its runner, its ``Manager`` and what reads
-its executed precision; TensorRT's engine recipe sits next to it in ``tensorrt_build.py``), and
+its executed precision; TensorRT's engine recipe sits next to it in ``tensorrt_build.py``, OpenVINO's Q/DQ adaptation in
+``openvino_qdq.py``), and
 one row in :mod:`..specs`. This package finds the manager from the row, so a backend added by a
 spec row (``specs.register``) is reachable through :func:`get_backend` and :data:`BACKENDS` with
 no list to edit here.

@@ -13,7 +13,7 @@ model is recompiled when :meth:`set_threads` changes it. openvino is imported wh
 created, so importing this module never fails where it is absent.
 
 ``adapt_qdq=True`` (default): an INT8 Q/DQ graph is compiled from an adapted in-memory copy
-(:mod:`..openvino_qdq`: spike Q/DQ pairs in uint8, the other activation pairs as float arithmetic),
+(:mod:`.openvino_qdq`: spike Q/DQ pairs in uint8, the other activation pairs as float arithmetic),
 because on AVX2 CPUs without VNNI OpenVINO's u8 kernels saturate on this model's int8 activations
 and change its predictions. The file is not touched. :meth:`describe` and
 :meth:`executed_precision` say what was adapted (``qdq_adaptation``). The adaptation needs
@@ -126,7 +126,7 @@ class OpenVinoRunner(Runner):
         try:
             import onnx
 
-            from ..openvino_qdq import adapt_qdq_for_openvino
+            from .openvino_qdq import adapt_qdq_for_openvino
         except ImportError as exc:
             raise QdqAdaptationUnavailable(
                 f"{self.path.name} is an INT8 Q/DQ graph: OpenVINO runs it exactly only after adapting it, which "

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from pipeline.deploy.compact import prune_unused
+from pipeline.deploy.graphs.compact import prune_unused
 from pipeline.models import neuron_modules, record_spikes
 
 BATCH = "batch"

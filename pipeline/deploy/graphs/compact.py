@@ -27,7 +27,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
+
+from pipeline.runtime.onnx_graph import OnnxGraph, attr
 
 # data-movement ops a DequantizeLinear may sit behind on its way into a Conv (TensorRT propagates
 # Q/DQ through them); used to count quantised conv inputs
@@ -39,43 +41,6 @@ TOP_OPS = 8
 
 class CompactError(RuntimeError):
     """Folding or simplification would change what the graph means; the message says what and where."""
-
-
-class _Consts:
-    """Constant values of a graph (initializers and ``Constant`` nodes), looking through ``Identity``."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.init = {i.name: i for i in graph.initializer}
-        self.const_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output}
-        self.producer = {o: n for n in graph.node for o in n.output}
-
-    def resolve(self, name: str) -> str:
-        while name not in self.init and name not in self.const_nodes:
-            node = self.producer.get(name)
-            if node is None or node.op_type != "Identity":
-                return name
-            name = node.input[0]
-        return name
-
-    def value(self, name: str) -> np.ndarray | None:
-        name = self.resolve(name)
-        if name in self.init:
-            return numpy_helper.to_array(self.init[name])
-        node = self.const_nodes.get(name)
-        if node is not None:
-            for a in node.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-        return None
-
-    def dtype(self, name: str) -> int | None:
-        name = self.resolve(name)
-        if name in self.init:
-            return self.init[name].data_type
-        node = self.const_nodes.get(name)
-        if node is not None:
-            return next((a.t.data_type for a in node.attribute if a.name == "value"), None)
-        return None
 
 
 def quantize_like_onnx(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int,
@@ -97,13 +62,6 @@ def quantize_like_onnx(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray 
     return np.clip(q, lo, hi).astype(np_type)
 
 
-def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def fold_weight_qdq(model: onnx.ModelProto) -> int:
     """Replace every ``QuantizeLinear`` of a constant float tensor by its int8 result, in place.
 
@@ -112,7 +70,7 @@ def fold_weight_qdq(model: onnx.ModelProto) -> int:
     fed it) is dropped. Returns the number of folded ``QuantizeLinear`` nodes.
     """
     g = model.graph
-    consts = _Consts(g)
+    consts = OnnxGraph(g)
     new_inits: list[onnx.TensorProto] = []
     folded: set[int] = set()
     for idx, node in enumerate(g.node):
@@ -124,13 +82,13 @@ def fold_weight_qdq(model: onnx.ModelProto) -> int:
         zp = consts.value(zp_name) if zp_name else None
         if x is None or scale is None or (zp_name and zp is None) or x.dtype != np.float32:
             continue  # an activation quantiser (or a non-float32 constant): left as it is
-        if _attr(node, "block_size", 0):
+        if attr(node, "block_size", 0):
             raise CompactError(f"{node.name}: blocked QuantizeLinear is not supported by the weight fold")
         qtype = consts.dtype(zp_name) if zp_name else TensorProto.UINT8
         if qtype not in _INT_RANGE:
             raise CompactError(f"{node.name}: QuantizeLinear to {TensorProto.DataType.Name(qtype)} is not folded; "
                                f"export int8 or uint8 quantisers")
-        q = quantize_like_onnx(x, scale, zp, int(_attr(node, "axis", 1)), qtype)
+        q = quantize_like_onnx(x, scale, zp, int(attr(node, "axis", 1)), qtype)
         new_inits.append(numpy_helper.from_array(q, node.output[0]))
         folded.add(idx)
     if not folded:
@@ -173,7 +131,7 @@ def qdq_coverage(model: onnx.ModelProto) -> dict[str, int]:
     is a ``Reshape``); TensorRT's explicit quantisation propagates Q/DQ through those.
     """
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
+    producer = OnnxGraph(g).producer
 
     def reaches_dq(name: str, moves: bool) -> bool:
         seen = 0

@@ -1,7 +1,7 @@
 """Export one graph and prove it: compaction, ONNX check, metadata, ONNX Runtime parity, TensorRT static check.
 
 Every check runs on the final file: the graph is compacted (weight Q/DQ folded to int8
-initializers, simplified by onnxslim: :mod:`pipeline.deploy.compact`) before it is checked,
+initializers, simplified by onnxslim: :mod:`pipeline.deploy.graphs.compact`) before it is checked,
 compared with torch and statically checked for TensorRT.
 
 The export stage calls :func:`export_verified` for the FP32 and INT8 graphs and
@@ -20,23 +20,23 @@ from torch import nn
 
 from pipeline.runtime import OrtRunner, StepRunner
 from pipeline.runtime.backends.onnxruntime import EXACT_QDQ
-from .compact import compact_onnx, file_stats
-from .onnx_export import (SPIKE_PREFIX, SpikeProbe, check_onnx, export_onnx, neuron_scopes, strip_outputs,
-                          write_metadata)
+from ..graphs.compact import compact_onnx, file_stats
+from ..graphs.onnx_export import (SPIKE_PREFIX, SpikeProbe, check_onnx, export_onnx, neuron_scopes,
+                                  strip_outputs, write_metadata)
+from ..graphs.streaming import build_streaming
 from .parity import ParityReport, SpikeFn, compare, torch_with_spikes
-from .streaming import build_streaming
 from .trt_check import TrtCheckReport, check_model
 
 
 @dataclass(frozen=True)
 class Gates:
-    """Tolerances of one comparison (see :mod:`pipeline.deploy.parity`)."""
+    """Tolerances of one comparison (see :mod:`pipeline.deploy.proofs.parity`)."""
 
     max_abs_diff: float
     min_spike_agreement: float | None
     tie_tol: float
     flip_margin: float = 1e-4
-    max_numerical_share: float = 1.0  # of the images excused as rounding flips (see pipeline.deploy.parity)
+    max_numerical_share: float = 1.0  # of the images excused as rounding flips (see pipeline.deploy.proofs.parity)
 
 
 def batches(x: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
@@ -110,7 +110,7 @@ def export_verified(module: nn.Module, x: torch.Tensor, path: Path, *, opset: in
 
 
 class _StepProbe(nn.Module):
-    """A :class:`~pipeline.deploy.streaming.StreamingNet` whose step spikes are extra outputs ``spike:<layer>``
+    """A :class:`~pipeline.deploy.graphs.streaming.StreamingNet` whose step spikes are extra outputs ``spike:<layer>``
     (``[B, ...]``, one step), after the deployed outputs: exported once, the shipped step graph is this one with
     the extra outputs stripped, so spikes are measured on the computation that ships."""
 
@@ -209,7 +209,7 @@ def export_streaming_verified(unrolled: nn.Module, x: torch.Tensor, path: Path, 
     The step graph is exported once with its spikes as extra outputs (a probe, in ``work_dir``) and shipped
     with them stripped; the unrolled module is exported the same way (probe) for the reference spikes and
     logits, so graph is compared with graph in each runtime (a rounding-level spike flip against torch would
-    cascade, see ``pipeline.deploy.parity``). OpenVINO is checked when it can load here, else recorded as
+    cascade, see ``pipeline.deploy.proofs.parity``). OpenVINO is checked when it can load here, else recorded as
     unchecked with the reason. ``reference`` (the exported full graph), when given, is also compared in ONNX
     Runtime on logits (``parity_vs_onnx``); the torch comparison is a record.
     """
@@ -266,7 +266,7 @@ def export_streaming_verified(unrolled: nn.Module, x: torch.Tensor, path: Path, 
             # a lost spike quantiser is exact on 0/1 spikes, so parity alone would not show it
             failures.append(f"{what}: the step graph has {quantisers['step']} QuantizeLinear nodes, the unrolled graph "
                             f"{quantisers['unrolled']}: the step module must run every quantiser of the unrolled one "
-                            f"(pipeline/deploy/streaming.py)")
+                            f"(pipeline/deploy/graphs/streaming.py)")
     if summary["control_flow"]:
         failures.append(f"{what}: the graph has control flow ({', '.join(summary['control_flow'])}); it must be static")
     metrics = {"check": summary, "parity_vs_torch": vs_torch.metrics(),

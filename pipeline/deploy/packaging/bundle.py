@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import pipeline.runtime as rt
 from pipeline.runtime.backends.tensorrt_build import EngineSpec
 
-from .onnx_export import io_shapes, neuron_nodes, read_metadata
+from ..graphs.onnx_export import io_shapes, neuron_nodes, read_metadata
 from .openvino_guide import render_intel_guide
 from .trt_script import render_jetson_guide, render_script
 

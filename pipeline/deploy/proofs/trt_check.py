@@ -22,12 +22,14 @@ Rules:
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+
+from pipeline.runtime.onnx_graph import OnnxGraph, attr, default_opset
 
 # The ONNX ops marked supported ("Y") in onnx-tensorrt's docs/operators.md (the support matrix
 # shipped with the TensorRT 10 ONNX parser; read for TensorRT 10.15 GA, github.com/onnx/onnx-tensorrt,
@@ -97,28 +99,14 @@ class TrtCheckReport:
         return f"{self.graph}: {len(self.violations)} TensorRT violations: {shown}{more}"
 
 
-class _Graph:
-    """Lookups over one ONNX graph: constants, producers, consumers, tensor shapes and types."""
+class _Graph(OnnxGraph):
+    """The shared index plus what the rules read from shape inference: tensor shapes and element types."""
 
     def __init__(self, model: Any) -> None:
         import onnx
-        from onnx import numpy_helper
 
+        super().__init__(model.graph)
         self.model = model
-        g = model.graph
-        self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-        self.const_types: dict[str, int] = {i.name: i.data_type for i in g.initializer}
-        for node in g.node:
-            if node.op_type == "Constant":
-                for a in node.attribute:
-                    if a.name == "value":
-                        self.consts[node.output[0]] = numpy_helper.to_array(a.t)
-                        self.const_types[node.output[0]] = a.t.data_type
-        self.producer = {o: n for n in g.node for o in n.output}
-        self.consumers: dict[str, list[Any]] = defaultdict(list)
-        for n in g.node:
-            for i in n.input:
-                self.consumers[i].append(n)
         try:
             inferred = onnx.shape_inference.infer_shapes(model)
         except Exception:  # a broken graph: check what can be checked without inferred shapes
@@ -130,46 +118,20 @@ class _Graph:
             self.types[v.name] = tt.elem_type
             if tt.HasField("shape"):
                 self.shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-        self.types.update(self.const_types)
-
-    def const(self, name: str) -> np.ndarray | None:
-        """The constant value of ``name`` (initializer or Constant), looking through Identity nodes."""
-        while name not in self.consts:
-            node = self.producer.get(name)
-            if node is None or node.op_type != "Identity":
-                return None
-            name = node.input[0]
-        return self.consts[name]
+        for name in [*self.initializers, *self.constant_nodes]:  # a constant's own type over the inferred one
+            if self.dtype(name) is not None:
+                self.types[name] = self.dtype(name)
 
     def const_type(self, name: str) -> int | None:
-        while name not in self.const_types:
-            node = self.producer.get(name)
-            if node is None or node.op_type != "Identity":
-                return self.types.get(name)
-            name = node.input[0]
-        return self.const_types[name]
-
-    def source(self, name: str) -> Any | None:
-        """The node producing ``name``, looking through Identity nodes."""
-        node = self.producer.get(name)
-        while node is not None and node.op_type == "Identity":
-            node = self.producer.get(node.input[0])
-        return node
+        """The element type of constant ``name``; for any other tensor, the inferred one (None if unknown)."""
+        dtype = self.dtype(name)
+        return dtype if dtype is not None else self.types.get(self.resolve(name))
 
     def shape(self, name: str) -> list[int | None] | None:
-        value = self.const(name)
+        value = self.value(name)
         if value is not None:
             return list(value.shape)
         return self.shapes.get(name)
-
-
-def _attr(node: Any, name: str, default: Any) -> Any:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _check_ops(g: _Graph, rep: TrtCheckReport) -> None:
@@ -203,7 +165,7 @@ def _zero_point_ok(g: _Graph, node: Any, rep: TrtCheckReport) -> None:
         ztype = g.const_type(zp)
         if ztype is not None and ztype != onnx.TensorProto.INT8:
             rep.add("qdq_type", node, f"zero point {zp} is {onnx.TensorProto.DataType.Name(ztype)}; TensorRT needs int8")
-        value = g.const(zp)
+        value = g.value(zp)
         if value is None:
             rep.add("qdq_zero_point", node, f"zero point {zp} is not a constant")
         elif np.any(value != 0):
@@ -218,7 +180,7 @@ def _zero_point_ok(g: _Graph, node: Any, rep: TrtCheckReport) -> None:
 
 def _scale_ok(g: _Graph, node: Any, rep: TrtCheckReport) -> None:
     scale = node.input[1]
-    value = g.const(scale)
+    value = g.value(scale)
     if value is None:
         rep.add("qdq_scale", node, f"scale {scale} is not a constant (TensorRT needs build-time scales)")
     elif np.any(value <= 0):
@@ -234,8 +196,8 @@ def _check_qdq(g: _Graph, rep: TrtCheckReport) -> None:
 
 
 def _per_channel_ok(g: _Graph, q: Any, out_channels: int | None, conv: Any, rep: TrtCheckReport) -> None:
-    scale = g.const(q.input[1])
-    axis = _attr(q, "axis", 1)
+    scale = g.value(q.input[1])
+    axis = attr(q, "axis", 1)
     if scale is None:
         return  # already reported by qdq_scale
     where = f"feeding the weight of {conv.name or conv.op_type}"
@@ -273,7 +235,7 @@ def _check_dims(g: _Graph, rep: TrtCheckReport, batch_axis: int) -> None:
     for v, kind in tensors:
         tt = v.type.tensor_type
         if kind == "input":
-            users = g.consumers.get(v.name) or []
+            users = g.users(v.name)
             node = users[0] if users else f"<input {v.name}>"
         else:
             node = g.producer.get(v.name) or f"<output {v.name}>"
@@ -296,7 +258,7 @@ def check_model(model: Any, name: str | None = None, batch_axis: int = 0) -> Trt
         model = onnx.load(str(model))
     rep = TrtCheckReport(graph=name or model.graph.name or "model")
     rep.op_counts = dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
-    rep.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    rep.opset = default_opset(model)
     g = _Graph(model)
     _check_ops(g, rep)
     _check_opset(g, rep)

@@ -5,7 +5,7 @@ convolutions), while OpenVINO compiles the same file into u8/i8 convolutions, so
 device gets real INT8 speed from the bundle without any rebuild step. The commands below are
 the ones the pipeline's own OpenVINO rows use (``pipeline.runtime.backends.openvino``): FP32
 inference precision, one stream, fixed threads. The runner compiles an INT8 graph from a Q/DQ-adapted
-copy (``pipeline.runtime.openvino_qdq``: OpenVINO's u8 kernels saturate on the raw graph on AVX2
+copy (``pipeline.runtime.backends.openvino_qdq``: OpenVINO's u8 kernels saturate on the raw graph on AVX2
 CPUs without VNNI); benchmark_app reads files, so the guide says how to write that copy
 (``staa_runtime openvino-adapt``) and what the raw file's numbers mean.
 """

@@ -27,6 +27,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..onnx_graph import OnnxGraph, attr, default_opset
+
 # ops that only move, copy or select values (data input first, except Concat): a spike stays a spike
 KEEPS_SPIKES = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Identity", "Split", "Slice",
                           "Gather", "Expand", "Tile", "Concat", "MaxPool"})
@@ -57,40 +59,18 @@ class QdqAdaptation:
 
 def has_qdq(model: onnx.ModelProto) -> bool:
     """Whether the graph quantises an activation (a QuantizeLinear whose input is not a constant)."""
-    consts = _constants(model.graph)
-    return any(n.op_type == "QuantizeLinear" and n.input[0] not in consts for n in model.graph.node)
+    g = OnnxGraph(model.graph)
+    return any(n.op_type == "QuantizeLinear" and g.value(n.input[0]) is None for n in model.graph.node)
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for n in graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            values[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    changed = True
-    while changed:  # Identity chains of constants
-        changed = False
-        for n in graph.node:
-            if n.op_type == "Identity" and n.input[0] in values and n.output[0] not in values:
-                values[n.output[0]] = values[n.input[0]]
-                changed = True
-    return values
+class _Graph(OnnxGraph):
+    """The shared index plus what the adaptation asks: graph outputs, boolean inputs, spike tensors."""
 
-
-class _Graph:
     def __init__(self, model: onnx.ModelProto) -> None:
-        self.graph = model.graph
-        self.const = _constants(self.graph)
-        self.producer = {o: n for n in self.graph.node for o in n.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in self.graph.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
+        super().__init__(model.graph)
         self.outputs = {o.name for o in self.graph.output}
         self.bool_inputs = {i.name for i in self.graph.input if i.type.tensor_type.elem_type == TensorProto.BOOL}
         self._spike: dict[str, bool] = {}
-
-    def value(self, name: str) -> np.ndarray | None:
-        return self.const.get(name) if name else None
 
     def is_bool(self, name: str) -> bool:
         node = self.producer.get(name)
@@ -98,8 +78,7 @@ class _Graph:
             return name in self.bool_inputs
         if node.op_type in BOOL_OPS:
             return True
-        to = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "to"), None)
-        return node.op_type == "Cast" and to == TensorProto.BOOL
+        return node.op_type == "Cast" and attr(node, "to") == TensorProto.BOOL
 
     def is_spike(self, name: str) -> bool:
         """Exactly 0/1 by construction: Cast(bool), Where(bool, 1, 0), through :data:`KEEPS_SPIKES` ops."""
@@ -124,7 +103,7 @@ class _Graph:
 
 def _pair_problem(g: _Graph, q: onnx.NodeProto, dqs: list[onnx.NodeProto]) -> str | None:
     """Why a Q and its consumers are not the exported activation pair (None: they are)."""
-    users = g.consumers.get(q.output[0], [])
+    users = g.users(q.output[0])
     if not dqs or len(dqs) != len(users) or q.output[0] in g.outputs:
         return f"{q.name or q.output[0]}: its int8 output is used outside DequantizeLinear"
     zp = g.value(q.input[2]) if len(q.input) > 2 else None
@@ -145,7 +124,7 @@ def adapt_qdq_for_openvino(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Qdq
     """Rewrite the activation Q/DQ pairs of ``model`` in place (module docstring); returns ``(model,
     counts)``. Under exact Q/DQ semantics (ONNX Runtime with its QDQ fusions off, TensorRT) the result
     computes the same numbers as the input graph."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(model) or 0
     g = _Graph(model)
     counts = QdqAdaptation()
     kept: list[str] = []
@@ -161,7 +140,7 @@ def adapt_qdq_for_openvino(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Qdq
         return name
 
     for q in [n for n in g.graph.node if n.op_type == "QuantizeLinear" and g.value(n.input[0]) is None]:
-        dqs = [c for c in g.consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"]
+        dqs = [c for c in g.users(q.output[0]) if c.op_type == "DequantizeLinear"]
         problem = _pair_problem(g, q, dqs)
         scale = g.value(q.input[1])
         if problem is None and g.is_spike(q.input[0]):
@@ -238,7 +217,7 @@ def adaptation_exactness(model: onnx.ModelProto, x: np.ndarray, threads: int | N
     """
     import onnxruntime as ort
 
-    from .backends.onnxruntime import EXACT_QDQ
+    from .onnxruntime import EXACT_QDQ
 
     adapted, counts = adapt_qdq_for_openvino(copy.deepcopy(model))
     rounds = [n.output[0] for n in adapted.graph.node if n.op_type == "Round" and n.name.startswith("ov_qdq/")]

@@ -2,7 +2,7 @@
 
 Each reader imports the graph into its own torch modules; :func:`reader_fn` drives that module for T
 steps (one frame per call, its state carried between calls, reset per batch) and returns what
-:func:`pipeline.deploy.parity.compare` wants: logits averaged over T (the graph's output convention)
+:func:`pipeline.deploy.proofs.parity.compare` wants: logits averaged over T (the graph's output convention)
 and the spikes of every neuron node ``{layer: [T, B, ...]}``, named as our neuron modules.
 
 The readers are test dependencies (requirements-dev.txt), not the pipeline's: :func:`available` says
