@@ -9,7 +9,16 @@ throughput and wall s the stage's wall time (manifest ``wall_time_s``).
 
 Variants (``model.staa.*`` and ``model.neuron.kind``, see pipeline/schema.py): "plain" = every STAA
 part off, ``neuron.kind=lif``; "alif" = every part off, the default adaptive neuron; "pe", "gc",
-"sa", "tsrd" = alif plus only that part; "all" = every part on (the default model).
+"sa", "tsrd" = alif plus only that part; "all" = every part on with the paper's step attention
+(``sa_mode=full``); "causal" = every part on with causal step attention (the form that streams);
+"nosa" = every part but step attention.
+
+``--pair A:B`` compares two variants image by image on the test split, per seed: the delta of A
+minus B in points with its 95% interval (Tango's, as in the report) and the exact McNemar p-value.
+SA's three forms on N-MNIST (issue 21)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/ablation.py --config configs/nmnist.yaml \\
+        --variants all causal nosa --seeds 0 1 --pair causal:all --pair nosa:all --out artifacts/ablation_nmnist
 
 The full run (about an hour on 2 CPU cores)::
 
@@ -41,10 +50,13 @@ VARIANTS: dict[str, list[str]] = {
     "alif": OFF + ["model.neuron.kind=alif"],
     **{p: [f"model.staa.{q}={'true' if q == p else 'false'}" for q in PARTS] + ["model.neuron.kind=alif"]
        for p in PARTS},
-    "all": [f"model.staa.{p}=true" for p in PARTS] + ["model.neuron.kind=alif"],
+    "all": [f"model.staa.{p}=true" for p in PARTS] + ["model.neuron.kind=alif", "model.staa.sa_mode=full"],
+    # step attention's three forms with every other part on: the paper's, the causal one that streams, none
+    "causal": [f"model.staa.{p}=true" for p in PARTS] + ["model.neuron.kind=alif", "model.staa.sa_mode=causal"],
+    "nosa": [f"model.staa.{p}={'false' if p == 'sa' else 'true'}" for p in PARTS] + ["model.neuron.kind=alif"],
 }
 LABELS = {"plain": "plain LIF", "alif": "adaptive LIF", "pe": "+PE", "gc": "+GC", "sa": "+SA", "tsrd": "+TSRD",
-          "all": "all STAA"}
+          "all": "all STAA", "causal": "all, causal SA", "nosa": "all, no SA"}
 TARGET_POINTS = 1.0
 
 
@@ -64,6 +76,40 @@ def check_data(cfg: dict[str, Any], config_path: Path) -> None:
     sys.exit(f"ablation: the {name} data is absent: looked for {wanted[0]} and one of {', '.join(train)} in "
              f"{', '.join(str(r) for r in roots)}. Put the offline copy in ../shared/data (docs/data.md) or pass "
              f"--set data.root=DIR")
+
+
+def test_correct(folder: Path) -> "np.ndarray":
+    """Per-image correctness of a trained variant's best checkpoint on its run's test split."""
+    import numpy as np
+    import torch
+
+    from pipeline.checkpoint import load_model
+    from pipeline.data import data_bundle, eval_loader
+    from pipeline.training.evaluate import evaluate
+
+    run = sorted(folder.glob("*/train/best.pt"))
+    if not run:
+        sys.exit(f"ablation: no train/best.pt under {folder}")
+    cfg = load_config(run[0].parents[1] / "config.yaml")
+    torch.manual_seed(0)
+    model, _ = load_model(run[0])
+    bundle = data_bundle(cfg, model.T)
+    ev = evaluate(model, eval_loader(cfg, bundle.test, cfg["data"]["limit_test"]), "cpu", desc="test", progress=False)
+    return np.asarray((ev["preds"] == ev["labels"]).numpy(), dtype=bool)
+
+
+def compare_pairs(pairs: list[str], seeds: list[int], out: Path) -> list[str]:
+    """``A:B`` -> one line per seed: A minus B on the same test images, with interval and p-value."""
+    from pipeline.report.stats import paired_delta
+
+    lines = []
+    for pair in pairs:
+        a, _, b = pair.partition(":")
+        for s in seeds:
+            d = paired_delta(test_correct(out / a / f"seed{s}"), test_correct(out / b / f"seed{s}"))
+            lines.append(f"  {LABELS[a]} - {LABELS[b]}, seed {s}: {d.describe()} "
+                         f"(only A right {d.only_row}, only B right {d.only_reference}, n={d.n})")
+    return lines
 
 
 def train_variant(config: Path, variant: str, seed: int, out: Path, epochs: int | None, extra: list[str]) -> Path:
@@ -168,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=None, help="train.epochs for every variant (default: the config's)")
     ap.add_argument("--out", type=Path, default=REPO / "artifacts" / "ablation", help="one artifacts dir per variant")
     ap.add_argument("--json", type=Path, default=None, help="write every number here")
+    ap.add_argument("--pair", dest="pairs", action="append", default=[], metavar="A:B",
+                    help="paired test-split delta of variant A minus variant B per seed (e.g. causal:all)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="passed to every training run (e.g. data.limit_train=128)")
     args = ap.parse_args(argv)
@@ -176,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         sys.exit(f"ablation: unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
+    unpaired = [p for p in args.pairs if len(p.split(":")) != 2 or not set(p.split(":")) <= set(variants)]
+    if unpaired:
+        sys.exit(f"ablation: --pair {', '.join(unpaired)}: give A:B with both among --variants ({', '.join(variants)})")
     cfg = load_config(args.config, args.sets)
     check_data(cfg, args.config)
     out = args.out.resolve()
@@ -193,11 +244,14 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + (line or "verdict: needs both the plain and the all variant"))
     wall = equal_wall_view(results)
     print("\n".join(wall))
+    paired = compare_pairs(args.pairs, seeds, out) if args.pairs else []
+    if paired:
+        print("\npaired on the test split (A minus B, same images):\n" + "\n".join(paired))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"config": str(args.config), "epochs": epochs, "seeds": seeds,
                                          "sets": args.sets, "rows": rows, "runs": results, "verdict": line,
-                                         "equal_wall_time": wall}, indent=2, default=str))
+                                         "equal_wall_time": wall, "paired": paired}, indent=2, default=str))
 
 
 if __name__ == "__main__":
