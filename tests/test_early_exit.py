@@ -158,3 +158,56 @@ def test_what_ships_is_the_fastest_row_passing_its_gates():
     rows[0]["T"] = 2
     adaptive[0]["p50_ms"] = 3.0
     assert choose_ships(rows, adaptive, model_T=4)["onnxruntime"]["kind"] == "reduced-T"
+
+
+def test_predict_takes_the_exit_from_the_flag_or_from_the_report(tmp_path, capsys):
+    from pipeline.runtime.__main__ import main
+
+    path = _hand_step_graph(tmp_path / "step_fp32.onnx")
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, x=X, y=np.array([0, 0, 1]))
+    tau = float(confidence(np.array([2.0, 0, 0])))
+    assert main(["predict", str(path), "--samples", str(samples), "--early-exit", str(tau)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mean_steps"] == pytest.approx(7 / 3) and out["max_steps"] == 4 and out["top1"] == pytest.approx(100.0)
+    assert main(["predict", str(path), "--samples", str(samples)]) == 0  # no exit: all T steps
+    assert json.loads(capsys.readouterr().out)["mean_steps"] == T
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"steps": {"tau": [
+        {"artifact": "export/step_fp32.onnx", "backend": "onnxruntime", "tau": 0.999, "criterion": "margin"}]}}))
+    assert main(["predict", str(path), "--samples", str(samples), "--exit-from", str(report)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["early_exit"] == {"tau": 0.999, "criterion": "margin"} and out["mean_steps"] > 1
+    report.write_text(json.dumps({"steps": {"skipped": "step attention (SA) mixes all T steps"}}))
+    assert main(["predict", str(path), "--samples", str(samples), "--exit-from", str(report)]) == 2
+    assert "mixes all T steps" in capsys.readouterr().err
+
+
+def test_build_engines_sh_builds_the_int8_step_engine_with_the_sa_state_shapes(tmp_path):
+    """The registry's step_engine_int8 row plans step_int8.engine from export's step_int8.onnx; its trtexec
+    command gives every state input (membranes and causal SA histories) the batch profile, the step index none."""
+    from pipeline.deploy.bundle import engine_specs
+    from pipeline.deploy.trt_script import parse_script, render_script, validate_args
+    from stages.build import engine_plan
+
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["B", K, 1, 1]),
+              helper.make_tensor_value_info("step", TensorProto.INT64, [1]),
+              helper.make_tensor_value_info("u_in.0", TensorProto.FLOAT, ["B", 1]),
+              helper.make_tensor_value_info("sa_in.0", TensorProto.FLOAT, ["B", 5, T])]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("logits_step", "u_out.0", "sa_out.0")]
+    nodes = [helper.make_node("Flatten", ["input"], ["logits_step"], axis=1),
+             helper.make_node("Identity", ["u_in.0"], ["u_out.0"]), helper.make_node("Identity", ["sa_in.0"], ["sa_out.0"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "step_int8.onnx"))
+    plan = engine_plan()
+    assert ("step_int8", "step_int8.onnx", "int8") in plan
+    build = {"precisions": ["fp16", "int8"], "min_batch": 1, "opt_batch": 4, "max_batch": 16, "workspace_mb": 256,
+             "fp32_neurons": False}
+    specs = engine_specs(tmp_path, build, plan)
+    assert [s.name for s in specs] == ["step_int8"]
+    (args,) = parse_script(render_script(specs))
+    assert validate_args(args) == [], args
+    flags = dict(a.partition("=")[::2] for a in args)
+    assert flags["--saveEngine"] == "step_int8.engine" and "--stronglyTyped" in flags
+    assert flags["--minShapes"] == f"input:1x{K}x1x1,u_in.0:1x1,sa_in.0:1x5x{T}"
+    assert flags["--maxShapes"] == f"input:16x{K}x1x1,u_in.0:16x1,sa_in.0:16x5x{T}"
