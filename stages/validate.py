@@ -89,6 +89,10 @@ def run(ctx: StageContext) -> StageResult:
                          max_logit_diff=v["max_logit_diff"])
     steps, steps_failed = _steps(ctx, limit, loader_for, rows[0]["top1"], baseline)
     failed += steps_failed
+    for a in steps.get("adaptive") or []:  # one console line per adaptive row: what the exit buys
+        ctx.log.info("[validate] %s [%s]: %.2f of %d steps on average (tau %s, chosen on val), top-1 %.2f%% vs %.2f%% "
+                     "at all steps", a["artifact"], a["backend"], a["mean_steps"], a["T"], a["tau"], a["top1"],
+                     a["full_top1"])
 
     doc = build_report(
         rows, run=cfg["name"], dataset=bundle.name, num_classes=bundle.num_classes, test_images=rows[0]["n"],

@@ -211,3 +211,63 @@ def test_build_engines_sh_builds_the_int8_step_engine_with_the_sa_state_shapes(t
     assert flags["--saveEngine"] == "step_int8.engine" and "--stronglyTyped" in flags
     assert flags["--minShapes"] == f"input:1x{K}x1x1,u_in.0:1x1,sa_in.0:1x5x{T}"
     assert flags["--maxShapes"] == f"input:16x{K}x1x1,u_in.0:16x1,sa_in.0:16x5x{T}"
+
+
+def test_tau_ties_in_mean_steps_go_to_the_larger_tau():
+    """T=3, every sample right and more confident at step 1 (logit 3) than at step 2 (logit 2): both confidences
+    exit every sample at step 1; the larger (the more careful exit) is chosen."""
+    n = 6
+    r = np.zeros((3, n, 2))
+    r[0, :, 0], r[1, :, 0], r[2, :, 0] = 3.0, 2.0, 1.0
+    c = choose_tau(r, np.zeros(n, int), max_drop=0.0)
+    assert c["mean_steps"] == 1.0 and c["candidates"] == 3
+    assert c["tau"] == pytest.approx(float(confidence(np.array([3.0, 0.0]))))
+
+
+def _doc_with_steps(tmp_path):
+    from pipeline.report import build_report
+
+    rng = np.random.default_rng(1)
+    val, test = rng.normal(size=(T, 30, K)), rng.normal(size=(T, 40, K))
+    yv, yt = rng.integers(0, K, 30), rng.integers(0, K, 40)
+    choice = choose_tau(val, yv, 3.0)
+    sc = adaptive_scores(test, yt, choice["tau"])
+    lat = {"batch": 1, "p50_ms": 1.0, "p95_ms": 2.0, "mean_ms": 1.2, "samples": 5, "mean_steps": sc["mean_steps"]}
+    row = {"artifact": "export/step_fp32.onnx (adaptive)", "backend": "onnxruntime", "precision": "fp32", "status": "ok",
+           "T": T, "n": 40, **{k: sc[k] for k in ("tau", "criterion", "mean_steps", "max_steps", "top1", "full_top1",
+                                                 "stats")},
+           "p50_ms": 1.0, "latency": lat, "full_latency": dict(lat, p50_ms=2.0),
+           "gate": {"name": "reduce_t", "max_drop": 3.0, "reference": "x", "reference_top1": sc["full_top1"],
+                    "drop": sc["full_top1"] - sc["top1"], "passed": True, "stats": None}, "total_gate": None}
+    steps = {"criterion": "softmax", "adaptive": [row],
+             "curves": [{"artifact": "export/step_fp32.onnx", "backend": "onnxruntime", "precision": "fp32",
+                         "status": "ok", "T": T, "n": 40, "rows": accuracy_vs_steps(test, yt)}],
+             "tau": [{"artifact": "export/step_fp32.onnx", "backend": "onnxruntime", "precision": "fp32", **choice}]}
+    return build_report([], run="r", dataset="d", num_classes=K, test_images=40, created="now", pipeline_version="0",
+                        device="cpu", settings={"batch_sizes": [1], "warmup": 1, "iterations": 1, "threads": 1, "gate_reference": "parent",
+                                                "gates": {}}, baseline="train/best.pt", energy_model={"convention": "estimate"}, parity={},
+                        failed=[], plots=[], steps=steps, ships=choose_ships([], [row], T))
+
+
+def test_report_carries_accuracy_vs_steps_adaptive_rows_and_what_ships(tmp_path):
+    import copy
+
+    from pipeline.report import render, validate_report
+    from pipeline.report.plots import accuracy_vs_steps as plot
+
+    doc = _doc_with_steps(tmp_path)
+    assert validate_report(doc) == []
+    json.dumps(doc, allow_nan=False)  # strict JSON: no inf for "never exit"
+    bad = copy.deepcopy(doc)
+    bad["steps"]["tau"][0]["split"] = "test"
+    assert any("validation split" in e for e in validate_report(bad))
+    bad = copy.deepcopy(doc)
+    bad["steps"]["curves"][0]["rows"].pop(0)
+    assert any("expected 1" in e for e in validate_report(bad))
+    md = render(doc)
+    assert "## Summary: what ships" in md and "## Accuracy vs steps" in md and "## Adaptive time steps" in md
+    assert md.count("\n| 4 |") == 1 and "export/step_fp32.onnx (adaptive)" in md
+    assert plot(doc, tmp_path / "a.png") and (tmp_path / "a.png").stat().st_size > 0
+    skipped = dict(doc, steps={"skipped": "step attention (SA) mixes all T steps"}, ships={})
+    assert validate_report(skipped) == [] and "Skipped: step attention (SA) mixes all T steps" in render(skipped)
+    assert not plot(skipped, tmp_path / "b.png")

@@ -112,7 +112,8 @@ def choose_ships(rows: Sequence[Mapping[str, Any]], adaptive: Sequence[Mapping[s
     for a in adaptive:
         if _passes(a) and a.get("p50_ms") is not None:
             cands.setdefault(a["backend"], []).append(
-                {"artifact": a["artifact"], "kind": "adaptive", "precision": a["precision"], "steps": a["mean_steps"],
+                {"artifact": a["artifact"], "kind": "adaptive" if a["tau"] is not None else "streaming (all T)",
+                 "precision": a["precision"], "steps": a["mean_steps"],
                  "top1": a["top1"], "p50_ms": a["p50_ms"], "tau": a["tau"], "criterion": a["criterion"]})
     return {b: {**min(c, key=lambda x: x["p50_ms"]), "candidates": len(c)} for b, c in cands.items()}
 

@@ -32,7 +32,7 @@ def ships_section(doc: Mapping[str, Any]) -> list[str]:
     if not ships:
         return lines + ["", "No row passes its gates with a batch-1 latency: nothing ships from this run."]
     body = [[b, f"`{s['artifact']}`", s["kind"], s["precision"],
-             (f"{s['steps']:.2f} mean (tau {_tau(s.get('tau'))}, {s.get('criterion')})" if s["kind"] == "adaptive"
+             (f"{s['steps']:.2f} mean (tau {_tau(s.get('tau'))}, {s.get('criterion')})" if s["kind"] != "fixed-T" and s["kind"] != "reduced-T"
               else str(s["steps"])), f"{s['top1']:.2f}", f"{s['p50_ms']:.3f}", str(s["candidates"])]
             for b, s in ships.items()]
     return lines + [""] + _t(["runtime", "ships", "kind", "precision", "steps", "top-1 %", "p50 ms (b1)",

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from pipeline.console import LOG_ONLY
 from pipeline.report.inventory import RUNNER_OPTIONS
 from pipeline.report.steps import NEVER, accuracy_vs_steps, adaptive_scores, choose_tau, gate
 from pipeline.runtime.backends import get_backend
@@ -107,7 +108,8 @@ def streaming_section(graphs: Mapping[str, Path], val_loader: Callable[[int], An
             if log is not None:
                 log.info("[validate] %s (%s): tau %s (%s, val) -> %.2f mean steps of %d, top-1 %.2f%% vs %.2f%% at T; "
                          "p50 %.3f ms vs %.3f ms at T", name, backend, choice["tau"], criterion, row["mean_steps"],
-                         stepper.T, row["top1"], row["full_top1"], lat_exit["p50_ms"], lat_full["p50_ms"])
+                         stepper.T, row["top1"], row["full_top1"], lat_exit["p50_ms"], lat_full["p50_ms"],
+                         extra=LOG_ONLY)
             runner.close()
     return {"criterion": criterion, "curves": curves, "tau": choices, "adaptive": adaptive}, failed
 
