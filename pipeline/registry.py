@@ -95,6 +95,7 @@ _BUILTIN: tuple[StageSpec, ...] = (
                gate="engine", ships=True, steps_from="parent", optional=True),
         Output("step_engine", "step_{precision}.engine", "engine", (), None, parent="export.step_fp32", optional=True,
                help="streaming engines (need a stateful driver)"),
+        Output("step_engine_int8", "step_int8.engine", "engine", (), "int8", parent="export.step_int8", optional=True),
         Output("bundle", "bundle.json", "config", help="engine recipes, graphs and metadata of the device bundle"),
         Output("script", "build_engines.sh", "script", help="trtexec build and timing on the target"),
         Output("guide", "JETSON.md", "doc", help="how to build, check and time on a Jetson"),

@@ -259,6 +259,12 @@ SCHEMA: dict[str, Any] = {
         },
         # identity keys whose largest logit difference is gated too (always recorded): empty by default
         "max_logit_diff": FreeMap(),
+        # adaptive time steps on the streaming graphs (pipeline/report/steps.py): tau is chosen on the validation
+        # split (smallest mean steps within gates.reduce_t of the full-T graph), scored on test
+        "early_exit": {
+            "criterion": Choice(("softmax", "margin"), "softmax"),  # top softmax probability, or top-1 minus top-2
+            "latency_samples": Num(50, lo=1),  # test samples timed one by one at batch 1 with the exit on
+        },
     },
 }
 

@@ -6,6 +6,7 @@ The report is written before the gates are enforced: a failed gate comes back as
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import platform
 from typing import Any
 
@@ -18,11 +19,13 @@ from pipeline.report import (CONVENTION, E_AC_PJ, E_MAC_PJ, E_MUL_PJ, EXCLUDED, 
                              validate_report)
 from pipeline.report.nir_note import nir_note, nir_summary, read_nir_metrics
 from pipeline.report.plots import TRAINING_CURVES, draw_all, draw_training_curves
+from pipeline.report.steps import choose_ships
+from pipeline.report.streaming_rows import GRAPHS, streaming_section
 from pipeline.runner import StageContext, StageError, StageResult
 
 
-def _loaders(ctx: StageContext, limit: int | None):
-    """``loader_for(T)``: the test loader; event datasets get frames built at each model's T."""
+def _loaders(ctx: StageContext, limit: int | None, split: str = "test"):
+    """``loader_for(T)``: the ``split`` loader; event datasets get frames built at each model's T."""
     cfg = ctx.cfg
     base = data_bundle(cfg)
     cache: dict[Any, Any] = {}
@@ -31,10 +34,31 @@ def _loaders(ctx: StageContext, limit: int | None):
         key = T if base.is_event and T is not None else None
         if key not in cache:
             bundle = data_bundle(cfg, T) if key is not None else base
-            cache[key] = eval_loader(cfg, bundle.test, limit)
+            cache[key] = eval_loader(cfg, getattr(bundle, split), limit)
         return cache[key]
 
     return base, loader_for
+
+
+def _steps(ctx: StageContext, limit: int | None, loader_for, baseline_top1: float | None, baseline: str):
+    """The streaming section (accuracy vs steps, tau on validation, adaptive rows), or why it is skipped."""
+    v = ctx.cfg["validate"]
+    if "export" not in ctx.inputs:
+        return {"skipped": "no export stage in this run"}, []
+    graphs = {role: ctx.input(f"export.{role}") for role, _ in GRAPHS if ctx.input(f"export.{role}").is_file()}
+    if not graphs:
+        metrics = ctx.input("export.metrics")
+        reason = "export wrote no step graph"
+        if metrics.is_file():
+            reason = (json.loads(metrics.read_text()).get("streaming") or {}).get("reason") or reason
+        ctx.log.info("[validate] accuracy vs steps and adaptive steps skipped: %s", reason)
+        return {"skipped": reason}, []
+    _, val_for = _loaders(ctx, limit, "val")
+    ee = v["early_exit"]
+    return streaming_section(graphs, val_for, loader_for, max_drop=float(v["gates"]["reduce_t"]),
+                             total_drop=float(v["gates"]["total"]), baseline_top1=baseline_top1, baseline=baseline,
+                             criterion=ee["criterion"], latency_samples=int(ee["latency_samples"]),
+                             threads=v["threads"] or None, log=ctx.log)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -63,6 +87,12 @@ def run(ctx: StageContext) -> StageResult:
     inherit_energy(rows, {a.name: a.energy_from for a in artifacts})
     failed = apply_gates(rows, v["gates"], baseline, v["gate_reference"], changed=v["changed"],
                          max_logit_diff=v["max_logit_diff"])
+    steps, steps_failed = _steps(ctx, limit, loader_for, rows[0]["top1"], baseline)
+    failed += steps_failed
+    for a in steps.get("adaptive") or []:  # one console line per adaptive row: what the exit buys
+        ctx.log.info("[validate] %s [%s]: %.2f of %d steps on average (tau %s, chosen on val), top-1 %.2f%% vs %.2f%% "
+                     "at all steps", a["artifact"], a["backend"], a["mean_steps"], a["T"], a["tau"], a["top1"],
+                     a["full_top1"])
 
     doc = build_report(
         rows, run=cfg["name"], dataset=bundle.name, num_classes=bundle.num_classes, test_images=rows[0]["n"],
@@ -74,7 +104,8 @@ def run(ctx: StageContext) -> StageResult:
                   "max_logit_diff": dict(v["max_logit_diff"])},
         baseline=baseline, energy_model={"e_mac_pj": E_MAC_PJ, "e_ac_pj": E_AC_PJ, "e_mul_pj": E_MUL_PJ,
                                             "convention": CONVENTION, "excluded": list(EXCLUDED)},
-        parity=upstream_parity(ctx.inputs, table), failed=failed, plots=[])
+        parity=upstream_parity(ctx.inputs, table), failed=failed, plots=[], steps=steps,
+        ships=choose_ships(rows, steps.get("adaptive") or [], cfg["model"]["T"]))
     doc["plots"] = draw_all(doc, lambda plot: ctx.output("plot", plot=plot))
     histories = {s.name: ctx.input(f"{s.name}.history") for s in registry.stages()
                  if s.name in ctx.inputs and any(o.role == "history" for o in s.outputs)}
@@ -116,5 +147,14 @@ def _summary(doc: dict[str, Any]) -> dict[str, Any]:
             "int8_ops": (r["executed"] or {}).get("int8_ops"), "ops": (r["executed"] or {}).get("ops"),
             "int8_mac_share": (r["executed"] or {}).get("int8_mac_share"),
         }
+    st = doc.get("steps") or {}
+    early_exit = {"criterion": st.get("criterion"), "skipped": st.get("skipped"),
+                  "tau": [{k: t[k] for k in ("artifact", "backend", "tau", "mean_steps", "top1", "full_top1", "n")}
+                          for t in st.get("tau") or []],  # chosen on validation
+                  "adaptive": {f"{a['artifact']} [{a['backend']}]": {
+                      "tau": a["tau"], "mean_steps": a["mean_steps"], "max_steps": a["max_steps"], "top1": a["top1"],
+                      "full_top1": a["full_top1"], "p50_ms": a["p50_ms"], "full_p50_ms": a["full_latency"]["p50_ms"],
+                      "gate_passed": a["gate"]["passed"]} for a in st.get("adaptive") or []}}
     return {"schema_version": doc["schema_version"], "baseline_top1": doc["baseline"]["top1"],
-            "gates_passed": doc["gates"]["passed"], "failed_gates": doc["gates"]["failed"], "artifacts": rows}
+            "gates_passed": doc["gates"]["passed"], "failed_gates": doc["gates"]["failed"], "artifacts": rows,
+            "early_exit": early_exit, "ships": doc.get("ships") or {}}

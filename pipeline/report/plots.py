@@ -89,6 +89,30 @@ def accuracy_vs_T(doc: Mapping[str, Any], path: Path) -> bool:
     return True
 
 
+def accuracy_vs_steps(doc: Mapping[str, Any], path: Path) -> bool:
+    """Top-1 of the streaming graphs' running-mean logits after 1..T steps (test split), with each adaptive
+    row at its mean step count: what stopping early costs."""
+    st = doc.get("steps") or {}
+    curves = [c for c in st.get("curves") or [] if c.get("rows")]
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, c in enumerate(curves):
+        ax.plot([r["steps"] for r in c["rows"]], [r["top1"] for r in c["rows"]], color=f"C{i % 10}",
+                marker=MARKERS.get(c["backend"], "o"), label=f"{c['artifact']} [{c['backend']}]")
+        for a in st.get("adaptive") or []:
+            if a["artifact"] == f"{c['artifact']} (adaptive)" and a["backend"] == c["backend"]:
+                ax.scatter(a["mean_steps"], a["top1"], marker="*", s=120, color=f"C{i % 10}",
+                           label=f"adaptive, tau {a['tau'] if a['tau'] is None else round(a['tau'], 4)}")
+    ax.set(xlabel="time steps (mean steps for adaptive rows)", ylabel="top-1 (%)",
+           title=f"{doc['run']}: accuracy vs steps (streaming graphs)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    return True
+
+
 def draw_training_curves(histories: Mapping[str, Path], out: Path) -> str | None:
     """Val top-1 and loss per epoch, one line per stage and T, from each fitting stage's history
     file (``histories``: stage name -> the file; absent files are skipped).
@@ -134,7 +158,8 @@ def _save(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
-PLOTS = {"accuracy_vs_latency": accuracy_vs_latency, "firing_rates": firing_rates, "accuracy_vs_T": accuracy_vs_T}
+PLOTS = {"accuracy_vs_latency": accuracy_vs_latency, "firing_rates": firing_rates, "accuracy_vs_T": accuracy_vs_T,
+         "accuracy_vs_steps": accuracy_vs_steps}
 
 
 def draw_all(doc: Mapping[str, Any], path_for: Callable[[str], Path]) -> list[str]:
@@ -148,5 +173,5 @@ def draw_all(doc: Mapping[str, Any], path_for: Callable[[str], Path]) -> list[st
     return written
 
 
-__all__ = ["PLOTS", "TRAINING_CURVES", "accuracy_vs_T", "accuracy_vs_latency", "draw_all", "draw_training_curves",
+__all__ = ["PLOTS", "TRAINING_CURVES", "accuracy_vs_T", "accuracy_vs_latency", "accuracy_vs_steps", "draw_all", "draw_training_curves",
            "firing_rates"]

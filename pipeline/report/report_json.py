@@ -5,14 +5,15 @@ Why versioned: dashboards and CI compare reports across runs and releases; a rea
 Bump ``SCHEMA_VERSION`` on any change that removes or renames a field or changes its unit;
 adding an optional field keeps the version.
 
-Schema version 4 (units in the names or stated here; 2 added the paired statistics, the
+Schema version 5 (units in the names or stated here; 2 added the paired statistics, the
 total gate, tied top-1 counts and ``ships``; 3 added the ``openvino`` backend and the required
 ``executed`` field, which a version-2 reader would reject or misread; 4: ``ci95`` is Tango's
 unconditional interval (3: conditional on the discordant count, too narrow), and the required
-``agreement_gate`` of identity rows)::
+``agreement_gate`` of identity rows; 5: the required ``steps`` section (accuracy vs steps of the
+streaming graphs, tau chosen on validation, adaptive rows) and ``ships`` (what ships, per runtime))::
 
     {
-      "schema_version": 4,
+      "schema_version": 5,
       "run": str, "dataset": str, "num_classes": int, "test_images": int,
       "created": ISO-8601 str, "pipeline_version": str, "device": str,
       "settings": {"batch_sizes": [int], "warmup": int, "iterations": int, "threads": int|null,
@@ -54,8 +55,24 @@ unconditional interval (3: conditional on the discordant count, too narrow), and
       "parity": {"<stage>/<graph>": {"n", "max_abs_diff", "top1_mismatches", "min_spike_agreement",
                                      "spike_agreement": {layer: share}, ...}},  # as unroll/export reported
       "gates": {"passed": bool, "failed": [str]},
-      "plots": [str]                        # PNG file names next to report.json
+      "plots": [str],                       # PNG file names next to report.json
+      "steps": {"skipped": str} |           # no step graph exported (full-SA models): why
+               {"criterion": "softmax"|"margin",
+                "curves": [{"artifact", "backend", "precision", "status", "T", "n",   # one pass over test
+                            "rows": [{"steps": int, "top1": float, "stats": STATS|null}]}],  # stats vs step T
+                "tau": [{"artifact", "backend", "precision", "tau": float|null,   # null: never exit early
+                         "criterion", "mean_steps", "top1", "full_top1", "max_drop", "n", "T",
+                         "candidates", "split": "validation"}],                     # chosen on validation
+                "adaptive": [ADAPTIVE]},                                            # scored on test
+      "ships": {backend: {"artifact", "kind": "fixed-T"|"reduced-T"|"adaptive", "precision",
+                          "steps": float, "top1", "p50_ms", "candidates", ...}}   # fastest row passing its gates
     }
+
+    ADAPTIVE = {"artifact", "backend", "precision", "status", "T", "tau", "criterion", "n",
+                "mean_steps": float, "max_steps": int, "top1", "full_top1", "stats": STATS,  # vs the full-T row
+                "p50_ms": float,                  # per sample at batch 1, the real loop with the exit on
+                "latency": {...}, "full_latency": {...},   # the same loop, exit on / all T steps
+                "gate": CHECK, "total_gate": CHECK|null}
 
     CHECK = {"name": str, "max_drop": float, "reference": str, "reference_top1": float|null,
              "drop": float|null, "passed": bool|null, "stats": STATS|null}   # passed null: skipped row
@@ -78,7 +95,7 @@ from typing import Any, Mapping, Sequence
 
 from pipeline.runtime.specs import NAMES as BACKEND_NAMES
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 ROW_FIELDS: dict[str, tuple[type, ...]] = {
     "artifact": (str,), "stage": (str,), "backend": (str,), "precision": (str,), "T": (int, type(None)),
@@ -95,7 +112,7 @@ TOP_FIELDS: dict[str, tuple[type, ...]] = {
     "schema_version": (int,), "run": (str,), "dataset": (str,), "num_classes": (int,), "test_images": (int,),
     "created": (str,), "pipeline_version": (str,), "device": (str,), "settings": (dict,), "baseline": (dict,),
     "energy_model": (dict,), "rows": (list,), "layers": (dict,), "parity": (dict,), "gates": (dict,),
-    "plots": (list,),
+    "plots": (list,), "steps": (dict,), "ships": (dict,),
 }
 GATE_FIELDS = ("name", "max_drop", "reference", "reference_top1", "drop", "passed", "stats")
 AGREE_FIELDS = ("name", "reference", "n", "changed", "max_changed", "max_changed_share", "changed_images",
@@ -114,8 +131,9 @@ def _clean_row(row: Mapping[str, Any]) -> dict[str, Any]:
 def build_report(rows: Sequence[Mapping[str, Any]], *, run: str, dataset: str, num_classes: int, test_images: int,
                  created: str, pipeline_version: str, device: str, settings: Mapping[str, Any], baseline: str,
                  energy_model: Mapping[str, Any], parity: Mapping[str, Any], failed: Sequence[str],
-                 plots: Sequence[str]) -> dict[str, Any]:
-    """The report.json document (schema version 4) from measured, gated rows."""
+                 plots: Sequence[str], steps: Mapping[str, Any] | None = None,
+                 ships: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The report.json document (schema version 5) from measured, gated rows."""
     base = next((r for r in rows if r["artifact"] == baseline), None)
     return {
         "schema_version": SCHEMA_VERSION, "run": run, "dataset": dataset, "num_classes": int(num_classes),
@@ -124,6 +142,8 @@ def build_report(rows: Sequence[Mapping[str, Any]], *, run: str, dataset: str, n
         "energy_model": dict(energy_model), "rows": [_clean_row(r) for r in rows],
         "layers": {r["artifact"]: r["layers"] for r in rows if r.get("layers")},
         "parity": dict(parity), "gates": {"passed": not failed, "failed": list(failed)}, "plots": list(plots),
+        "steps": dict(steps) if steps is not None else {"skipped": "no streaming graph measured"},
+        "ships": dict(ships or {}),
     }
 
 
@@ -161,9 +181,40 @@ def validate_report(doc: Mapping[str, Any]) -> list[str]:
         lat = row.get("latency")
         if isinstance(lat, dict) and not lat.get("p50_ms", 0) <= lat.get("p95_ms", 0):
             errs.append(f"{where}: latency p50 > p95")
+    errs += _check_steps(doc.get("steps"))
     gates = doc.get("gates")
     if isinstance(gates, dict) and (not isinstance(gates.get("passed"), bool) or not isinstance(gates.get("failed"), list)):
         errs.append("gates: needs passed (bool) and failed (list)")
+    return errs
+
+
+ADAPTIVE_FIELDS = ("artifact", "backend", "precision", "tau", "criterion", "mean_steps", "max_steps", "top1",
+                   "full_top1", "stats", "p50_ms", "gate", "total_gate")
+TAU_FIELDS = ("artifact", "backend", "tau", "criterion", "mean_steps", "top1", "full_top1", "split")
+
+
+def _check_steps(steps: Any) -> list[str]:
+    """The ``steps`` section: skipped with a reason, or curves, tau choices and adaptive rows with their fields."""
+    if not isinstance(steps, dict):
+        return []  # its type is reported with the top fields
+    if "skipped" in steps:
+        return [] if isinstance(steps["skipped"], str) else ["steps: 'skipped' must be the reason (str)"]
+    errs = _missing(steps, ("criterion", "curves", "tau", "adaptive"), "steps")
+    for i, c in enumerate(steps.get("curves") or []):
+        for j, r in enumerate(c.get("rows") or []):
+            if r.get("steps") != j + 1:
+                errs.append(f"steps.curves[{i}].rows[{j}]: steps {r.get('steps')!r}, expected {j + 1}")
+            if isinstance(r.get("stats"), dict):
+                errs += _missing(r["stats"], STATS_FIELDS, f"steps.curves[{i}].rows[{j}].stats")
+    for i, t in enumerate(steps.get("tau") or []):
+        errs += _missing(t, TAU_FIELDS, f"steps.tau[{i}]")
+        if t.get("split") != "validation":
+            errs.append(f"steps.tau[{i}]: tau must be chosen on the validation split, not {t.get('split')!r}")
+    for i, a in enumerate(steps.get("adaptive") or []):
+        errs += _missing(a, ADAPTIVE_FIELDS, f"steps.adaptive[{i}]")
+        if isinstance(a.get("mean_steps"), (int, float)) and isinstance(a.get("max_steps"), int) \
+                and a["mean_steps"] > a["max_steps"] + 1e-9:
+            errs.append(f"steps.adaptive[{i}]: mean steps {a['mean_steps']} > max steps {a['max_steps']}")
     return errs
 
 

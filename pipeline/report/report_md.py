@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from pipeline.report.steps_md import ships_section, steps_section
+
 COLUMNS = ("artifact", "backend", "precision", "int8 ops executed", "int8 MACs %", "T", "status", "size MB",
            "top-1 %", "top-5 %", "tied top-1",
            "delta [95% CI]", "agreement %", "p50 ms (b{b1})", "p95 ms (b{b1})", "img/s (b{bn})", "energy µJ/img*",
@@ -133,6 +135,8 @@ def render(doc: Mapping[str, Any]) -> str:
     g = doc["gates"]
     lines += ["", f"**Gates: {'all passed' if g['passed'] else 'FAILED'}**"]
     lines += [f"- {msg}" for msg in g["failed"]]
+    lines += ships_section(doc)
+    lines += steps_section(doc)
     lines += _changed_section(doc)
     lines += compiled_shapes_section(doc)
     lines += energy_note(doc)

@@ -5,6 +5,8 @@ In the bundle this package is ``staa_runtime``::
     python3 -m staa_runtime check
     python3 -m staa_runtime build                        # every engine listed in bundle.json
     python3 -m staa_runtime predict model_int8.engine    # accuracy on sample_inputs.npz
+    python3 -m staa_runtime predict step_fp32.onnx --early-exit 0.9     # streaming, stop each sample when confident
+    python3 -m staa_runtime predict step_fp32.onnx --exit-from report.json   # tau chosen on validation by validate
     python3 -m staa_runtime bench model_int8.engine --batch 1
     python3 -m staa_runtime bench model_int8.onnx --backend openvino     # Intel CPU, real INT8 kernels
     python3 -m staa_runtime executed model_int8.onnx --backend openvino  # which convs ran in int8
@@ -23,6 +25,7 @@ import numpy as np
 from . import specs
 from .backends import BACKENDS, get_backend, load_runner
 from .base import BENCH_DEFAULTS, NonFiniteInput, Runner, benchmark, check_finite
+from .stream import CRITERIA, DEFAULT_CRITERION, STATE_IN, open_step_graph
 from .backends.tensorrt_build import BuildRequest, EngineSpec
 
 HERE = Path(__file__).resolve().parent
@@ -119,9 +122,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.samples}: {exc}; a spiking net maps them to ordinary-looking logits. "
                              f"Fix the inputs, or pass --allow-nonfinite to predict anyway") from None
     with _open_runner(args.model, args.backend) as runner:
-        logits = runner.predict_all(x, args.batch, allow_nonfinite=True)  # checked above
+        if any(n.startswith(STATE_IN) for n in runner.input_names):  # a step graph: the stateful loop
+            logits, stream = _predict_streaming(args, runner, x)
+        else:
+            if args.early_exit is not None or args.exit_from:
+                raise UsageError(f"{args.model} is a whole-clip graph: the early exit needs a step graph "
+                                 f"(step_fp32.onnx or step_int8.onnx of this bundle)")
+            logits, stream = runner.predict_all(x, args.batch, allow_nonfinite=True), None  # checked above
     pred = logits.argmax(1)
     report = {"model": args.model, "backend": runner.name, "n": int(len(x))}
+    if stream:
+        report.update(stream)
     if "y" in samples:
         report["top1"] = float((pred == samples["y"]).mean() * 100)
     else:
@@ -134,6 +145,46 @@ def cmd_predict(args: argparse.Namespace) -> int:
         report["max_abs_diff_vs_float"] = float(np.abs(logits - ref).max())
     print(json.dumps(report, indent=2))
     return 0
+
+
+def exit_tau(report_path: str, model: str, backend: str) -> tuple[float | None, str]:
+    """(tau, criterion) that validate chose on the validation split for ``model`` in ``backend`` (report.json
+    ``steps.tau``; ONNX Runtime's choice when this backend has none)."""
+    path = _existing(report_path, "report", "pass the validate stage's report.json (--exit-from)")
+    try:
+        steps = json.loads(path.read_text()).get("steps") or {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not JSON ({exc}); pass the validate stage's report.json") from None
+    name = Path(model).name
+    rows = [t for t in steps.get("tau") or [] if Path(str(t.get("artifact", ""))).name == name]
+    row = next((t for t in rows if t.get("backend") == backend), None) or \
+        next((t for t in rows if t.get("backend") == "onnxruntime"), None)
+    if row is None:
+        why = steps.get("skipped") or f"it has no tau for {name}"
+        raise UsageError(f"{path}: {why}; pass --early-exit TAU instead")
+    return row["tau"], row["criterion"]
+
+
+def _predict_streaming(args: argparse.Namespace, runner: Runner, x: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Logits of a step graph run T steps per clip, or stopped per sample with the exit on; what it did."""
+    try:
+        stepper = open_step_graph(args.model, runner)
+    except (ValueError, ImportError) as exc:
+        raise UsageError(f"{args.model}: {exc}") from None
+    tau, criterion = args.early_exit, args.exit_criterion
+    if args.exit_from:
+        tau, criterion = exit_tau(args.exit_from, args.model, runner.name)
+    if tau is None:  # no exit, or validate chose "never exit early"
+        logits = np.concatenate([stepper.run(x[i:i + args.batch]) for i in range(0, len(x), args.batch)])
+        return logits, {"T": stepper.T, "early_exit": None, "mean_steps": float(stepper.T)}
+    parts, steps = [], []
+    for i in range(0, len(x), args.batch):
+        lg, st = stepper.run_early_exit(x[i:i + args.batch], float(tau), criterion)
+        parts.append(lg)
+        steps.append(st)
+    s = np.concatenate(steps)
+    return np.concatenate(parts), {"T": stepper.T, "early_exit": {"tau": float(tau), "criterion": criterion},
+                                   "mean_steps": float(s.mean()), "max_steps": int(s.max())}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -207,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--batch", type=int, default=32)
     pr.add_argument("--allow-nonfinite", action="store_true",
                     help="predict even if inputs hold NaN or infinity (a warning instead of an error)")
+    ex_group = pr.add_mutually_exclusive_group()
+    ex_group.add_argument("--early-exit", type=float, default=None, metavar="TAU",
+                          help="step graphs: stop each sample once its running logits' confidence reaches TAU")
+    ex_group.add_argument("--exit-from", metavar="REPORT_JSON",
+                          help="step graphs: the tau (and criterion) validate chose on the validation split")
+    pr.add_argument("--exit-criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
+                    help="confidence of the exit: top softmax probability, or top-1 minus top-2 probability")
     _backend_arg(pr)
     pr.set_defaults(fn=cmd_predict)
     be = sub.add_parser("bench", help="latency (p50/p95/p99, min, max, std) and throughput; defaults = the report's")

@@ -146,7 +146,7 @@ def test_engine_plan_and_bundle_follow_the_registry():
 
     assert ENGINE_PLAN == (("model_fp16", "model_fp32.onnx", "fp16"), ("model_int8", "model_int8.onnx", "int8"),
                            ("model_fp32", "model_fp32.onnx", "fp32"), ("step_fp16", "step_fp32.onnx", "fp16"),
-                           ("step_fp32", "step_fp32.onnx", "fp32"))
+                           ("step_fp32", "step_fp32.onnx", "fp32"), ("step_int8", "step_int8.onnx", "int8"))
     declared = {o.file for o in registry.spec("build").outputs if o.kind == "engine" and not o.fields}
     assert {f"{name}.engine" for name, _, _ in ENGINE_PLAN} >= declared
     assert set(COPIED) == {o.file for o in registry.spec("export").outputs if o.bundled}

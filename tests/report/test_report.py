@@ -90,7 +90,7 @@ def test_report_json_schema_roundtrip_and_version():
     rows = rows_fixture()
     failed = apply_gates(rows, GATES, BASELINE)
     doc = json.loads(json.dumps(make_doc(rows, failed)))  # must be JSON-serialisable as is
-    assert doc["schema_version"] == SCHEMA_VERSION == 4
+    assert doc["schema_version"] == SCHEMA_VERSION == 5
     assert validate_report(doc) == []
     assert doc["gates"] == {"passed": True, "failed": []}
     assert set(doc["layers"]) == {BASELINE, "reduce_t/t2.pt", "qat/qat.pt", "unroll/int8.pt"}

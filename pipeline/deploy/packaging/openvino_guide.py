@@ -131,6 +131,14 @@ the compile by its measured latency, and quote its speed as INT8 speed only with
 The dynamic-batch graph as it is keeps the integer kernels at batch 1 (`staa_runtime bench {int8}
 --backend openvino --batch 1` runs it); a static shape is what benchmark_app's `-shape` and an NPU
 compile, so check what it runs (`-exec_graph_path` above) on the target.
+
+## 6. Streaming and adaptive time steps (step graphs)
+`step_fp32.onnx` / `step_int8.onnx` (when present: causal step attention) run one time step per call
+in OpenVINO too; the runner carries the state, and with the exit on stops each sample once its running
+logits are confident (tau chosen on the validation split by the validate stage, in report.json):
+
+    python3 -m staa_runtime predict step_int8.onnx --backend openvino --exit-from report.json
+    python3 -m staa_runtime predict step_int8.onnx --backend openvino --early-exit 0.9
 """
 
 

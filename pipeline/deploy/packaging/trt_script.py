@@ -275,5 +275,18 @@ If `{step}` is present the model can run one time step at a time: inputs `input`
 `sa_in.<j>` (the pooled means of the steps so far, `[B, C, T]`; all zeros at step 0); outputs
 `logits_step`, `u_out.<i>` and `sa_out.<j>` (feed them back as `u_in.<i>` / `sa_in.<j>`). The clip's
 logits are the mean of `logits_step` over the T steps. `staa_runtime.StepRunner` does this bookkeeping.
-`step_int8.onnx`, when present, is the same step with the INT8 graph's Q/DQ quantisers.
+`step_int8.onnx`, when present, is the same step with the INT8 graph's Q/DQ quantisers;
+`build_engines.sh` builds `step_int8.engine` from it (every `u_in.<i>` / `sa_in.<j>` gets the batch profile).
+
+## Adaptive time steps (early exit)
+A sample may stop before T steps once its running-mean logits are confident (top softmax
+probability, or top-1 minus top-2 probability, >= tau). tau was chosen on the validation split by
+the validate stage (report.json `steps.tau`; the report's "Adaptive time steps" table gives its
+mean steps, top-1 and per-sample latency on test):
+
+    python3 -m staa_runtime predict {step} --exit-from report.json   # the validated tau and criterion
+    python3 -m staa_runtime predict {step} --early-exit 0.9 --exit-criterion softmax
+
+In your own loop: after each step, `staa_runtime.stream.confidence(logit_sum / (t + 1))` >= tau
+stops the clip (`StepRunner.run_early_exit` does this).
 """
