@@ -186,8 +186,8 @@ def test_predict_takes_the_exit_from_the_flag_or_from_the_report(tmp_path, capsy
 def test_build_engines_sh_builds_the_int8_step_engine_with_the_sa_state_shapes(tmp_path):
     """The registry's step_engine_int8 row plans step_int8.engine from export's step_int8.onnx; its trtexec
     command gives every state input (membranes and causal SA histories) the batch profile, the step index none."""
-    from pipeline.deploy.bundle import engine_specs
-    from pipeline.deploy.trt_script import parse_script, render_script, validate_args
+    from pipeline.deploy.packaging.bundle import engine_specs
+    from pipeline.deploy.packaging.trt_script import parse_script, render_script, validate_args
     from stages.build import engine_plan
 
     inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["B", K, 1, 1]),
