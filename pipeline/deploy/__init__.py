@@ -23,6 +23,7 @@ Engine building and running, the ONNX graph index these modules share
 (:mod:`pipeline.runtime.backends.openvino_qdq`) live in :mod:`pipeline.runtime`, which is
 self-contained so it can be copied next to the ONNX files onto a device.
 
-Test-only helpers (a freshly built SNN whose every layer fires; a minimal symmetric Q/DQ model in
-TensorRT's explicit-quantisation form) live in ``tests/helpers``, outside the package.
+A freshly built SNN whose every layer fires (for tests and benchmarks) is :mod:`pipeline.testing`;
+a minimal symmetric Q/DQ model in TensorRT's explicit-quantisation form lives in ``tests/helpers``,
+outside the package.
 """
