@@ -437,28 +437,3 @@ def test_export_fails_clearly_when_the_step_graph_loses_the_sa_history(tmp_path,
                                                work_dir=tmp_path, runtimes=("onnxruntime",))
     assert any("spikes differ from the unrolled graph's" in f and "onnxruntime" in f for f in failures), failures
     assert any("T steps give logits" in f for f in failures), failures
-
-
-@pytest.mark.slow
-def test_export_stage_ships_fp32_and_int8_step_graphs_for_a_causal_sa_model(tmp_path, tiny_cfg, digits):
-    import stages.export
-    from pipeline.data import data_bundle, data_meta, model_config
-
-    bundle = data_bundle(tiny_cfg)
-    mcfg = dict(model_config(tiny_cfg, bundle), staa={"sa_mode": "causal"})
-    meta = data_meta(bundle)
-    model = _causal_model(digits[0], mcfg)
-    (tmp_path / "unroll").mkdir()
-    save_unrolled(tmp_path / "unroll" / "float.pt", unroll_float(model), UnrolledInfo("float", 2, mcfg, meta, True,
-                                                                                     FLOAT_RECIPE))
-    save_unrolled(tmp_path / "unroll" / "int8.pt", unroll_qat(quantize_convs(copy.deepcopy(model), [digits[0]])),
-                  UnrolledInfo("int8", 2, mcfg, meta, False, INT8_RECIPE))
-    result = stages.export.run(_ctx(tiny_cfg, "export", tmp_path / "export", {"unroll": tmp_path / "unroll"}))
-    s = result.metrics["streaming"]
-    assert s["exported"] and s["sa_state_tensors"] == 17 and s["int8"]["sa_state_tensors"] == 17
-    for m in (s, s["int8"]):
-        for runtime in ("onnxruntime", "openvino"):
-            assert m["parity_runtimes"][runtime]["spikes_differing"] == 0
-    assert read_metadata(tmp_path / "export" / "step_int8.onnx")["precision"] == "int8"
-    report = json.loads((tmp_path / "export" / "trt_check.json").read_text())
-    assert {"step_fp32.onnx", "step_int8.onnx"} <= set(report["graphs"]) and report["ok"]

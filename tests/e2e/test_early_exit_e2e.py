@@ -51,3 +51,13 @@ def test_causal_run_reports_accuracy_vs_steps_and_adaptive_rows(write_config):
     assert "## Accuracy vs steps" in md and "## Summary: what ships" in md
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["early_exit"]["tau"] and metrics["ships"] == doc["ships"]
+    # what the export stage shipped for this causal model (the real NNCF INT8 graph): both step graphs, each
+    # checked T steps against its unrolled graph on both runtimes, and both in the TensorRT static check
+    export = folder.parent / "export"
+    s = json.loads((export / "metrics.json").read_text())["streaming"]
+    assert s["exported"] and s["sa_state_tensors"] == 17 and s["int8"]["sa_state_tensors"] == 17
+    for m in (s, s["int8"]):
+        for runtime in ("onnxruntime", "openvino"):
+            assert m["parity_runtimes"][runtime]["spikes_differing"] == 0
+    trt = json.loads((export / "trt_check.json").read_text())
+    assert {"step_fp32.onnx", "step_int8.onnx"} <= set(trt["graphs"]) and trt["ok"]
