@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint import load_model, model_payload
-from pipeline.models import LIF, AdaptiveLIF, build_model, fold_batchnorm, neuron_modules, recording
+from pipeline.models import LIF, AdaptiveLIF, build_model, fold_batchnorm, neuron_modules, record_spikes, recording
 from pipeline.models.neurons import RESETS
 from pipeline.schema import ConfigError, node
 
@@ -172,11 +172,14 @@ def test_parity_reference_records_the_membranes_fire_wrapping_did(reset):
     model = build_model(_cfg(reset=reset)).eval()
     x = torch.randn(3, 1, 8, 8)
     want = _fire_wrapped_membranes(model, x)
+    with record_spikes(model) as emitted:  # what each neuron returned to the next layer (a forward hook)
+        model(x)
     logits, spikes, membranes = torch_with_spikes(model)(x)
     assert list(membranes) == [n for n, _ in neuron_modules(model)] == list(want)
     for name, h in want.items():
         assert torch.equal(membranes[name], h), name
         assert torch.equal(spikes[name], (h >= 0).float()), name
+        assert torch.equal(spikes[name], emitted[name]), name  # the step hook's spikes are the neuron's output
     assert torch.equal(logits, model(x))
     _, _, none = torch_with_spikes(model, membranes=False)(x)
     assert none is None
